@@ -1,0 +1,14 @@
+"""deqfast: fast Deep Equilibrium layers for PyTorch.
+
+    z, stats = deqfast.fixed_point(f, z0, solver="anderson", backward="implicit")
+    layer = deqfast.DEQ(cell, max_iter=30); z = layer(x)
+"""
+from . import compat, solvers
+from ._extension import extension_info
+from .functional import fixed_point
+from .layer import DEQ
+from .stats import SolverStats
+
+__version__ = "0.1.0"
+
+__all__ = ["fixed_point", "DEQ", "SolverStats", "solvers", "compat", "extension_info", "__version__"]

@@ -1,0 +1,69 @@
+"""Argument validation: every error names the argument, what was expected and what came."""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+
+SOLVERS = ("anderson", "fixed_point", "broyden")
+BACKWARDS = ("implicit", "neumann", "jfb", "phantom", "bptt")
+BACKWARD_SOLVERS = ("fixed_point", "anderson", "broyden")
+STOP_MODES = ("rel", "abs")
+
+
+def check_choice(caller: str, name: str, value, valid: Iterable[str]) -> None:
+    valid = tuple(valid)
+    if value not in valid:
+        raise ValueError(f"{caller}: {name} must be one of {', '.join(map(repr, valid))}, got {value!r}")
+
+
+def check_int(caller: str, name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{caller}: {name} must be an int >= {minimum}, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{caller}: {name} must be >= {minimum}, got {value}")
+
+
+def check_real(caller: str, name: str, value, *, minimum: float = 0.0) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise TypeError(f"{caller}: {name} must be a real number >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{caller}: {name} must be >= {minimum}, got {value}")
+
+
+def check_damping(caller: str, name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 < value <= 1.0):
+        raise ValueError(f"{caller}: {name} must be in (0, 1], got {value!r}")
+
+
+def check_check_every(caller: str, value) -> None:
+    if value is not None:
+        check_int(caller, "check_every", value, 1)
+
+
+def check_z0(caller: str, z0) -> None:
+    if not isinstance(z0, torch.Tensor):
+        raise TypeError(f"{caller}: z0 must be a torch.Tensor, got {type(z0).__name__}")
+    if not z0.is_floating_point():
+        raise TypeError(f"{caller}: z0 must be floating point, got {z0.dtype}")
+    if z0.dim() < 1:
+        raise ValueError(f"{caller}: z0 must have a batch dimension (dim 0), got a 0-dim tensor")
+    if z0.shape[0] == 0:
+        raise ValueError(f"{caller}: z0 must have a non-empty batch, got shape {tuple(z0.shape)}")
+
+
+def check_f_output(caller: str, out, like: torch.Tensor, what: str = "f(z)") -> None:
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{caller}: {what} must return a torch.Tensor, got {type(out).__name__}")
+    if out.shape != like.shape:
+        raise ValueError(f"{caller}: {what} must return shape {tuple(like.shape)} (the shape of z0), got {tuple(out.shape)}")
+    if out.dtype != like.dtype:
+        raise TypeError(f"{caller}: {what} must return dtype {like.dtype} (the dtype of z0), got {out.dtype}")
+    if out.device != like.device:
+        raise ValueError(f"{caller}: {what} must return a tensor on {like.device} (the device of z0), got {out.device}")
+
+
+def check_callable(caller: str, name: str, f) -> None:
+    if not callable(f):
+        raise TypeError(f"{caller}: {name} must be callable, got {type(f).__name__}")

@@ -1,0 +1,38 @@
+"""Loading the compiled extension deqfast._C, never breaking ``import deqfast``."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+
+import torch  # noqa: F401  (torch must be imported before _C is loaded)
+
+_state = {"module": None, "reason": None, "loaded": False}
+
+
+def _load():
+    if _state["loaded"]:
+        return _state["module"]
+    _state["loaded"] = True
+    if os.environ.get("DEQFAST_DISABLE_EXTENSION", "") not in ("", "0"):
+        _state["reason"] = "disabled by DEQFAST_DISABLE_EXTENSION=1; the pure-PyTorch reference is used"
+        return None
+    if importlib.util.find_spec("deqfast._C") is None:
+        _state["reason"] = "deqfast._C is not built in this install; the pure-PyTorch reference is used"
+        return None
+    try:
+        from . import _C  # type: ignore[attr-defined]
+    except Exception as exc:  # a broken build must not break import deqfast
+        _state["reason"] = f"deqfast._C failed to load ({type(exc).__name__}: {exc}); the pure-PyTorch reference is used"
+        warnings.warn(f"deqfast: {_state['reason']}", RuntimeWarning, stacklevel=3)
+        return None
+    _state["module"] = _C
+    _state["reason"] = "loaded"
+    return _C
+
+
+def extension_info() -> dict:
+    """{"compiled": bool, "cuda": bool, "reason": str}: whether fused ops are in use and why not."""
+    module = _load()
+    cuda = bool(module is not None and getattr(module, "has_cuda", lambda: False)())
+    return {"compiled": module is not None, "cuda": cuda, "reason": _state["reason"]}

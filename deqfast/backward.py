@@ -1,0 +1,90 @@
+"""Backward modes: the autograd Function for the adjoint (implicit / Neumann) and the others.
+
+With g the gradient arriving at z* and J = ∂f/∂z at z*:
+
+* implicit — solve u = g + Jᵀu, then pass u through the one differentiable f step;
+* neumann  — u = Σ_{k<K} (Jᵀ)^k g, K = neumann_terms (K = 1 is JFB);
+* jfb      — u = g;
+* phantom  — backprop through ``phantom_steps`` damped steps z ← (1 − τ) z + τ f(z) from z*;
+* bptt     — backprop through the solver's own iterations.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from . import solvers as _solvers
+from .options import Options
+from .reference import residual_norms
+from .stats import SolverStats
+
+
+def neumann_series(vjp: Callable[[torch.Tensor], torch.Tensor], g: torch.Tensor, terms: int):
+    """u = Σ_{k<terms} (Jᵀ)^k g with ``vjp(v) = Jᵀ v``; terms − 1 VJPs. g: (B, ...)."""
+    u = g.clone()
+    v = g
+    for _ in range(terms - 1):
+        v = vjp(v)
+        u.add_(v)
+    return u, v
+
+
+def _neumann_stats(u: torch.Tensor, last_term: torch.Tensor, terms: int, tol: float, stop_mode: str) -> SolverStats:
+    B = u.shape[0]
+    u_flat, last_flat = u.reshape(B, -1), last_term.reshape(B, -1)
+    # The last term added is the step of the equivalent adjoint fixed-point iteration.
+    residual, u_norm = residual_norms(u_flat - last_flat, u_flat)
+    rel = residual / u_norm.clamp_min(torch.finfo(residual.dtype).tiny)
+    finite = torch.isfinite(residual) & torch.isfinite(u_norm)
+    crit = rel if stop_mode == "rel" else residual
+    return SolverStats(
+        nstep=torch.full((B,), terms, dtype=torch.int64, device=u.device),
+        residual=residual,
+        rel_residual=rel,
+        converged=finite & (crit < tol),
+        failed=~finite,
+    )
+
+
+class AdjointFunction(torch.autograd.Function):
+    """Identity on f(z*) in forward; in backward replaces the incoming g by the adjoint u.
+
+    Inputs: ``fz`` = f(z*) computed with grad from the leaf ``z_leaf`` = z*.detach(). Its graph
+    reaches x and every parameter f closes over, so returning u as the gradient of ``fz`` lets
+    autograd carry uᵀ ∂f/∂θ to all of them (no hooks, DDP-safe). The VJPs Jᵀv reuse that same
+    graph (retain_graph=True): f is never re-run in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, fz, z_leaf, options: Options, stats: SolverStats, on_backward):
+        ctx.save_for_backward(fz, z_leaf)
+        ctx.options = options
+        ctx.stats = stats
+        ctx.on_backward = on_backward
+        return fz.detach().clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        fz, z_leaf = ctx.saved_tensors
+        options: Options = ctx.options
+
+        def vjp(v):
+            return torch.autograd.grad(fz, z_leaf, v, retain_graph=True)[0]
+
+        with torch.enable_grad():
+            if options.backward == "neumann":
+                u, last = neumann_series(vjp, grad, options.neumann_terms)
+                stats = _neumann_stats(u, last, options.neumann_terms, options.backward_tol,
+                                       options.backward_stop_mode or options.stop_mode)
+            else:
+                solver = _solvers.SOLVERS[options.backward_solver]
+                with torch.no_grad():
+                    u, stats = solver(lambda v: grad + vjp(v), torch.zeros_like(grad),
+                                      **options.solver_kwargs(options.backward_solver, backward=True))
+        ctx.stats.backward = stats
+        if ctx.on_backward is not None:
+            ctx.on_backward(stats)
+        return u, None, None, None, None

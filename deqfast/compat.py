@@ -1,0 +1,241 @@
+"""torchdeq drop-in: ``from deqfast.compat import get_deq`` in place of ``from torchdeq import get_deq``.
+
+    deq = get_deq(f_solver="anderson", f_max_iter=30, ift=True)
+    z_list, info = deq(func, z0)          # like torchdeq 0.1.0
+
+Keywords take torchdeq 0.1.0's meaning and defaults. A keyword passed to ``get_deq`` that torchdeq
+does not know is an error; from a config object (``args``: argparse.Namespace or dict, usually the
+program's whole configuration) only torchdeq's keys are read. torchdeq features deqfast does not
+implement (several sampled states: n_states > 1, indexing, sup_gap, sup_loc; line search) raise
+a clear error rather than being ignored.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from . import solvers as _solvers
+from .functional import solve
+from .options import Options
+from .stats import SolverStats
+
+# torchdeq 0.1.0's get_deq keywords and their defaults (DEQBase and DEQIndexing/DEQSliced).
+TORCHDEQ_DEFAULTS = {
+    "core": "sliced",
+    "f_solver": "fixed_point_iter",
+    "b_solver": "fixed_point_iter",
+    "no_stat": None,
+    "f_max_iter": 40,
+    "b_max_iter": 40,
+    "f_tol": 1e-3,
+    "b_tol": 1e-6,
+    "f_stop_mode": "abs",
+    "b_stop_mode": "abs",
+    "eval_factor": 1.0,
+    "eval_f_max_iter": 0,
+    "ift": False,
+    "hook_ift": False,
+    "grad": 1,
+    "tau": 1.0,
+    "sup_gap": -1,
+    "sup_loc": None,
+    "n_states": 1,
+    "indexing": None,
+}
+
+_SOLVER_NAMES = {
+    "anderson": "anderson",
+    "broyden": "broyden",
+    "fixed_point_iter": "fixed_point",
+    "simple_fixed_point_iter": "fixed_point",
+}
+
+# torchdeq's solver keywords a call may pass in solver_kwargs, and their torchdeq defaults.
+_SOLVER_KWARGS = {"f_max_iter": None, "m": 6, "lam": 1e-4, "tau": 1.0, "LBFGS_thres": None, "ls": False}
+
+
+def _config_dict(args) -> dict:
+    if args is None:
+        return {}
+    if isinstance(args, dict):
+        return dict(args)
+    if isinstance(args, argparse.Namespace):
+        return vars(args)
+    if isinstance(args, DEQCompat):
+        return dict(args.config)
+    return dict(vars(args))
+
+
+class DEQCompat(nn.Module):
+    """torchdeq-style DEQ module: ``deq(func, z_init) -> (z_list, info)``.
+
+    ``func`` maps z to f(z) (z a tensor, or a list/tuple of tensors when ``z_init`` is one, as
+    torchdeq's multi-resolution states). In training mode ``z_list`` holds one tensor (or list)
+    carrying the gradient the configuration asks for; in eval mode the solver's fixed point,
+    found in ``eval_f_max_iter`` iterations. ``info`` is a dict with torchdeq's keys
+    ``abs_lowest``, ``rel_lowest``, ``nstep``, ``abs_trace``, ``rel_trace`` (only the final value:
+    deqfast keeps no per-iteration trace), ``sradius``; ``info["stats"]`` is deqfast's
+    :class:`SolverStats`.
+    """
+
+    def __init__(self, config: dict):
+        super().__init__()
+        self.config = config
+        c = config
+        for key in ("f_solver", "b_solver"):
+            if c[key] not in _SOLVER_NAMES:
+                raise ValueError(
+                    f"deqfast.compat.get_deq: {key} must be one of {', '.join(map(repr, _SOLVER_NAMES))}, got {c[key]!r}"
+                )
+        if c["core"] not in ("sliced", "indexing"):
+            raise ValueError(f"deqfast.compat.get_deq: core must be 'sliced' or 'indexing', got {c['core']!r}")
+        for key in ("f_stop_mode", "b_stop_mode"):
+            if c[key] not in ("abs", "rel"):
+                raise ValueError(f"deqfast.compat.get_deq: {key} must be 'abs' or 'rel', got {c[key]!r}")
+        grad = c["grad"]
+        if isinstance(grad, (list, tuple)):
+            if len(grad) != 1:
+                raise ValueError(f"deqfast.compat.get_deq: grad with several entries (one per sampled state) is not supported, got {grad!r}")
+            grad = grad[0]
+        if isinstance(grad, bool) or not isinstance(grad, int) or grad < 1:
+            raise ValueError(f"deqfast.compat.get_deq: grad must be an int >= 1, got {grad!r}")
+        unsupported = {
+            "n_states": c["n_states"] not in (None, 1),
+            "indexing": bool(c["indexing"]),
+            "sup_gap": c["sup_gap"] not in (None, -1) and c["sup_gap"] > 0,
+            "sup_loc": bool(c["sup_loc"]),
+        }
+        bad = [k for k, v in unsupported.items() if v]
+        if bad:
+            raise NotImplementedError(
+                f"deqfast.compat.get_deq: {', '.join(bad)} (several sampled trajectory states) is not supported; "
+                f"got {', '.join(f'{k}={c[k]!r}' for k in bad)}"
+            )
+        self.grad_steps = grad
+        self.ift = bool(c["ift"] or c["hook_ift"])
+        self.f_max_iter = c["f_max_iter"]
+        self.eval_f_max_iter = c["eval_f_max_iter"] if c["eval_f_max_iter"] > 0 else int(c["f_max_iter"] * c["eval_factor"])
+
+    def _options(self, solver_kwargs: dict, training: bool) -> Options:
+        c = self.config
+        unknown = sorted(set(solver_kwargs) - set(_SOLVER_KWARGS))
+        if unknown:
+            raise TypeError(
+                f"deqfast.compat: unknown solver_kwargs {', '.join(map(repr, unknown))}; "
+                f"supported: {', '.join(_SOLVER_KWARGS)}"
+            )
+        kw = {**_SOLVER_KWARGS, **solver_kwargs}
+        if kw["ls"]:
+            raise NotImplementedError("deqfast.compat: Broyden line search (ls=True) is not supported, got ls=True")
+        f_solver = _SOLVER_NAMES[c["f_solver"]]
+        max_iter = kw["f_max_iter"] if kw["f_max_iter"] is not None else (self.f_max_iter if training else self.eval_f_max_iter)
+        m = kw["m"]
+        if f_solver == "broyden":
+            m = kw["LBFGS_thres"] if kw["LBFGS_thres"] is not None else int(max_iter)
+        if self.ift:
+            backward, steps, phantom_tau = "implicit", 1, 1.0
+        elif self.grad_steps == 1 and c["tau"] == 1.0:
+            backward, steps, phantom_tau = "jfb", 1, 1.0
+        else:
+            backward, steps, phantom_tau = "phantom", self.grad_steps, c["tau"]
+        return Options.build(
+            "deqfast.compat.get_deq",
+            solver=f_solver,
+            max_iter=int(max_iter),
+            tol=0.0 if c["f_solver"] == "simple_fixed_point_iter" else c["f_tol"],
+            stop_mode=c["f_stop_mode"],
+            m=int(m),
+            lam=kw["lam"],
+            tau=kw["tau"],
+            backward=backward,
+            backward_solver=_SOLVER_NAMES[c["b_solver"]],
+            backward_max_iter=c["b_max_iter"],
+            backward_tol=0.0 if c["b_solver"] == "simple_fixed_point_iter" else c["b_tol"],
+            backward_stop_mode=c["b_stop_mode"],
+            phantom_steps=steps,
+            phantom_tau=phantom_tau,
+        )
+
+    def forward(self, func: Callable, z_init, solver_kwargs: Optional[dict] = None,
+                sradius_mode: bool = False, backward_writer: Optional[Callable] = None, **kwargs):
+        if kwargs:
+            raise TypeError(f"deqfast.compat: unknown keyword(s) {', '.join(map(repr, sorted(kwargs)))} in the DEQ call")
+        options = self._options(dict(solver_kwargs or {}), self.training)
+        f, z0, unpack = _pack(func, z_init)
+        if self.training:
+            on_backward = None if backward_writer is None else (lambda b: backward_writer(torchdeq_info(b)))
+            z, stats = solve(f, z0, options, caller="deqfast.compat", on_backward=on_backward)
+        else:
+            with torch.no_grad():
+                z, stats = _solvers.SOLVERS[options.solver](f, z0, **options.solver_kwargs(options.solver))
+        info = torchdeq_info(stats)
+        if not self.training:
+            info["sradius"] = spectral_radius(f, z) if sradius_mode else torch.zeros(1, device=z.device)
+        return [unpack(z)], info
+
+
+def torchdeq_info(stats: SolverStats) -> dict:
+    """deqfast stats as torchdeq's SolverStat keys (traces hold the final value only)."""
+    return {
+        "abs_lowest": stats.residual,
+        "rel_lowest": stats.rel_residual,
+        "abs_trace": stats.residual.unsqueeze(1),
+        "rel_trace": stats.rel_residual.unsqueeze(1),
+        "nstep": stats.nstep.to(stats.residual.dtype),
+        "sradius": torch.zeros(1, device=stats.residual.device),
+        "stats": stats,
+    }
+
+
+def spectral_radius(f: Callable, z: torch.Tensor, n_iters: int = 100) -> torch.Tensor:
+    """Per-sample estimate of the spectral radius of J = ∂f/∂z at z by the power method on Jᵀ."""
+    with torch.enable_grad():
+        z_leaf = z.detach().requires_grad_()
+        fz = f(z_leaf)
+        v = torch.randn_like(z)
+        radius = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
+        for _ in range(n_iters):
+            v = v / v.flatten(1).norm(dim=1).clamp_min(1e-30).view(-1, *([1] * (z.dim() - 1)))
+            w = torch.autograd.grad(fz, z_leaf, v, retain_graph=True)[0]
+            radius = (w * v).flatten(1).sum(dim=1).abs()
+            v = w
+    return radius
+
+
+def _pack(func: Callable, z_init):
+    """Flatten a list/tuple state (torchdeq's multi-tensor z) into one (B, D) tensor."""
+    if isinstance(z_init, torch.Tensor):
+        return func, z_init, lambda z: z
+    if not isinstance(z_init, (list, tuple)) or not z_init or not all(isinstance(t, torch.Tensor) for t in z_init):
+        raise TypeError(f"deqfast.compat: z_init must be a tensor or a non-empty list/tuple of tensors, got {type(z_init).__name__}")
+    shapes = [t.shape for t in z_init]
+    sizes = [t[0].numel() if t.dim() >= 1 else 1 for t in z_init]
+    batch = z_init[0].shape[0]
+
+    def pack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([t.reshape(batch, -1) for t in tensors], dim=1)
+
+    def unpack(z: torch.Tensor):
+        return [part.reshape(shape) for part, shape in zip(z.split(sizes, dim=1), shapes)]
+
+    def f(z):
+        out = func(*unpack(z))
+        return pack(out)
+
+    return f, pack(z_init), unpack
+
+
+def get_deq(args: Union[None, dict, argparse.Namespace] = None, **kwargs) -> DEQCompat:
+    """torchdeq's ``get_deq`` with deqfast underneath: same keywords, defaults and return shape."""
+    unknown = sorted(set(kwargs) - set(TORCHDEQ_DEFAULTS))
+    if unknown:
+        raise TypeError(
+            f"deqfast.compat.get_deq: unknown keyword(s) {', '.join(map(repr, unknown))}; "
+            f"torchdeq's are {', '.join(TORCHDEQ_DEFAULTS)}"
+        )
+    from_args = {k: v for k, v in _config_dict(args).items() if k in TORCHDEQ_DEFAULTS}
+    config = {**TORCHDEQ_DEFAULTS, **from_args, **kwargs}
+    return DEQCompat(config)

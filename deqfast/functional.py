@@ -1,0 +1,107 @@
+"""deqfast.fixed_point: solve z* = f(z*) and differentiate through it."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from . import _checks
+from . import solvers as _solvers
+from .backward import AdjointFunction
+from .options import Options
+from .stats import SolverStats
+
+
+def fixed_point(
+    f: Callable[[torch.Tensor], torch.Tensor],
+    z0: torch.Tensor,
+    *,
+    solver: str = "anderson",
+    max_iter: int = 50,
+    tol: float = 1e-4,
+    stop_mode: str = "rel",
+    m: int = 5,
+    lam: float = 1e-4,
+    tau: float = 1.0,
+    backward: str = "implicit",
+    backward_solver: str = "fixed_point",
+    backward_max_iter: int = 50,
+    backward_tol: float = 1e-6,
+    backward_stop_mode: Optional[str] = None,
+    neumann_terms: int = 5,
+    phantom_steps: int = 5,
+    phantom_tau: float = 0.5,
+    check_every: Optional[int] = None,
+):
+    """Solve z* = f(z*) (batch dim 0, every decision per sample) and make it differentiable.
+
+    Gradients reach every tensor f closes over that requires grad (parameters, the input x);
+    memory does not grow with the solver's iterations except for ``backward="bptt"``.
+
+    Args:
+        f: z -> f(z), same shape, dtype and device as z0.
+        z0: (B, ...) initial iterate, floating point.
+        solver: "anderson" | "fixed_point" | "broyden".
+        max_iter, tol, stop_mode: at most max_iter evaluations of f; a sample converges when its
+            residual (stop_mode "rel": ‖f(z) − z‖/‖f(z)‖, "abs": ‖f(z) − z‖) is below tol.
+        m, lam, tau: Anderson history (also Broyden's), ridge regulariser, damping in (0, 1].
+        backward: "implicit" | "neumann" | "jfb" | "phantom" | "bptt" (see the README).
+        backward_solver: adjoint solver for "implicit": "fixed_point" | "anderson" | "broyden".
+        backward_max_iter, backward_tol, backward_stop_mode: the adjoint solve's limits
+            (backward_stop_mode None: the forward stop_mode).
+        neumann_terms: "neumann" sums exactly this many terms (>= 1) of Σ_k (Jᵀ)^k g.
+        phantom_steps, phantom_tau: "phantom" backprops through this many damped steps from z*.
+        check_every: evaluations between host-side convergence checks (default 1 on the CPU,
+            4 on accelerators); samples are frozen on the device regardless.
+
+    Returns:
+        (z, stats): f(z*) at each sample's best iterate z* (one differentiable step) for
+        implicit, neumann and jfb; the last damped step for phantom; the solver's output for
+        bptt. ``stats`` is a :class:`SolverStats`; ``stats.backward`` is filled in by backward.
+    """
+    options = Options.build(
+        "deqfast.fixed_point", solver=solver, max_iter=max_iter, tol=tol, stop_mode=stop_mode, m=m,
+        lam=lam, tau=tau, backward=backward, backward_solver=backward_solver,
+        backward_max_iter=backward_max_iter, backward_tol=backward_tol,
+        backward_stop_mode=backward_stop_mode, neumann_terms=neumann_terms,
+        phantom_steps=phantom_steps, phantom_tau=phantom_tau, check_every=check_every,
+    )
+    return solve(f, z0, options, caller="deqfast.fixed_point")
+
+
+def _apply_f(caller: str, f: Callable, z: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    out = f(z)
+    _checks.check_f_output(caller, out, like)
+    return out
+
+
+def solve(f: Callable, z0: torch.Tensor, options: Options, *, caller: str,
+          on_backward: Optional[Callable[[SolverStats], None]] = None):
+    """Solve with validated ``options``: the engine behind fixed_point, DEQ and compat.
+
+    ``on_backward`` is called with the adjoint solve's stats when backward runs."""
+    _checks.check_callable(caller, "f", f)
+    _checks.check_z0(caller, z0)
+    solver = _solvers.SOLVERS[options.solver]
+    kwargs = options.solver_kwargs(options.solver)
+
+    if options.backward == "bptt":
+        z, stats = solver(f, z0, **kwargs)
+        return z, stats
+
+    with torch.no_grad():
+        z_star, stats = solver(f, z0.detach(), **kwargs)
+
+    if options.backward == "phantom":
+        z = z_star
+        for _ in range(options.phantom_steps):
+            z = torch.lerp(z, _apply_f(caller, f, z, z0), options.phantom_tau)
+        return z, stats
+
+    jacobian_free = options.backward == "jfb" or (options.backward == "neumann" and options.neumann_terms == 1)
+    if jacobian_free or not torch.is_grad_enabled():
+        return _apply_f(caller, f, z_star, z0), stats
+
+    z_leaf = z_star.detach().requires_grad_()
+    fz = _apply_f(caller, f, z_leaf, z0)
+    return AdjointFunction.apply(fz, z_leaf, options, stats, on_backward), stats

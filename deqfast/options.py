@@ -1,0 +1,78 @@
+"""The keywords shared by :func:`deqfast.fixed_point` and :class:`deqfast.DEQ`, validated once."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+from . import _checks
+
+
+@dataclass(frozen=True)
+class Options:
+    solver: str = "anderson"
+    max_iter: int = 50
+    tol: float = 1e-4
+    stop_mode: str = "rel"
+    m: int = 5
+    lam: float = 1e-4
+    tau: float = 1.0
+    backward: str = "implicit"
+    backward_solver: str = "fixed_point"
+    backward_max_iter: int = 50
+    backward_tol: float = 1e-6
+    backward_stop_mode: Optional[str] = None  # None: the forward stop_mode
+    neumann_terms: int = 5
+    phantom_steps: int = 5
+    phantom_tau: float = 0.5
+    check_every: Optional[int] = None
+
+    @classmethod
+    def build(cls, caller: str, **kwargs) -> "Options":
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(kwargs) - set(names))
+        if unknown:
+            raise TypeError(
+                f"{caller}: unknown keyword(s) {', '.join(map(repr, unknown))}; valid keywords are {', '.join(names)}"
+            )
+        options = cls(**kwargs)
+        options.validate(caller)
+        return options
+
+    def validate(self, caller: str) -> None:
+        c = _checks
+        c.check_choice(caller, "solver", self.solver, c.SOLVERS)
+        c.check_int(caller, "max_iter", self.max_iter, 1)
+        c.check_real(caller, "tol", self.tol)
+        c.check_choice(caller, "stop_mode", self.stop_mode, c.STOP_MODES)
+        c.check_int(caller, "m", self.m, 1)
+        c.check_real(caller, "lam", self.lam)
+        c.check_damping(caller, "tau", self.tau)
+        c.check_choice(caller, "backward", self.backward, c.BACKWARDS)
+        c.check_choice(caller, "backward_solver", self.backward_solver, c.BACKWARD_SOLVERS)
+        c.check_int(caller, "backward_max_iter", self.backward_max_iter, 1)
+        c.check_real(caller, "backward_tol", self.backward_tol)
+        if self.backward_stop_mode is not None:
+            c.check_choice(caller, "backward_stop_mode", self.backward_stop_mode, c.STOP_MODES)
+        c.check_int(caller, "neumann_terms", self.neumann_terms, 1)
+        c.check_int(caller, "phantom_steps", self.phantom_steps, 1)
+        c.check_damping(caller, "phantom_tau", self.phantom_tau)
+        c.check_check_every(caller, self.check_every)
+
+    def solver_kwargs(self, solver: str, *, backward: bool = False) -> dict:
+        """The keywords ``solver`` takes, for the forward solve or (backward=True) the adjoint solve."""
+        if backward:
+            common = dict(max_iter=self.backward_max_iter, tol=self.backward_tol,
+                          stop_mode=self.backward_stop_mode or self.stop_mode, check_every=self.check_every)
+        else:
+            common = dict(max_iter=self.max_iter, tol=self.tol, stop_mode=self.stop_mode,
+                          check_every=self.check_every)
+        # The adjoint solve is undamped: its plain iteration is then exactly the Neumann series.
+        tau = 1.0 if backward else self.tau
+        if solver == "anderson":
+            common.update(m=self.m, lam=self.lam, tau=tau)
+        elif solver == "fixed_point":
+            common.update(tau=tau)
+        elif solver == "broyden":
+            common.update(m=self.m)
+        return common

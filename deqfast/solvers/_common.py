@@ -1,0 +1,82 @@
+"""Plumbing every solver shares: flattening, calling f safely, the loop's host check, the result."""
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Optional
+
+import torch
+
+from .. import _checks
+from ..reference import SampleTracker
+from ..stats import SolverStats
+
+
+class FlatProblem:
+    """f on the flattened state: (B, d) -> (B, d), checking what f returns against z0."""
+
+    def __init__(self, caller: str, f: Callable, z0: torch.Tensor):
+        _checks.check_callable(caller, "f", f)
+        _checks.check_z0(caller, z0)
+        self.caller = caller
+        self.f = f
+        self.z0 = z0
+        self.shape = z0.shape
+        self.batch = z0.shape[0]
+        self.x0 = z0.reshape(self.batch, -1)
+        self.nfe = 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        z = x.view(self.shape) if x.is_contiguous() else x.reshape(self.shape)
+        out = self.f(z)
+        _checks.check_f_output(self.caller, out, self.z0)
+        self.nfe += 1
+        return out.reshape(self.batch, -1)
+
+    def unflatten(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(self.shape)
+
+
+def validate_common(caller: str, max_iter, tol, stop_mode, check_every) -> None:
+    _checks.check_int(caller, "max_iter", max_iter, 1)
+    _checks.check_real(caller, "tol", tol)
+    _checks.check_choice(caller, "stop_mode", stop_mode, _checks.STOP_MODES)
+    _checks.check_check_every(caller, check_every)
+
+
+def default_check_every(device: torch.device) -> int:
+    # On the CPU a host check is free; on an accelerator each one stalls the launch queue, and
+    # finished samples are frozen on the device anyway, so checking rarely changes no result.
+    return 1 if device.type == "cpu" else 4
+
+
+def should_stop(tracker: SampleTracker, k: int, check_every: int) -> bool:
+    """The one host synchronisation of the loop: every ``check_every`` evaluations."""
+    return (k + 1) % check_every == 0 and bool(tracker.done.all())
+
+
+def finish(problem: FlatProblem, tracker: SampleTracker, solver: str, warn: bool = True):
+    stats = SolverStats(
+        nstep=tracker.nstep,
+        residual=tracker.residual,
+        rel_residual=tracker.rel_residual,
+        converged=tracker.converged,
+        failed=tracker.failed,
+    )
+    if warn:
+        warn_failed(problem.caller, solver, stats)
+    return problem.unflatten(tracker.best_x), stats
+
+
+def warn_failed(caller: str, solver: str, stats: SolverStats) -> None:
+    n_failed = int(stats.failed.sum())
+    if n_failed:
+        warnings.warn(
+            f"{caller} ({solver}): {n_failed} of {stats.batch_size} samples produced NaN/Inf and were "
+            f"frozen at their best finite iterate (stats.failed marks them; stats.converged is False)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
+def resolve_check_every(check_every: Optional[int], x: torch.Tensor) -> int:
+    return default_check_every(x.device) if check_every is None else check_every

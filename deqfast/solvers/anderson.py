@@ -1,0 +1,62 @@
+"""Anderson acceleration (type II) with ring buffers and an incrementally updated Gram matrix."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from .. import _checks
+from ..reference import SampleTracker, accumulation_dtype, anderson_mix, anderson_write_history
+from . import _common
+
+
+def anderson(
+    f: Callable[[torch.Tensor], torch.Tensor],
+    z0: torch.Tensor,
+    *,
+    max_iter: int = 50,
+    tol: float = 1e-4,
+    stop_mode: str = "rel",
+    m: int = 5,
+    lam: float = 1e-4,
+    tau: float = 1.0,
+    check_every: Optional[int] = None,
+):
+    """Solve z = f(z) by Anderson acceleration; batch dim 0, every decision per sample.
+
+    Each step mixes the last ``m`` f-values: x_next = τ Σ α_j f(x_j) + (1 − τ) Σ α_j x_j with
+    α = argmin ‖Σ α_j g_j‖² + λ s ‖α‖² subject to Σ α_j = 1 (g_j = f(x_j) − x_j, s the largest
+    ‖g_j‖²). History lives in ring buffers F, G of shape (B, m, d); each step adds one Gram row
+    and does one fixed-shape (m×m) solve per sample with no host synchronisation.
+
+    Args:
+        f, z0, max_iter, tol, stop_mode, tau, check_every: as :func:`fixed_point_iteration`.
+        m: history length (>= 1; m = 1 is damped fixed-point iteration).
+        lam: ridge regulariser, relative to the largest squared residual in the history.
+
+    Returns:
+        (z, stats): each sample's best iterate (shape of z0) and its :class:`SolverStats`.
+    """
+    caller = "deqfast.solvers.anderson"
+    _common.validate_common(caller, max_iter, tol, stop_mode, check_every)
+    _checks.check_int(caller, "m", m, 1)
+    _checks.check_real(caller, "lam", lam)
+    _checks.check_damping(caller, "tau", tau)
+    problem = _common.FlatProblem(caller, f, z0)
+    x = problem.x0
+    check_every = _common.resolve_check_every(check_every, x)
+    B, d = x.shape
+    F = torch.zeros(B, m, d, dtype=x.dtype, device=x.device)
+    G = torch.zeros_like(F)
+    gram = torch.zeros(B, m, m, dtype=accumulation_dtype(x.dtype), device=x.device)
+    tracker = SampleTracker(x, tol, stop_mode)
+    for k in range(max_iter):
+        fx = problem(x)
+        slot = k % m
+        F, G, gram, residual, f_norm = anderson_write_history(x, fx, F, G, gram, slot)
+        tracker.update(x, residual, f_norm)
+        if k + 1 == max_iter or _common.should_stop(tracker, k, check_every):
+            break
+        x_next = anderson_mix(F, G, gram, min(k + 1, m), slot, lam, tau)
+        x = tracker.freeze(x_next)
+    return _common.finish(problem, tracker, "anderson")

@@ -1,0 +1,46 @@
+"""Per-sample solver statistics."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class SolverStats:
+    """Statistics of one fixed-point solve, one entry per sample (batch dim 0).
+
+    Attributes:
+        nstep: (B,) int64, evaluations of f the sample consumed (it stops counting once frozen).
+        residual: (B,) ‖f(z) − z‖₂ at the returned iterate z (inf if no finite iterate was seen).
+        rel_residual: (B,) ‖f(z) − z‖₂ / ‖f(z)‖₂ at the returned iterate.
+        converged: (B,) bool, the sample met ``tol`` under ``stop_mode``.
+        failed: (B,) bool, f produced NaN/Inf for the sample; it was frozen at its best finite iterate.
+        backward: statistics of the adjoint solve, filled in when the backward pass runs
+            (``implicit``/``neumann`` modes), else None.
+    """
+
+    nstep: torch.Tensor
+    residual: torch.Tensor
+    rel_residual: torch.Tensor
+    converged: torch.Tensor
+    failed: torch.Tensor
+    backward: Optional["SolverStats"] = field(default=None, repr=False)
+
+    @property
+    def batch_size(self) -> int:
+        return self.nstep.shape[0]
+
+    def summary(self) -> str:
+        """One line: converged count, worst residual and mean steps (synchronises with the device)."""
+        n_conv = int(self.converged.sum())
+        n_fail = int(self.failed.sum())
+        worst = float(self.rel_residual.max()) if self.batch_size else float("nan")
+        text = (
+            f"{n_conv}/{self.batch_size} converged, {n_fail} failed, "
+            f"worst rel residual {worst:.3e}, mean nstep {self.nstep.double().mean():.1f}"
+        )
+        if self.backward is not None:
+            text += f" | backward: {self.backward.summary()}"
+        return text
