@@ -65,28 +65,30 @@ def anderson_write_history(x, fx, F, G, gram, slot: int):
 
 
 def anderson_weights(gram, n_filled: int, slot: int, lam: float):
-    """Mixing weights α (B, m) of type-II Anderson: argmin ‖Σ α_j g_j‖² + λ‖α‖² s.t. Σ α_j = 1.
+    """Mixing weights α (B, m) of type-II Anderson: argmin ‖Σ α_j g_j‖² + λ Σ α_j² ‖g_j‖² s.t. Σ α_j = 1.
 
-    The Gram matrix is scaled by its largest filled diagonal entry, so ``lam`` is relative to
-    the squared residual norms (an absolute ridge is swamped by Gram entries of 1e5 in float32).
-    One fixed-shape (m×m) solve per sample, no host synchronisation: empty slots get an identity
-    row and a zero right-hand side, so their weight is exactly 0. A sample whose system is
-    singular or non-finite falls back to α = e_slot, the plain (damped) step.
+    The solve runs on the Jacobi-scaled Gram matrix C = D^{-1/2} Gram D^{-1/2} (D its diagonal),
+    a correlation matrix: with the ridge, C + λI has condition number at most (m + λ)/λ whatever
+    the residuals' scale, so float32 is safe (an absolute ridge is swamped by Gram entries of 1e5,
+    and one scaled to the largest entry swamps the newest, smallest residuals). The ridge
+    penalises weight on large-residual history. One fixed-shape (m×m) solve per sample, no host
+    synchronisation: empty slots get an identity row and a zero right-hand side, so their weight
+    is exactly 0. A sample whose system is singular or non-finite falls back to α = e_slot, the
+    plain (damped) step.
     """
     B, m, _ = gram.shape
     acc = gram.dtype
     filled = torch.arange(m, device=gram.device) < n_filled  # (m,)
     pair = filled.unsqueeze(0) & filled.unsqueeze(1)
     diag = gram.diagonal(dim1=1, dim2=2)
-    scale = torch.where(filled, diag, torch.zeros_like(diag)).amax(dim=1)
-    scale = scale.clamp_min(torch.finfo(acc).tiny).reshape(B, 1, 1)
+    inv_sqrt = torch.where(filled, diag.clamp_min(torch.finfo(acc).tiny).rsqrt(), torch.zeros_like(diag))
     ridge = torch.where(filled, torch.full((m,), lam, dtype=acc, device=gram.device),
                         torch.ones((m,), dtype=acc, device=gram.device))
-    system = torch.where(pair, gram / scale, torch.zeros((), dtype=acc, device=gram.device))
+    corr = gram * inv_sqrt.unsqueeze(2) * inv_sqrt.unsqueeze(1)
+    system = torch.where(pair, corr, torch.zeros((), dtype=acc, device=gram.device))
     system = system + torch.diag_embed(ridge).unsqueeze(0)
-    rhs = filled.to(acc).reshape(1, m, 1).expand(B, m, 1)
-    w, info = torch.linalg.solve_ex(system, rhs, check_errors=False)
-    w = w.squeeze(2)
+    beta, info = torch.linalg.solve_ex(system, inv_sqrt.unsqueeze(2), check_errors=False)
+    w = beta.squeeze(2) * inv_sqrt
     w_sum = w.sum(dim=1, keepdim=True)
     alpha = w / w_sum
     ok = (info == 0) & torch.isfinite(alpha).all(dim=1) & (w_sum.squeeze(1) > 0)

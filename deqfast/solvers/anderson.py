@@ -25,14 +25,13 @@ def anderson(
     """Solve z = f(z) by Anderson acceleration; batch dim 0, every decision per sample.
 
     Each step mixes the last ``m`` f-values: x_next = τ Σ α_j f(x_j) + (1 − τ) Σ α_j x_j with
-    α = argmin ‖Σ α_j g_j‖² + λ s ‖α‖² subject to Σ α_j = 1 (g_j = f(x_j) − x_j, s the largest
-    ‖g_j‖²). History lives in ring buffers F, G of shape (B, m, d); each step adds one Gram row
+    α = argmin ‖Σ α_j g_j‖² + λ Σ α_j² ‖g_j‖² subject to Σ α_j = 1 (g_j = f(x_j) − x_j). History lives in ring buffers F, G of shape (B, m, d); each step adds one Gram row
     and does one fixed-shape (m×m) solve per sample with no host synchronisation.
 
     Args:
         f, z0, max_iter, tol, stop_mode, tau, check_every: as :func:`fixed_point_iteration`.
         m: history length (>= 1; m = 1 is damped fixed-point iteration).
-        lam: ridge regulariser, relative to the largest squared residual in the history.
+        lam: ridge regulariser; each weight is penalised relative to its residual's squared norm.
 
     Returns:
         (z, stats): each sample's best iterate (shape of z0) and its :class:`SolverStats`.

@@ -1,0 +1,201 @@
+"""Every backward mode against an independent float64 oracle (dense Jacobians, explicit unrolling)."""
+import pytest
+import torch
+
+import deqfast
+from deqfast.backward import neumann_series
+from conftest import ConvCell, TanhCell, dense_jacobian
+
+TIGHT = dict(max_iter=400, tol=1e-13, backward_max_iter=600, backward_tol=1e-13)
+
+
+def _problem(kind, B=3, seed=0):
+    g = torch.Generator().manual_seed(seed + 100)
+    if kind == "tanh":
+        cell = TanhCell(d=7, d_in=5, contraction=0.8, seed=seed)
+        x = torch.randn(B, 5, generator=g, dtype=torch.float64)
+        z0 = torch.randn(B, 7, generator=g, dtype=torch.float64)
+    else:
+        cell = ConvCell(channels=2, seed=seed)
+        x = torch.randn(B, 2, 4, 4, generator=g, dtype=torch.float64)
+        z0 = torch.randn(B, 2, 4, 4, generator=g, dtype=torch.float64)
+    x.requires_grad_()
+    c = torch.randn(z0.shape, generator=g, dtype=torch.float64)
+    return cell, x, z0, c
+
+
+def _solve_fixed_point(cell, x, z0):
+    with torch.no_grad():
+        z, stats = deqfast.solvers.anderson(lambda z: cell(z, x), z0, max_iter=400, tol=1e-14)
+    assert bool(stats.converged.all())
+    return z
+
+
+def _dense_param_grad(cell, x, z_star, u):
+    """Σ_b u_bᵀ ∂f_b/∂θ for θ in (params..., x), with ∂f/∂θ as dense Jacobians (no VJP)."""
+    params = list(cell.parameters())
+    names = [n for n, _ in cell.named_parameters()]
+    B = z_star.shape[0]
+    u = u.reshape(B, -1)
+    grads = []
+    for i, p in enumerate(params + [x]):
+        def f_of(theta, i=i):
+            if i < len(params):
+                saved = {n: q for n, q in zip(names, params)}
+                saved[names[i]] = theta
+                out = torch.func.functional_call(cell, saved, (z_star, x.detach()))
+            else:
+                out = cell(z_star, theta)
+            return out.reshape(B, -1)
+        jac = torch.autograd.functional.jacobian(f_of, p.detach())  # (B, d, *p.shape)
+        grads.append(torch.einsum("bd,bd...->...", u, jac))
+    return grads
+
+
+def _grads(out, cell, x, c):
+    return torch.autograd.grad((out * c).sum(), list(cell.parameters()) + [x])
+
+
+def _assert_rel(actual, expected, tol):
+    for a, e in zip(actual, expected):
+        err = (a - e).norm() / e.norm().clamp_min(1e-300)
+        assert err <= tol, f"relative error {err:.3e} > {tol:.1e}"
+
+
+@pytest.mark.parametrize("kind", ["tanh", "conv"])
+@pytest.mark.parametrize("backward_solver", ["fixed_point", "anderson", "broyden"])
+def test_implicit_matches_dense_solve(kind, backward_solver):
+    cell, x, z0, c = _problem(kind)
+    layer = deqfast.DEQ(cell, backward="implicit", backward_solver=backward_solver, **TIGHT)
+    out = layer(x, z0)
+    grads = _grads(out, cell, x, c)
+    assert layer.stats.backward is not None and bool(layer.stats.backward.converged.all())
+
+    z_star = _solve_fixed_point(cell, x, z0)
+    J = dense_jacobian(lambda z: cell(z, x.detach()), z_star)
+    eye = torch.eye(J.shape[1], dtype=J.dtype)
+    u = torch.linalg.solve((eye - J).transpose(1, 2), c.reshape(c.shape[0], -1, 1)).squeeze(2)
+    _assert_rel(grads, _dense_param_grad(cell, x, z_star, u), 1e-8)
+    torch.testing.assert_close(out.detach(), cell(z_star, x.detach()), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("terms", [1, 2, 5])
+def test_neumann_equals_explicit_sum(terms):
+    cell, x, z0, c = _problem("tanh", seed=3)
+    out = deqfast.DEQ(cell, backward="neumann", neumann_terms=terms, **TIGHT)(x, z0)
+    grads = _grads(out, cell, x, c)
+    z_star = _solve_fixed_point(cell, x, z0)
+    Jt = dense_jacobian(lambda z: cell(z, x.detach()), z_star).transpose(1, 2)
+    g = c.reshape(c.shape[0], -1, 1)
+    term, u = g, torch.zeros_like(g)
+    for _ in range(terms):
+        u = u + term
+        term = Jt @ term
+    _assert_rel(grads, _dense_param_grad(cell, x, z_star, u.squeeze(2)), 1e-10)
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_k_adjoint_iterations_from_zero_equal_k_neumann_terms(k):
+    """The seed's claim: k fixed-point iterations u ← g + Jᵀu from u = 0 give Σ_{i<k} (Jᵀ)^i g."""
+    g_ = torch.Generator().manual_seed(k)
+    B, d = 3, 6
+    J = torch.randn(B, d, d, generator=g_, dtype=torch.float64)
+    J = 0.5 * J / torch.linalg.matrix_norm(J, 2).reshape(B, 1, 1)  # residuals then shrink every step
+    g = torch.randn(B, d, generator=g_, dtype=torch.float64)
+    vjp = lambda v: (J.transpose(1, 2) @ v.unsqueeze(2)).squeeze(2)
+    neumann, _ = neumann_series(vjp, g, k)
+    u = torch.zeros_like(g)
+    for _ in range(k):
+        u = g + vjp(u)
+    torch.testing.assert_close(neumann, u, rtol=1e-14, atol=1e-14)
+    # deqfast's own adjoint solver (tol 0: runs every iteration) returns the k-th iterate.
+    u_solver, stats = deqfast.solvers.fixed_point_iteration(lambda v: g + vjp(v), torch.zeros_like(g),
+                                                             max_iter=k + 1, tol=0.0)
+    torch.testing.assert_close(u_solver, u, rtol=1e-14, atol=1e-14)
+    assert stats.nstep.tolist() == [k + 1] * B
+
+
+def test_jfb_equals_direct_partial_derivative():
+    cell, x, z0, c = _problem("tanh", seed=5)
+    out = deqfast.DEQ(cell, backward="jfb", **TIGHT)(x, z0)
+    grads = _grads(out, cell, x, c)
+    z_star = _solve_fixed_point(cell, x, z0)
+    expected = torch.autograd.grad((cell(z_star, x) * c).sum(), list(cell.parameters()) + [x])
+    _assert_rel(grads, expected, 1e-10)
+    _assert_rel(grads, _dense_param_grad(cell, x, z_star, c), 1e-10)
+
+
+@pytest.mark.parametrize("steps,tau", [(1, 1.0), (3, 0.5), (5, 0.8)])
+def test_phantom_equals_autograd_through_damped_steps(steps, tau):
+    cell, x, z0, c = _problem("conv", seed=7)
+    out = deqfast.DEQ(cell, backward="phantom", phantom_steps=steps, phantom_tau=tau, **TIGHT)(x, z0)
+    grads = _grads(out, cell, x, c)
+    z = _solve_fixed_point(cell, x, z0)
+    for _ in range(steps):
+        z = (1 - tau) * z + tau * cell(z, x)
+    torch.testing.assert_close(out, z, rtol=0, atol=1e-12)
+    _assert_rel(grads, torch.autograd.grad((z * c).sum(), list(cell.parameters()) + [x]), 1e-10)
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.7])
+def test_bptt_equals_autograd_through_unrolled_iteration(tau):
+    cell, x, z0, c = _problem("tanh", seed=9)
+    T = 12
+    out, stats = deqfast.fixed_point(lambda z: cell(z, x), z0, solver="fixed_point", max_iter=T, tol=0.0,
+                                     tau=tau, backward="bptt")
+    grads = _grads(out, cell, x, c)
+    # The solver evaluates f at z_0 .. z_{T-1}; with tol 0 and a contraction its best iterate is z_{T-1}.
+    z = z0
+    for _ in range(T - 1):
+        z = (1 - tau) * z + tau * cell(z, x)
+    torch.testing.assert_close(out, z, rtol=0, atol=1e-13)
+    _assert_rel(grads, torch.autograd.grad((z * c).sum(), list(cell.parameters()) + [x]), 1e-12)
+    assert stats.nstep.tolist() == [T] * 3
+
+
+@pytest.mark.parametrize("solver", ["anderson", "broyden"])
+def test_bptt_through_converged_solver_approaches_implicit_gradient(solver):
+    """Autograd through the unrolled Anderson/Broyden solve works, and once converged it is the IFT gradient."""
+    cell, x, z0, c = _problem("tanh", seed=11)
+    out, stats = deqfast.fixed_point(lambda z: cell(z, x), z0, solver=solver, max_iter=200, tol=1e-12,
+                                     backward="bptt")
+    assert bool(stats.converged.all())
+    grads = _grads(out, cell, x, c)
+    out_ift = deqfast.DEQ(cell, **TIGHT)(x, z0)
+    _assert_rel(grads, _grads(out_ift, cell, x, c), 1e-6)
+
+
+def test_gradcheck_layer():
+    torch.manual_seed(0)
+    B, d = 2, 4
+    W = torch.randn(d, d, dtype=torch.float64)
+    W = (0.6 * W / torch.linalg.matrix_norm(W, 2)).requires_grad_()
+    x = torch.randn(B, d, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(d, dtype=torch.float64, requires_grad=True)
+
+    def layer(W, x, b):
+        z, _ = deqfast.fixed_point(lambda z: torch.tanh(z @ W.T + x + b), torch.zeros(B, d, dtype=torch.float64),
+                                   **TIGHT)
+        return z
+
+    assert torch.autograd.gradcheck(layer, (W, x, b), eps=1e-6, atol=1e-7, rtol=1e-6)
+
+
+def test_f_called_once_with_grad_in_forward_and_never_in_backward():
+    cell, x, z0, c = _problem("tanh", seed=13)
+    calls = {"grad": 0, "backward_phase": 0}
+    phase = {"backward": False}
+
+    def f(z):
+        if torch.is_grad_enabled():
+            calls["grad"] += 1
+        if phase["backward"]:
+            calls["backward_phase"] += 1
+        return cell(z, x)
+
+    out, stats = deqfast.fixed_point(f, z0, **TIGHT)
+    assert calls["grad"] == 1
+    phase["backward"] = True
+    (out * c).sum().backward()
+    assert calls["backward_phase"] == 0
+    assert stats.backward is not None and stats.backward.nstep.min() > 1
