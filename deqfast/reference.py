@@ -18,6 +18,8 @@ Shapes: B samples, d elements per sample, m history slots.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -77,24 +79,27 @@ def anderson_weights(gram, n_filled: int, slot: int, lam: float):
     plain (damped) step.
     """
     B, m, _ = gram.shape
-    acc = gram.dtype
-    filled = torch.arange(m, device=gram.device) < n_filled  # (m,)
-    pair = filled.unsqueeze(0) & filled.unsqueeze(1)
+    filled, ridge, fallback = _weight_constants(m, n_filled, slot, float(lam), gram.dtype, gram.device)
     diag = gram.diagonal(dim1=1, dim2=2)
-    inv_sqrt = torch.where(filled, diag.clamp_min(torch.finfo(acc).tiny).rsqrt(), torch.zeros_like(diag))
-    ridge = torch.where(filled, torch.full((m,), lam, dtype=acc, device=gram.device),
-                        torch.ones((m,), dtype=acc, device=gram.device))
-    corr = gram * inv_sqrt.unsqueeze(2) * inv_sqrt.unsqueeze(1)
-    system = torch.where(pair, corr, torch.zeros((), dtype=acc, device=gram.device))
-    system = system + torch.diag_embed(ridge).unsqueeze(0)
+    inv_sqrt = torch.where(filled, diag.clamp_min(torch.finfo(gram.dtype).tiny).rsqrt(), 0.0)
+    # Entries of empty slots are 0 in the Gram matrix and in inv_sqrt, so C is 0 there too.
+    system = gram * (inv_sqrt.unsqueeze(2) * inv_sqrt.unsqueeze(1)) + ridge
     beta, info = torch.linalg.solve_ex(system, inv_sqrt.unsqueeze(2), check_errors=False)
     w = beta.squeeze(2) * inv_sqrt
     w_sum = w.sum(dim=1, keepdim=True)
     alpha = w / w_sum
-    ok = (info == 0) & torch.isfinite(alpha).all(dim=1) & (w_sum.squeeze(1) > 0)
-    fallback = torch.zeros((1, m), dtype=acc, device=gram.device)
+    ok = (info == 0).unsqueeze(1) & torch.isfinite(alpha).all(dim=1, keepdim=True) & (w_sum > 0)
+    return torch.where(ok, alpha, fallback)
+
+
+@functools.lru_cache(maxsize=256)
+def _weight_constants(m: int, n_filled: int, slot: int, lam: float, dtype: torch.dtype, device: torch.device):
+    """Per-(history fill, slot) constants of the weight solve, built once per solve shape."""
+    filled = torch.arange(m, device=device) < n_filled
+    ridge = torch.diag_embed(torch.where(filled, lam, 1.0).to(dtype)).unsqueeze(0)  # (1, m, m)
+    fallback = torch.zeros((1, m), dtype=dtype, device=device)
     fallback[0, slot] = 1.0
-    return torch.where(ok.unsqueeze(1), alpha, fallback)
+    return filled, ridge, fallback
 
 
 def anderson_mix(F, G, gram, n_filled: int, slot: int, lam: float, tau: float):
