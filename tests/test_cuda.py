@@ -1,0 +1,56 @@
+"""The same solvers and gradients on a CUDA device (skipped, and shown as skipped, without one)."""
+import warnings
+
+import pytest
+import torch
+
+import deqfast
+from conftest import TanhCell, solver_fn
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = [pytest.mark.cuda, needs_cuda]
+
+
+def _problem(device, dtype=torch.float64):
+    cell = TanhCell(d=32, contraction=0.9, seed=0, dtype=dtype).to(device)
+    x = torch.randn(8, 32, generator=torch.Generator().manual_seed(1), dtype=dtype).to(device)
+    return cell, x
+
+
+@pytest.mark.parametrize("solver", ["anderson", "fixed_point", "broyden"])
+def test_cuda_solve_matches_cpu(solver):
+    cell, x = _problem("cpu")
+    z_cpu, s_cpu = solver_fn(solver)(lambda z: cell(z, x), torch.zeros_like(x), tol=1e-10, max_iter=200)
+    cell_g, x_g = _problem("cuda")
+    z_gpu, s_gpu = solver_fn(solver)(lambda z: cell_g(z, x_g), torch.zeros_like(x_g), tol=1e-10, max_iter=200)
+    torch.testing.assert_close(z_gpu.cpu(), z_cpu, rtol=0, atol=1e-9)
+    assert s_gpu.converged.all() and s_gpu.nstep.device.type == "cuda"
+
+
+def test_cuda_implicit_gradient_matches_cpu():
+    grads = []
+    for device in ("cpu", "cuda"):
+        cell, x = _problem(device)
+        x.requires_grad_()
+        z = deqfast.DEQ(cell, tol=1e-12, backward_tol=1e-12, max_iter=200, backward_max_iter=200)(x)
+        grads.append([g.cpu() for g in torch.autograd.grad(z.square().sum(), list(cell.parameters()) + [x])])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+def test_cuda_anderson_syncs_only_at_checks():
+    """No host synchronisation between convergence checks: 20 steps, checks every 4 -> 4 syncs, +1 at the end."""
+    cell, x = _problem("cuda", torch.float32)
+    f = lambda z: cell(z, x)
+    with torch.no_grad():
+        deqfast.solvers.anderson(f, torch.zeros_like(x), tol=0.0, max_iter=20, check_every=4)  # warm-up
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                deqfast.solvers.anderson(f, torch.zeros_like(x), tol=0.0, max_iter=20, check_every=4)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    assert len(syncs) <= 5, [str(w.message) for w in syncs]
