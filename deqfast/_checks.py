@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Iterable
 
 import torch
@@ -19,21 +20,21 @@ def check_choice(caller: str, name: str, value, valid: Iterable[str]) -> None:
 
 
 def check_int(caller: str, name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{caller}: {name} must be an int >= {minimum}, got {type(value).__name__} {value!r}")
     if value < minimum:
         raise ValueError(f"{caller}: {name} must be >= {minimum}, got {value}")
 
 
 def check_real(caller: str, name: str, value, *, minimum: float = 0.0) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
         raise TypeError(f"{caller}: {name} must be a real number >= {minimum}, got {value!r}")
     if value < minimum:
         raise ValueError(f"{caller}: {name} must be >= {minimum}, got {value}")
 
 
 def check_damping(caller: str, name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 < value <= 1.0):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (0.0 < value <= 1.0):
         raise ValueError(f"{caller}: {name} must be in (0, 1], got {value!r}")
 
 

@@ -17,6 +17,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from . import _checks
 from . import solvers as _solvers
 from .functional import solve
 from .options import Options
@@ -73,9 +74,9 @@ class DEQCompat(nn.Module):
     """torchdeq-style DEQ module: ``deq(func, z_init) -> (z_list, info)``.
 
     ``func`` maps z to f(z) (z a tensor, or a list/tuple of tensors when ``z_init`` is one, as
-    torchdeq's multi-resolution states). In training mode ``z_list`` holds one tensor (or list)
-    carrying the gradient the configuration asks for; in eval mode the solver's fixed point,
-    found in ``eval_f_max_iter`` iterations. ``info`` is a dict with torchdeq's keys
+    torchdeq's multi-resolution states). ``z_list`` holds one tensor (or list): f at the solver's
+    best iterate, carrying the gradient the configuration asks for in training mode, found in
+    ``eval_f_max_iter`` iterations and without gradient in eval mode. ``info`` is a dict with torchdeq's keys
     ``abs_lowest``, ``rel_lowest``, ``nstep``, ``abs_trace``, ``rel_trace`` (only the final value:
     deqfast keeps no per-iteration trace), ``sradius``; ``info["stats"]`` is deqfast's
     :class:`SolverStats`.
@@ -95,6 +96,14 @@ class DEQCompat(nn.Module):
         for key in ("f_stop_mode", "b_stop_mode"):
             if c[key] not in ("abs", "rel"):
                 raise ValueError(f"deqfast.compat.get_deq: {key} must be 'abs' or 'rel', got {c[key]!r}")
+        caller = "deqfast.compat.get_deq"
+        _checks.check_int(caller, "f_max_iter", c["f_max_iter"], 1)
+        _checks.check_int(caller, "b_max_iter", c["b_max_iter"], 1)
+        _checks.check_int(caller, "eval_f_max_iter", c["eval_f_max_iter"], 0)
+        _checks.check_real(caller, "f_tol", c["f_tol"])
+        _checks.check_real(caller, "b_tol", c["b_tol"])
+        _checks.check_real(caller, "eval_factor", c["eval_factor"])
+        _checks.check_damping(caller, "tau", c["tau"])
         grad = c["grad"]
         if isinstance(grad, (list, tuple)):
             if len(grad) != 1:
@@ -117,7 +126,7 @@ class DEQCompat(nn.Module):
         self.grad_steps = grad
         self.ift = bool(c["ift"] or c["hook_ift"])
         self.f_max_iter = c["f_max_iter"]
-        self.eval_f_max_iter = c["eval_f_max_iter"] if c["eval_f_max_iter"] > 0 else int(c["f_max_iter"] * c["eval_factor"])
+        self.eval_f_max_iter = c["eval_f_max_iter"] if c["eval_f_max_iter"] > 0 else max(1, int(c["f_max_iter"] * c["eval_factor"]))
 
     def _options(self, solver_kwargs: dict, training: bool) -> Options:
         c = self.config
@@ -128,6 +137,14 @@ class DEQCompat(nn.Module):
                 f"supported: {', '.join(_SOLVER_KWARGS)}"
             )
         kw = {**_SOLVER_KWARGS, **solver_kwargs}
+        caller = "deqfast.compat: solver_kwargs"
+        if kw["f_max_iter"] is not None:
+            _checks.check_int(caller, "f_max_iter", kw["f_max_iter"], 1)
+        _checks.check_int(caller, "m", kw["m"], 1)
+        _checks.check_real(caller, "lam", kw["lam"])
+        _checks.check_damping(caller, "tau", kw["tau"])
+        if kw["LBFGS_thres"] is not None:
+            _checks.check_int(caller, "LBFGS_thres", kw["LBFGS_thres"], 1)
         if kw["ls"]:
             raise NotImplementedError("deqfast.compat: Broyden line search (ls=True) is not supported, got ls=True")
         f_solver = _SOLVER_NAMES[c["f_solver"]]
@@ -170,10 +187,11 @@ class DEQCompat(nn.Module):
             z, stats = solve(f, z0, options, caller="deqfast.compat", on_backward=on_backward)
         else:
             with torch.no_grad():
-                z, stats = _solvers.SOLVERS[options.solver](f, z0, **options.solver_kwargs(options.solver))
+                z_star, stats = _solvers.SOLVERS[options.solver](f, z0, **options.solver_kwargs(options.solver))
+                z = f(z_star)  # like torchdeq (and training mode): f at the best iterate
         info = torchdeq_info(stats)
         if not self.training:
-            info["sradius"] = spectral_radius(f, z) if sradius_mode else torch.zeros(1, device=z.device)
+            info["sradius"] = spectral_radius(f, z_star) if sradius_mode else torch.zeros(1, device=z.device)
         return [unpack(z)], info
 
 
@@ -184,7 +202,7 @@ def torchdeq_info(stats: SolverStats) -> dict:
         "rel_lowest": stats.rel_residual,
         "abs_trace": stats.residual.unsqueeze(1),
         "rel_trace": stats.rel_residual.unsqueeze(1),
-        "nstep": stats.nstep.to(stats.residual.dtype),
+        "nstep": stats.nstep.to(torch.get_default_dtype()),
         "sradius": torch.zeros(1, device=stats.residual.device),
         "stats": stats,
     }

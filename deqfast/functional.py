@@ -82,6 +82,8 @@ def solve(f: Callable, z0: torch.Tensor, options: Options, *, caller: str,
     ``on_backward`` is called with the adjoint solve's stats when backward runs."""
     _checks.check_callable(caller, "f", f)
     _checks.check_z0(caller, z0)
+    user_f = f
+    f = lambda z: _apply_f(caller, user_f, z, z0)  # errors about f's output name the caller
     solver = _solvers.SOLVERS[options.solver]
     kwargs = options.solver_kwargs(options.solver)
 
@@ -95,13 +97,13 @@ def solve(f: Callable, z0: torch.Tensor, options: Options, *, caller: str,
     if options.backward == "phantom":
         z = z_star
         for _ in range(options.phantom_steps):
-            z = torch.lerp(z, _apply_f(caller, f, z, z0), options.phantom_tau)
+            z = torch.lerp(z, f(z), options.phantom_tau)
         return z, stats
 
     jacobian_free = options.backward == "jfb" or (options.backward == "neumann" and options.neumann_terms == 1)
     if jacobian_free or not torch.is_grad_enabled():
-        return _apply_f(caller, f, z_star, z0), stats
+        return f(z_star), stats
 
     z_leaf = z_star.detach().requires_grad_()
-    fz = _apply_f(caller, f, z_leaf, z0)
+    fz = f(z_leaf)
     return AdjointFunction.apply(fz, z_leaf, options, stats, on_backward), stats

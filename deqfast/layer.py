@@ -38,6 +38,8 @@ class DEQ(nn.Module):
         if z0 is None:
             if not isinstance(x, torch.Tensor):
                 raise TypeError(f"deqfast.DEQ: x must be a torch.Tensor when z0 is not given, got {type(x).__name__}")
+            if not x.is_floating_point():
+                raise TypeError(f"deqfast.DEQ: x must be floating point when z0 is not given (z0 = zeros_like(x)), got {x.dtype}")
             z0 = torch.zeros_like(x)
         z, self.stats = solve(lambda z: self.cell(z, x), z0, self.options, caller="deqfast.DEQ")
         return z
