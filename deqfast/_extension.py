@@ -36,3 +36,13 @@ def extension_info() -> dict:
     module = _load()
     cuda = bool(module is not None and getattr(module, "has_cuda", lambda: False)())
     return {"compiled": module is not None, "cuda": cuda, "reason": _state["reason"]}
+
+
+def fused_available(device: torch.device) -> bool:
+    """Whether the fused ops are compiled for ``device`` (and the extension is enabled)."""
+    module = _load()
+    if module is None:
+        return False
+    if device.type == "cpu":
+        return True
+    return device.type == "cuda" and bool(module.has_cuda())

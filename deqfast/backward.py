@@ -16,6 +16,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import solvers as _solvers
+from .solvers.fixed_point import adjoint_iteration
 from .options import Options
 from .reference import residual_norms
 from .stats import SolverStats
@@ -80,10 +81,14 @@ class AdjointFunction(torch.autograd.Function):
                 stats = _neumann_stats(u, last, options.neumann_terms, options.backward_tol,
                                        options.backward_stop_mode or options.stop_mode)
             else:
-                solver = _solvers.SOLVERS[options.backward_solver]
+                kwargs = options.solver_kwargs(options.backward_solver, backward=True)
                 with torch.no_grad():
-                    u, stats = solver(lambda v: grad + vjp(v), torch.zeros_like(grad),
-                                      **options.solver_kwargs(options.backward_solver, backward=True))
+                    if options.backward_solver == "fixed_point":
+                        del kwargs["tau"]
+                        u, stats = adjoint_iteration(vjp, grad, **kwargs)
+                    else:
+                        solver = _solvers.SOLVERS[options.backward_solver]
+                        u, stats = solver(lambda v: grad + vjp(v), torch.zeros_like(grad), **kwargs)
         ctx.stats.backward = stats
         if ctx.on_backward is not None:
             ctx.on_backward(stats)

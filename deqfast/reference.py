@@ -1,14 +1,16 @@
 """Pure-PyTorch reference of the fused solver steps.
 
 These functions are the CPU fallback, the oracle the fused kernels are tested against and the
-benchmark baseline. Each one does what one fused kernel will do, over the same buffers:
+benchmark baseline. Each one does what one fused op does (``deqfast.ops`` picks between them),
+over the same buffers and with the same per-sample logic:
 
-* ``anderson_write_history`` — pass A of an Anderson step (after f): write f(x) and the residual
-  g = f(x) − x into the ring buffers, update the Gram row of the new slot, reduce the norms.
-* ``anderson_mix`` — pass B: the per-sample regularised (m×m) solve and the mixing
-  x_next = Σ α_j f_j − (1 − τ) Σ α_j g_j.
-* ``track_and_freeze`` — per-sample best iterate, step count, convergence and failure flags, and
-  freezing of finished samples (fused into pass B on the device).
+* ``anderson_history`` — pass A of an Anderson step (after f): write f(x) and the residual
+  g = f(x) − x into the ring buffers, reduce the new Gram row and ‖f(x)‖² (as partial sums).
+* ``anderson_step`` — pass B: complete the Gram row, record the evaluation per sample
+  (``SampleState``: best iterate, residuals, steps, converged/failed), solve each sample's
+  regularised weights, mix x_next = Σ α_j f_j − (1 − τ) Σ α_j g_j and freeze finished samples.
+* ``fixed_point_step`` — the same bookkeeping for a damped fixed-point step of h = f + offset;
+  with offset = g it is the adjoint step u ← g + Jᵀu of the implicit backward.
 
 Under ``torch.no_grad`` the buffers are updated in place (no allocation per iteration). With
 autograd recording (``backward="bptt"``) they are updated out of place so the unrolled solve can
@@ -40,30 +42,60 @@ def residual_norms(x: torch.Tensor, fx: torch.Tensor):
     return residual, f_norm
 
 
-def anderson_write_history(x, fx, F, G, gram, slot: int):
-    """Pass A. x, fx: (B, d); F, G: (B, m, d) ring buffers of f-values and residuals;
-    gram: (B, m, m) with gram[b, i, j] = <G[b, i], G[b, j]>, in the accumulation dtype.
+def anderson_history(x, fx, F, G, slot: int):
+    """Pass A. x, fx: (B, d); F, G: (B, m, d) ring buffers of f-values and residuals.
 
-    Writes F[:, slot] = fx, G[:, slot] = fx − x and row/column ``slot`` of the Gram matrix.
-    Returns (F, G, gram, residual, f_norm); the buffers are the same objects when updated in place.
+    Writes F[:, slot] = fx and G[:, slot] = g = fx − x, and reduces the new Gram row and ‖fx‖².
+    Returns (F, G, partials): partials (B, C, m + 1) in the accumulation dtype hold, per chunk of
+    the sample, <G_j, g> for every slot j and then ‖fx‖²; their sum over C is the row (the fused
+    kernels reduce in C = ceil(d / 4096) chunks, this reference in one). The buffers are the same
+    objects when updated in place.
     """
-    acc = gram.dtype
+    acc = accumulation_dtype(x.dtype)
     g = fx - x
-    if _in_place_ok(F, G, gram, fx, x):
+    if _in_place_ok(F, G, fx, x):
         F[:, slot] = fx
         G[:, slot] = g
-        row = torch.bmm(G.to(acc), g.to(acc).unsqueeze(2)).squeeze(2)  # (B, m)
-        gram[:, slot, :] = row
-        gram[:, :, slot] = row
     else:
         index = torch.tensor([slot], device=x.device)
         F = F.index_copy(1, index, fx.unsqueeze(1))
         G = G.index_copy(1, index, g.unsqueeze(1))
-        row = torch.bmm(G.to(acc), g.to(acc).unsqueeze(2))  # (B, m, 1)
-        gram = gram.index_copy(2, index, row).index_copy(1, index, row.transpose(1, 2))
-    residual = gram[:, slot, slot].clamp_min(0).sqrt()
-    f_norm = torch.linalg.vector_norm(fx, dim=1, dtype=acc)
-    return F, G, gram, residual, f_norm
+    row = torch.bmm(G.to(acc), g.to(acc).unsqueeze(2)).squeeze(2)  # (B, m)
+    f_norm_sq = torch.linalg.vector_norm(fx, dim=1, dtype=acc).square().unsqueeze(1)
+    return F, G, torch.cat([row, f_norm_sq], dim=1).unsqueeze(1)
+
+
+def anderson_step(x, F, G, gram, partials, state: "SampleState", n_filled: int, slot: int, lam: float, tau: float):
+    """Pass B. Completes the Gram row of ``slot`` from ``partials``, records the evaluation in
+    ``state`` (best iterate, residuals, steps, convergence), solves each sample's weights and
+    returns x_next (B, d) = Σ α_j F_j − (1 − τ) Σ α_j G_j, or the best iterate for a finished
+    sample. Returns (gram, x_next); gram is updated in place when autograd is not recording.
+    """
+    m = F.shape[1]
+    row = partials.sum(dim=1)  # (B, m + 1)
+    if _in_place_ok(gram, row):
+        gram[:, slot, :] = row[:, :m]
+        gram[:, :, slot] = row[:, :m]
+    else:
+        index = torch.tensor([slot], device=x.device)
+        gram = gram.index_copy(2, index, row[:, :m].unsqueeze(2)).index_copy(1, index, row[:, :m].unsqueeze(1))
+    done = state.update(x, row[:, slot], row[:, m])
+    x_next = anderson_mix(F, G, gram, n_filled, slot, lam, tau)
+    return gram, torch.where(done.unsqueeze(1), state.best_x, x_next)
+
+
+def fixed_point_step(x, fx, offset, state: "SampleState", tau: float):
+    """One damped fixed-point step of the map h(x) = fx + offset (offset None: 0), per sample.
+
+    Records h's evaluation at x in ``state`` and returns x_next = (1 − τ) x + τ h(x), or the best
+    iterate for a finished sample. With fx = Jᵀu and offset = g this is the adjoint step
+    u ← g + Jᵀu of the implicit backward.
+    """
+    h = fx if offset is None else fx + offset
+    residual, f_norm = residual_norms(x, h)
+    done = state.update(x, residual.square(), f_norm.square())
+    x_next = h if tau == 1.0 else torch.lerp(x, h, tau)
+    return torch.where(done.unsqueeze(1), state.best_x, x_next)
 
 
 def anderson_weights(gram, n_filled: int, slot: int, lam: float):
@@ -113,7 +145,7 @@ def anderson_mix(F, G, gram, n_filled: int, slot: int, lam: float, tau: float):
     return x_next.to(F.dtype)
 
 
-class SampleTracker:
+class SampleState:
     """Per-sample bookkeeping shared by every solver (fused into pass B on the device).
 
     For each sample: its best iterate so far under the stop criterion, that iterate's residuals,
@@ -128,20 +160,27 @@ class SampleTracker:
         dev = x0.device
         self.tol = tol
         self.rel = stop_mode == "rel"
-        self.best_x = x0
+        # A copy: the fused ops update the state in place.
+        self.best_x = x0 if torch.is_grad_enabled() and x0.requires_grad else x0.detach().clone()
         self.residual = torch.full((B,), float("inf"), dtype=acc, device=dev)
         self.rel_residual = torch.full((B,), float("inf"), dtype=acc, device=dev)
         self.nstep = torch.zeros(B, dtype=torch.int64, device=dev)
         self.converged = torch.zeros(B, dtype=torch.bool, device=dev)
         self.failed = torch.zeros(B, dtype=torch.bool, device=dev)
-        self.done = torch.zeros(B, dtype=torch.bool, device=dev)
 
-    def update(self, x: torch.Tensor, residual: torch.Tensor, f_norm: torch.Tensor) -> None:
-        """Record the evaluation of f at iterate x (B, d) with ‖f(x) − x‖ and ‖f(x)‖ (B,)."""
+    @property
+    def done(self) -> torch.Tensor:
+        return self.converged | self.failed
+
+    def update(self, x: torch.Tensor, residual_sq: torch.Tensor, f_norm_sq: torch.Tensor) -> torch.Tensor:
+        """Record the evaluation of f at iterate x (B, d), given ‖f(x) − x‖² and ‖f(x)‖² (B,).
+        Returns the samples that are done (converged or failed), now or before."""
+        residual = residual_sq.clamp_min(0).sqrt()
+        f_norm = f_norm_sq.clamp_min(0).sqrt()
         rel_residual = residual / f_norm.clamp_min(torch.finfo(residual.dtype).tiny)
         criterion = rel_residual if self.rel else residual
         best = self.rel_residual if self.rel else self.residual
-        active = ~self.done
+        active = ~(self.converged | self.failed)
         finite = torch.isfinite(criterion) & torch.isfinite(f_norm)
         improved = active & finite & (criterion < best)
         self.best_x = torch.where(improved.unsqueeze(1), x, self.best_x)
@@ -152,7 +191,7 @@ class SampleTracker:
         failed = active & ~finite
         self.converged = self.converged | converged
         self.failed = self.failed | failed
-        self.done = self.done | converged | failed
+        return self.converged | self.failed
 
     def freeze(self, x_next: torch.Tensor) -> torch.Tensor:
         """Finished samples stay at their best iterate."""

@@ -7,7 +7,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import _checks
-from ..reference import SampleTracker
+from ..reference import SampleState
 from ..stats import SolverStats
 
 
@@ -49,12 +49,12 @@ def default_check_every(device: torch.device) -> int:
     return 1 if device.type == "cpu" else 4
 
 
-def should_stop(tracker: SampleTracker, k: int, check_every: int) -> bool:
+def should_stop(tracker: SampleState, k: int, check_every: int) -> bool:
     """The one host synchronisation of the loop: every ``check_every`` evaluations."""
     return (k + 1) % check_every == 0 and bool(tracker.done.all())
 
 
-def finish(problem: FlatProblem, tracker: SampleTracker, solver: str, warn: bool = True):
+def finish(problem: FlatProblem, tracker: SampleState, solver: str, warn: bool = True):
     stats = SolverStats(
         nstep=tracker.nstep,
         residual=tracker.residual,

@@ -6,7 +6,8 @@ from typing import Callable, Optional
 import torch
 
 from .. import _checks
-from ..reference import SampleTracker, accumulation_dtype, anderson_mix, anderson_write_history
+from .. import ops
+from ..reference import SampleState, accumulation_dtype
 from . import _common
 
 
@@ -48,14 +49,12 @@ def anderson(
     F = torch.zeros(B, m, d, dtype=x.dtype, device=x.device)
     G = torch.zeros_like(F)
     gram = torch.zeros(B, m, m, dtype=accumulation_dtype(x.dtype), device=x.device)
-    tracker = SampleTracker(x, tol, stop_mode)
+    state = SampleState(x, tol, stop_mode)
     for k in range(max_iter):
         fx = problem(x)
         slot = k % m
-        F, G, gram, residual, f_norm = anderson_write_history(x, fx, F, G, gram, slot)
-        tracker.update(x, residual, f_norm)
-        if k + 1 == max_iter or _common.should_stop(tracker, k, check_every):
+        F, G, partials = ops.anderson_history(x, fx, F, G, slot)
+        gram, x = ops.anderson_step(x, F, G, gram, partials, state, min(k + 1, m), slot, lam, tau)
+        if _common.should_stop(state, k, check_every):
             break
-        x_next = anderson_mix(F, G, gram, min(k + 1, m), slot, lam, tau)
-        x = tracker.freeze(x_next)
-    return _common.finish(problem, tracker, "anderson")
+    return _common.finish(problem, state, "anderson")

@@ -6,7 +6,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import _checks
-from ..reference import SampleTracker, residual_norms
+from ..reference import SampleState, residual_norms
 from . import _common
 
 
@@ -44,10 +44,10 @@ def broyden(
     memory = min(m, max_iter)
     U = torch.zeros(B, memory, d, dtype=x.dtype, device=x.device)
     V = torch.zeros_like(U)
-    tracker = SampleTracker(x, tol, stop_mode)
+    tracker = SampleState(x, tol, stop_mode)
     fx = problem(x)
     gx = fx - x
-    tracker.update(x, *residual_norms(x, fx))
+    tracker.update(x, *[v.square() for v in residual_norms(x, fx)])
     for k in range(1, max_iter):
         if _common.should_stop(tracker, k - 1, check_every):
             break
@@ -56,7 +56,7 @@ def broyden(
         x_next = tracker.freeze(x + gx - torch.bmm(U.transpose(1, 2), vg).squeeze(2))
         fx_next = problem(x_next)
         gx_next = fx_next - x_next
-        tracker.update(x_next, *residual_norms(x_next, fx_next))
+        tracker.update(x_next, *[v.square() for v in residual_norms(x_next, fx_next)])
         if k + 1 == max_iter:
             break
         # Good Broyden update of H: u = (Δx − H Δg) / (vᵀ Δg), vᵀ = Δxᵀ H.

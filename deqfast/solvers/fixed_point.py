@@ -6,7 +6,8 @@ from typing import Callable, Optional
 import torch
 
 from .. import _checks
-from ..reference import SampleTracker, residual_norms
+from .. import ops
+from ..reference import SampleState
 from . import _common
 
 
@@ -41,12 +42,36 @@ def fixed_point_iteration(
     problem = _common.FlatProblem(caller, f, z0)
     x = problem.x0
     check_every = _common.resolve_check_every(check_every, x)
-    tracker = SampleTracker(x, tol, stop_mode)
+    state = SampleState(x, tol, stop_mode)
     for k in range(max_iter):
-        fx = problem(x)
-        tracker.update(x, *residual_norms(x, fx))
-        if k + 1 == max_iter or _common.should_stop(tracker, k, check_every):
+        x = ops.fixed_point_step(x, problem(x), None, state, tau)
+        if _common.should_stop(state, k, check_every):
             break
-        x_next = fx if tau == 1.0 else torch.lerp(x, fx, tau)
-        x = tracker.freeze(x_next)
-    return _common.finish(problem, tracker, "fixed_point")
+    return _common.finish(problem, state, "fixed_point")
+
+
+def adjoint_iteration(
+    vjp: Callable[[torch.Tensor], torch.Tensor],
+    g: torch.Tensor,
+    *,
+    max_iter: int,
+    tol: float,
+    stop_mode: str,
+    check_every: Optional[int] = None,
+):
+    """Solve u = g + Jᵀu by the iteration u ← g + Jᵀu from u = 0 (``vjp(u) = Jᵀu``), per sample.
+
+    The same as ``fixed_point_iteration(lambda u: g + vjp(u), zeros_like(g))``, with the
+    accumulation u ← g + v fused into the step (one pass) instead of done by the map.
+    """
+    caller = "deqfast backward (implicit, fixed_point adjoint)"
+    problem = _common.FlatProblem(caller, vjp, torch.zeros_like(g))
+    u = problem.x0
+    offset = g.reshape(u.shape)
+    check_every = _common.resolve_check_every(check_every, u)
+    state = SampleState(u, tol, stop_mode)
+    for k in range(max_iter):
+        u = ops.fixed_point_step(u, problem(u), offset, state, 1.0)
+        if _common.should_stop(state, k, check_every):
+            break
+    return _common.finish(problem, state, "fixed_point")

@@ -1,0 +1,172 @@
+// Numerics that the CPU and CUDA backends share, written once as __host__ __device__ functions so
+// the CPU tests exercise the very code the GPU runs: per-sample convergence tracking, the tiny
+// regularised Anderson solve, and the chunking rule of the reductions.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define DEQ_HD __host__ __device__ __forceinline__
+#else
+#define DEQ_HD inline
+#endif
+
+namespace deqfast {
+
+// Elements of one sample reduced by one block/task. Partials have shape (B, C, k) with
+// C = num_chunks(d); the Python fake kernels use the same rule.
+constexpr int64_t kChunk = 4096;
+// The CUDA kernels keep the history's weights in shared memory; longer histories use the reference.
+constexpr int kMaxHistoryCuda = 32;
+
+DEQ_HD int64_t num_chunks(int64_t d) { return (d + kChunk - 1) / kChunk; }
+
+template <typename acc_t>
+DEQ_HD bool is_finite(acc_t v) {
+  return v == v && v - v == v - v;  // false for NaN and ±Inf, without <cmath> on the device
+}
+
+template <typename acc_t>
+DEQ_HD acc_t tiny_value() {
+  return std::numeric_limits<acc_t>::min();
+}
+
+template <typename acc_t>
+DEQ_HD acc_t sqrt_value(acc_t v) {
+#if defined(__CUDA_ARCH__)
+  return ::sqrt(v);
+#else
+  return std::sqrt(v);
+#endif
+}
+
+// Per-sample state of a solve, the fields of SolverStats plus the best iterate (kept elsewhere).
+template <typename acc_t>
+struct SampleState {
+  acc_t* best_residual;  // (B,)
+  acc_t* best_rel;       // (B,)
+  int64_t* nstep;        // (B,)
+  bool* converged;       // (B,)
+  bool* failed;          // (B,)
+};
+
+// Outcome of recording one evaluation of f for one sample.
+struct TrackOutcome {
+  bool improved;  // this iterate is the sample's best so far: best_x ← x
+  bool done;      // converged or failed (now or before): x_next ← best_x
+};
+
+// Record the evaluation of f at iterate x for sample b, given ‖f(x) − x‖² and ‖f(x)‖².
+// The same logic as deqfast.reference.SampleTracker.update.
+template <typename acc_t>
+DEQ_HD TrackOutcome track_sample(const SampleState<acc_t>& s, int64_t b, acc_t residual_sq, acc_t f_norm_sq,
+                                 acc_t tol, bool rel_mode) {
+  const acc_t residual = sqrt_value(residual_sq > acc_t(0) ? residual_sq : acc_t(0));
+  const acc_t f_norm = sqrt_value(f_norm_sq > acc_t(0) ? f_norm_sq : acc_t(0));
+  const acc_t rel = residual / (f_norm > tiny_value<acc_t>() ? f_norm : tiny_value<acc_t>());
+  const acc_t criterion = rel_mode ? rel : residual;
+  const acc_t best = rel_mode ? s.best_rel[b] : s.best_residual[b];
+  const bool active = !(s.converged[b] || s.failed[b]);
+  const bool finite = is_finite(criterion) && is_finite(f_norm);
+  TrackOutcome out{false, !active};
+  if (!active) return out;
+  s.nstep[b] += 1;
+  if (!finite) {
+    s.failed[b] = true;
+    out.done = true;
+    return out;
+  }
+  if (criterion < best) {
+    out.improved = true;
+    s.best_residual[b] = residual;
+    s.best_rel[b] = rel;
+  }
+  if (criterion < tol) {
+    s.converged[b] = true;
+    out.done = true;
+  }
+  return out;
+}
+
+// Type-II Anderson weights for one sample:
+//   α = argmin ‖Σ α_j g_j‖² + λ Σ α_j² ‖g_j‖²  subject to Σ α_j = 1,
+// over the n filled slots 0..n−1 of the (m × m) row-major Gram matrix. Solved on the Jacobi-scaled
+// system (C + λI) β = s with s_j = ‖g_j‖⁻¹, C_ij = gram_ij s_i s_j, then w = s ∘ β, α = w / Σ w, by
+// Gaussian elimination with partial pivoting. ``work`` holds n·n + 2n values. Returns false (and
+// α = e_slot, the plain step) when the system is singular or the weights are not finite.
+// The same as deqfast.reference.anderson_weights.
+template <typename acc_t>
+DEQ_HD bool anderson_weights(const acc_t* gram, int m, int n, int slot, acc_t lam, acc_t* alpha, acc_t* work) {
+  acc_t* A = work;          // n × n
+  acc_t* s = work + n * n;  // n
+  acc_t* x = s + n;         // n
+  for (int i = 0; i < n; ++i) {
+    const acc_t diag = gram[i * m + i];
+    s[i] = acc_t(1) / sqrt_value(diag > tiny_value<acc_t>() ? diag : tiny_value<acc_t>());
+  }
+  for (int i = 0; i < n; ++i) {
+    for (int j = 0; j < n; ++j) A[i * n + j] = gram[i * m + j] * (s[i] * s[j]);
+    A[i * n + i] += lam;
+    x[i] = s[i];
+  }
+  bool ok = true;
+  for (int col = 0; col < n && ok; ++col) {
+    int pivot = col;
+    acc_t best = A[col * n + col] < acc_t(0) ? -A[col * n + col] : A[col * n + col];
+    for (int r = col + 1; r < n; ++r) {
+      const acc_t v = A[r * n + col] < acc_t(0) ? -A[r * n + col] : A[r * n + col];
+      if (v > best) {
+        best = v;
+        pivot = r;
+      }
+    }
+    if (!(best > acc_t(0))) {  // zero or NaN pivot
+      ok = false;
+      break;
+    }
+    if (pivot != col) {
+      for (int j = 0; j < n; ++j) {
+        const acc_t t = A[col * n + j];
+        A[col * n + j] = A[pivot * n + j];
+        A[pivot * n + j] = t;
+      }
+      const acc_t t = x[col];
+      x[col] = x[pivot];
+      x[pivot] = t;
+    }
+    for (int r = col + 1; r < n; ++r) {
+      const acc_t factor = A[r * n + col] / A[col * n + col];
+      for (int j = col; j < n; ++j) A[r * n + j] -= factor * A[col * n + j];
+      x[r] -= factor * x[col];
+    }
+  }
+  acc_t w_sum = acc_t(0);
+  if (ok) {
+    for (int i = n - 1; i >= 0; --i) {
+      acc_t v = x[i];
+      for (int j = i + 1; j < n; ++j) v -= A[i * n + j] * x[j];
+      x[i] = v / A[i * n + i];
+    }
+    for (int i = 0; i < n; ++i) {
+      x[i] *= s[i];
+      w_sum += x[i];
+    }
+    ok = w_sum > acc_t(0) && is_finite(w_sum);
+  }
+  for (int i = 0; i < m; ++i) alpha[i] = acc_t(0);
+  if (ok) {
+    for (int i = 0; i < n; ++i) {
+      alpha[i] = x[i] / w_sum;
+      ok = ok && is_finite(alpha[i]);
+    }
+  }
+  if (!ok) {
+    for (int i = 0; i < m; ++i) alpha[i] = acc_t(0);
+    alpha[slot] = acc_t(1);
+  }
+  return ok;
+}
+
+}  // namespace deqfast

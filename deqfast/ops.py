@@ -1,0 +1,62 @@
+"""The solver steps, fused when deqfast._C is compiled for the tensor's device, else the reference.
+
+Each function here has the signature of its reference in :mod:`deqfast.reference` and the same
+result (up to the order of floating-point sums). The fused path is taken when the extension is
+loaded and compiled for the device, autograd is not recording through the step (``bptt`` needs
+the differentiable reference), and the dtype and history length are supported.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from ._extension import fused_available
+from .reference import SampleState
+
+_FUSED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def num_chunks(d: int) -> int:
+    """Chunks of one sample the fused reductions use (csrc/deqfast_numerics.h: kChunk = 4096)."""
+    return (d + 4095) // 4096
+
+
+def _use_fused(*tensors: torch.Tensor, m: int = 0) -> bool:
+    x = tensors[0]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    if x.dtype not in _FUSED_DTYPES or not fused_available(x.device):
+        return False
+    return not (x.device.type == "cuda" and m > 32)
+
+
+def _state_tensors(state: SampleState):
+    return state.best_x, state.residual, state.rel_residual, state.nstep, state.converged, state.failed
+
+
+def anderson_history(x, fx, F, G, slot: int):
+    """Pass A; see :func:`deqfast.reference.anderson_history`. Returns (F, G, partials)."""
+    if _use_fused(x, fx, F, G, m=F.shape[1]):
+        partials = torch.ops.deqfast.anderson_history_(x, fx, F, G, slot)
+        return F, G, partials
+    return reference.anderson_history(x, fx, F, G, slot)
+
+
+def anderson_step(x, F, G, gram, partials, state: SampleState, n_filled: int, slot: int, lam: float, tau: float):
+    """Pass B; see :func:`deqfast.reference.anderson_step`. Returns (gram, x_next)."""
+    if _use_fused(x, F, G, gram, m=F.shape[1]):
+        x_next = torch.ops.deqfast.anderson_step_(
+            x, F, G, gram, partials, *_state_tensors(state), n_filled, slot, float(lam), float(tau),
+            float(state.tol), state.rel,
+        )
+        return gram, x_next
+    return reference.anderson_step(x, F, G, gram, partials, state, n_filled, slot, lam, tau)
+
+
+def fixed_point_step(x, fx, offset, state: SampleState, tau: float):
+    """See :func:`deqfast.reference.fixed_point_step`. Returns x_next."""
+    tensors = (x, fx) if offset is None else (x, fx, offset)
+    if _use_fused(*tensors):
+        return torch.ops.deqfast.fixed_point_step_(x, fx, offset, *_state_tensors(state), float(tau),
+                                                    float(state.tol), state.rel)
+    return reference.fixed_point_step(x, fx, offset, state, tau)
