@@ -63,8 +63,9 @@ struct TrackOutcome {
 template <typename acc_t>
 DEQ_HD TrackOutcome track_sample(const SampleState<acc_t>& s, int64_t b, acc_t residual_sq, acc_t f_norm_sq,
                                  acc_t tol, bool rel_mode) {
-  const acc_t residual = sqrt_value(residual_sq > acc_t(0) ? residual_sq : acc_t(0));
-  const acc_t f_norm = sqrt_value(f_norm_sq > acc_t(0) ? f_norm_sq : acc_t(0));
+  // Written so that NaN passes through (a NaN compares false): it must mark the sample failed.
+  const acc_t residual = sqrt_value(residual_sq < acc_t(0) ? acc_t(0) : residual_sq);
+  const acc_t f_norm = sqrt_value(f_norm_sq < acc_t(0) ? acc_t(0) : f_norm_sq);
   const acc_t rel = residual / (f_norm > tiny_value<acc_t>() ? f_norm : tiny_value<acc_t>());
   const acc_t criterion = rel_mode ? rel : residual;
   const acc_t best = rel_mode ? s.best_rel[b] : s.best_residual[b];

@@ -26,8 +26,11 @@ def _load():
         _state["reason"] = f"deqfast._C failed to load ({type(exc).__name__}: {exc}); the pure-PyTorch reference is used"
         warnings.warn(f"deqfast: {_state['reason']}", RuntimeWarning, stacklevel=3)
         return None
+    from . import _fake
+
+    _fake.register()
     _state["module"] = _C
-    _state["reason"] = "loaded"
+    _state["reason"] = "loaded: fused ops for " + ("CPU and CUDA" if _C.has_cuda() else "CPU")
     return _C
 
 

@@ -1,0 +1,219 @@
+// CPU implementations of the deqfast ops, parallel over (sample, chunk) with at::parallel_for.
+// Each reduction runs in a fixed order per chunk, and chunks are summed in order: the same inputs
+// give the same bits whatever the thread count.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../deqfast_numerics.h"
+#include "../ops.h"
+
+namespace deqfast {
+namespace {
+
+at::Tensor anderson_history_cpu(const at::Tensor& x, const at::Tensor& fx, at::Tensor& F, at::Tensor& G, int64_t slot) {
+  constexpr const char* op = "deqfast::anderson_history";
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), op, ": x must be a contiguous (B, d) tensor, got sizes ", x.sizes());
+  check_same(op, "fx", fx, x);
+  check_history_args(op, x, F, G, slot);
+  const int64_t B = x.size(0), d = x.size(1), m = F.size(1), C = num_chunks(d);
+  const auto acc_type = at::toOpMathType(x.scalar_type());
+  at::Tensor partials = at::empty({B, C, m + 1}, x.options().dtype(acc_type));
+  if (B == 0 || d == 0) return partials.zero_();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "anderson_history_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* fp = fx.const_data_ptr<scalar_t>();
+    scalar_t* Fp = F.mutable_data_ptr<scalar_t>();
+    scalar_t* Gp = G.mutable_data_ptr<scalar_t>();
+    acc_t* out = partials.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / C, c = task % C;
+        const int64_t lo = c * kChunk, hi = std::min(d, lo + kChunk);
+        const scalar_t* xb = xp + b * d;
+        const scalar_t* fb = fp + b * d;
+        scalar_t* Fs = Fp + (b * m + slot) * d;
+        scalar_t* Gs = Gp + (b * m + slot) * d;
+        acc_t f_norm_sq = acc_t(0);
+        for (int64_t i = lo; i < hi; ++i) {
+          const scalar_t g = static_cast<scalar_t>(fb[i] - xb[i]);
+          Fs[i] = fb[i];
+          Gs[i] = g;
+          f_norm_sq += static_cast<acc_t>(fb[i]) * static_cast<acc_t>(fb[i]);
+        }
+        acc_t* row = out + (b * C + c) * (m + 1);
+        for (int64_t j = 0; j < m; ++j) {
+          const scalar_t* Gj = Gp + (b * m + j) * d;
+          acc_t dot = acc_t(0);
+          for (int64_t i = lo; i < hi; ++i) dot += static_cast<acc_t>(Gj[i]) * static_cast<acc_t>(Gs[i]);
+          row[j] = dot;
+        }
+        row[m] = f_norm_sq;
+      }
+    });
+  });
+  return partials;
+}
+
+// Elementwise tail shared by both steps: best_x <- x where improved; x_next <- best_x where done.
+template <typename scalar_t, typename Mix>
+void apply_chunks(int64_t B, int64_t d, const scalar_t* xp, scalar_t* best, scalar_t* next, const uint8_t* improved,
+                  const uint8_t* done, Mix mix) {
+  const int64_t C = num_chunks(d);
+  at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / C, c = task % C;
+      const int64_t lo = c * kChunk, hi = std::min(d, lo + kChunk);
+      scalar_t* bb = best + b * d;
+      if (improved[b]) std::copy(xp + b * d + lo, xp + b * d + hi, bb + lo);
+      if (done[b]) {
+        std::copy(bb + lo, bb + hi, next + b * d + lo);
+      } else {
+        for (int64_t i = lo; i < hi; ++i) next[b * d + i] = mix(b, i);
+      }
+    }
+  });
+}
+
+at::Tensor anderson_step_cpu(const at::Tensor& x, const at::Tensor& F, const at::Tensor& G, at::Tensor& gram,
+                             const at::Tensor& partials, at::Tensor& best_x, at::Tensor& best_residual,
+                             at::Tensor& best_rel, at::Tensor& nstep, at::Tensor& converged, at::Tensor& failed,
+                             int64_t n_filled, int64_t slot, double lam, double tau, double tol, bool rel_mode) {
+  constexpr const char* op = "deqfast::anderson_step";
+  check_state_args(op, x, best_x, best_residual, best_rel, nstep, converged, failed);
+  check_history_args(op, x, F, G, slot);
+  const int64_t B = x.size(0), d = x.size(1), m = F.size(1), C = num_chunks(d);
+  const auto acc_type = at::toOpMathType(x.scalar_type());
+  TORCH_CHECK(gram.dim() == 3 && gram.size(0) == B && gram.size(1) == m && gram.size(2) == m &&
+                  gram.scalar_type() == acc_type && gram.is_contiguous(),
+              op, ": gram must be a contiguous (", B, ", ", m, ", ", m, ") ", acc_type, " tensor, got ",
+              gram.scalar_type(), " ", gram.sizes());
+  TORCH_CHECK(partials.dim() == 3 && partials.size(0) == B && partials.size(1) == C && partials.size(2) == m + 1 &&
+                  partials.scalar_type() == acc_type && partials.is_contiguous(),
+              op, ": partials must be the (", B, ", ", C, ", ", m + 1, ") ", acc_type,
+              " output of anderson_history, got ", partials.scalar_type(), " ", partials.sizes());
+  TORCH_CHECK(n_filled >= 1 && n_filled <= m && slot < n_filled, op, ": n_filled must be in [slot + 1, m] = [",
+              slot + 1, ", ", m, "], got ", n_filled);
+  at::Tensor x_next = at::empty_like(x);
+  if (B == 0) return x_next;
+  std::vector<uint8_t> improved(B), done(B);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "anderson_step_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<acc_t> alpha(B * m);
+    const acc_t* part = partials.const_data_ptr<acc_t>();
+    acc_t* gp = gram.mutable_data_ptr<acc_t>();
+    SampleState<acc_t> state{best_residual.mutable_data_ptr<acc_t>(), best_rel.mutable_data_ptr<acc_t>(),
+                             nstep.mutable_data_ptr<int64_t>(), converged.mutable_data_ptr<bool>(),
+                             failed.mutable_data_ptr<bool>()};
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> row(m + 1), work(n_filled * n_filled + 2 * n_filled);
+      for (int64_t b = begin; b < end; ++b) {
+        std::fill(row.begin(), row.end(), acc_t(0));
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t v = 0; v <= m; ++v) row[v] += part[(b * C + c) * (m + 1) + v];
+        acc_t* gb = gp + b * m * m;
+        for (int64_t j = 0; j < m; ++j) gb[slot * m + j] = gb[j * m + slot] = row[j];
+        const TrackOutcome t = track_sample(state, b, row[slot], row[m], static_cast<acc_t>(tol), rel_mode);
+        improved[b] = t.improved;
+        done[b] = t.done;
+        if (!t.done)
+          anderson_weights(gb, int(m), int(n_filled), int(slot), static_cast<acc_t>(lam), alpha.data() + b * m,
+                           work.data());
+      }
+    });
+    const scalar_t* Fp = F.const_data_ptr<scalar_t>();
+    const scalar_t* Gp = G.const_data_ptr<scalar_t>();
+    const acc_t damping = static_cast<acc_t>(1.0 - tau);
+    apply_chunks<scalar_t>(B, d, x.const_data_ptr<scalar_t>(), best_x.mutable_data_ptr<scalar_t>(),
+                           x_next.mutable_data_ptr<scalar_t>(), improved.data(), done.data(),
+                           [&](int64_t b, int64_t i) {
+                             const acc_t* a = alpha.data() + b * m;
+                             acc_t v = acc_t(0), w = acc_t(0);
+                             for (int64_t j = 0; j < m; ++j) v += a[j] * static_cast<acc_t>(Fp[(b * m + j) * d + i]);
+                             if (damping != acc_t(0)) {
+                               for (int64_t j = 0; j < m; ++j) w += a[j] * static_cast<acc_t>(Gp[(b * m + j) * d + i]);
+                               v -= damping * w;
+                             }
+                             return static_cast<scalar_t>(v);
+                           });
+  });
+  return x_next;
+}
+
+at::Tensor fixed_point_step_cpu(const at::Tensor& x, const at::Tensor& fx, const c10::optional<at::Tensor>& offset,
+                                at::Tensor& best_x, at::Tensor& best_residual, at::Tensor& best_rel,
+                                at::Tensor& nstep, at::Tensor& converged, at::Tensor& failed, double tau, double tol,
+                                bool rel_mode) {
+  constexpr const char* op = "deqfast::fixed_point_step";
+  check_state_args(op, x, best_x, best_residual, best_rel, nstep, converged, failed);
+  check_same(op, "fx", fx, x);
+  const bool has_offset = offset.has_value() && offset->defined();
+  if (has_offset) check_same(op, "offset", *offset, x);
+  const int64_t B = x.size(0), d = x.size(1), C = num_chunks(d);
+  at::Tensor x_next = at::empty_like(x);
+  if (B == 0) return x_next;
+  std::vector<uint8_t> improved(B), done(B);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fixed_point_step_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* fp = fx.const_data_ptr<scalar_t>();
+    const scalar_t* op_ = has_offset ? offset->const_data_ptr<scalar_t>() : nullptr;
+    auto h = [&](int64_t k) { return op_ ? static_cast<scalar_t>(fp[k] + op_[k]) : fp[k]; };
+    std::vector<acc_t> part(B * C * 2);
+    at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / C, c = task % C;
+        const int64_t lo = c * kChunk, hi = std::min(d, lo + kChunk);
+        acc_t r = acc_t(0), n = acc_t(0);
+        for (int64_t i = lo; i < hi; ++i) {
+          const scalar_t hv = h(b * d + i);
+          const acc_t diff = static_cast<acc_t>(static_cast<scalar_t>(hv - xp[b * d + i]));
+          r += diff * diff;
+          n += static_cast<acc_t>(hv) * static_cast<acc_t>(hv);
+        }
+        part[task * 2] = r;
+        part[task * 2 + 1] = n;
+      }
+    });
+    SampleState<acc_t> state{best_residual.mutable_data_ptr<acc_t>(), best_rel.mutable_data_ptr<acc_t>(),
+                             nstep.mutable_data_ptr<int64_t>(), converged.mutable_data_ptr<bool>(),
+                             failed.mutable_data_ptr<bool>()};
+    for (int64_t b = 0; b < B; ++b) {
+      acc_t r = acc_t(0), n = acc_t(0);
+      for (int64_t c = 0; c < C; ++c) {
+        r += part[(b * C + c) * 2];
+        n += part[(b * C + c) * 2 + 1];
+      }
+      const TrackOutcome t = track_sample(state, b, r, n, static_cast<acc_t>(tol), rel_mode);
+      improved[b] = t.improved;
+      done[b] = t.done;
+    }
+    const acc_t weight = static_cast<acc_t>(tau);
+    apply_chunks<scalar_t>(B, d, xp, best_x.mutable_data_ptr<scalar_t>(), x_next.mutable_data_ptr<scalar_t>(),
+                           improved.data(), done.data(), [&](int64_t b, int64_t i) {
+                             const scalar_t hv = h(b * d + i);
+                             if (weight == acc_t(1)) return hv;
+                             const acc_t xv = static_cast<acc_t>(xp[b * d + i]);
+                             return static_cast<scalar_t>(xv + weight * (static_cast<acc_t>(hv) - xv));
+                           });
+  });
+  return x_next;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(deqfast, CPU, m) {
+  m.impl("anderson_history", &anderson_history_cpu);
+  m.impl("anderson_step", &anderson_step_cpu);
+  m.impl("fixed_point_step", &fixed_point_step_cpu);
+}
+
+}  // namespace deqfast

@@ -1,0 +1,104 @@
+// Every deqfast op schema, declared once. Backends register implementations with
+// TORCH_LIBRARY_IMPL in cpu/ and cuda/; fake (meta) kernels live in deqfast/_fake.py.
+#include <Python.h>
+#include <pybind11/pybind11.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+#include <torch/version.h>
+
+#include <sstream>
+
+#include "deqfast_numerics.h"
+#include "ops.h"
+
+namespace deqfast {
+
+namespace {
+std::string describe(const at::Tensor& t) {
+  std::ostringstream out;
+  out << t.scalar_type() << " " << t.sizes() << " on " << t.device() << (t.is_contiguous() ? "" : " (non-contiguous)");
+  return out.str();
+}
+}  // namespace
+
+void check_same(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like) {
+  TORCH_CHECK(t.sizes() == like.sizes() && t.scalar_type() == like.scalar_type() && t.device() == like.device() &&
+                  t.is_contiguous(),
+              op, ": ", name, " must be a contiguous tensor like x (", describe(like), "), got ", describe(t));
+}
+
+void check_state_args(const char* op, const at::Tensor& x, const at::Tensor& best_x, const at::Tensor& best_residual,
+                      const at::Tensor& best_rel, const at::Tensor& nstep, const at::Tensor& converged,
+                      const at::Tensor& failed) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), op, ": x must be a contiguous (B, d) tensor, got ", describe(x));
+  TORCH_CHECK(x.is_floating_point(), op, ": x must be floating point, got ", x.scalar_type());
+  check_same(op, "best_x", best_x, x);
+  const auto B = x.size(0);
+  const auto acc = at::toOpMathType(x.scalar_type());
+  auto check_vec = [&](const at::Tensor& t, const char* name, c10::ScalarType dtype) {
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == B && t.scalar_type() == dtype && t.device() == x.device() &&
+                    t.is_contiguous(),
+                op, ": ", name, " must be a contiguous (", B, ",) ", dtype, " tensor on ", x.device(), ", got ",
+                describe(t));
+  };
+  check_vec(best_residual, "best_residual", acc);
+  check_vec(best_rel, "best_rel", acc);
+  check_vec(nstep, "nstep", at::kLong);
+  check_vec(converged, "converged", at::kBool);
+  check_vec(failed, "failed", at::kBool);
+}
+
+void check_history_args(const char* op, const at::Tensor& x, const at::Tensor& F, const at::Tensor& G, int64_t slot) {
+  TORCH_CHECK(F.dim() == 3 && F.size(0) == x.size(0) && F.size(2) == x.size(1) && F.size(1) >= 1 &&
+                  F.scalar_type() == x.scalar_type() && F.device() == x.device() && F.is_contiguous(),
+              op, ": F must be a contiguous (B, m, d) history of x's dtype and device with (B, d) = ", x.sizes(),
+              ", got ", describe(F));
+  check_same(op, "G", G, F);
+  TORCH_CHECK(slot >= 0 && slot < F.size(1), op, ": slot must be in [0, m) = [0, ", F.size(1), "), got ", slot);
+}
+
+}  // namespace deqfast
+
+TORCH_LIBRARY(deqfast, m) {
+  // Pass A of an Anderson step. x, fx: (B, d); F, G: (B, m, d) ring buffers. Writes F[:, slot] = fx,
+  // G[:, slot] = fx - x; returns partials (B, C, m + 1), C = ceil(d / 4096): per chunk,
+  // <G_j, g> for each slot j, then ||fx||^2 (accumulation dtype).
+  m.def("anderson_history(Tensor x, Tensor fx, Tensor(a!) F, Tensor(b!) G, int slot) -> Tensor");
+  // Pass B: completes gram's row/column `slot` from partials, records the evaluation in the
+  // per-sample state, solves the weights over the n_filled slots and returns x_next (B, d);
+  // finished samples get their best iterate.
+  m.def(
+      "anderson_step(Tensor x, Tensor F, Tensor G, Tensor(a!) gram, Tensor partials, Tensor(b!) best_x, "
+      "Tensor(c!) best_residual, Tensor(d!) best_rel, Tensor(e!) nstep, Tensor(f!) converged, Tensor(g!) failed, "
+      "int n_filled, int slot, float lam, float tau, float tol, bool rel_mode) -> Tensor");
+  // Damped fixed-point step of h = fx + offset (offset optional), with the same per-sample state;
+  // with fx = J^T u and offset = g it is the adjoint step u <- g + J^T u.
+  m.def(
+      "fixed_point_step(Tensor x, Tensor fx, Tensor? offset, Tensor(a!) best_x, Tensor(b!) best_residual, "
+      "Tensor(c!) best_rel, Tensor(d!) nstep, Tensor(e!) converged, Tensor(f!) failed, float tau, float tol, "
+      "bool rel_mode) -> Tensor");
+}
+
+namespace {
+pybind11::dict build_info() {
+  pybind11::dict info;
+  info["torch"] = TORCH_VERSION;
+  info["cpu"] = true;
+  const std::string cuda = deqfast::cuda_build_info();
+  info["cuda"] = !cuda.empty();
+  info["cuda_info"] = cuda;
+  info["chunk"] = deqfast::kChunk;
+  info["max_history_cuda"] = deqfast::kMaxHistoryCuda;
+  return info;
+}
+}  // namespace
+
+PYBIND11_MODULE(_C, module) {
+  module.doc() = "deqfast's fused Anderson and fixed-point/adjoint steps (ops under torch.ops.deqfast)";
+  module.def("build_info", &build_info, "How this extension was built: torch and CUDA versions, backends, archs.");
+  module.def("has_cuda", [] { return !deqfast::cuda_build_info().empty(); }, "Whether the CUDA kernels are compiled in.");
+}
+
+#ifndef DEQFAST_WITH_CUDA
+std::string deqfast::cuda_build_info() { return ""; }
+#endif
