@@ -37,7 +37,7 @@ def _state_tensors(state: SampleState):
 def anderson_history(x, fx, F, G, slot: int):
     """Pass A; see :func:`deqfast.reference.anderson_history`. Returns (F, G, partials)."""
     if _use_fused(x, fx, F, G, m=F.shape[1]):
-        partials = torch.ops.deqfast.anderson_history(x, fx, F, G, slot)
+        partials = torch.ops.deqfast.anderson_history(x.contiguous(), fx.contiguous(), F, G, slot)
         return F, G, partials
     return reference.anderson_history(x, fx, F, G, slot)
 
@@ -46,7 +46,7 @@ def anderson_step(x, F, G, gram, partials, state: SampleState, n_filled: int, sl
     """Pass B; see :func:`deqfast.reference.anderson_step`. Returns (gram, x_next)."""
     if _use_fused(x, F, G, gram, m=F.shape[1]):
         x_next = torch.ops.deqfast.anderson_step(
-            x, F, G, gram, partials, *_state_tensors(state), n_filled, slot, float(lam), float(tau),
+            x.contiguous(), F, G, gram, partials, *_state_tensors(state), n_filled, slot, float(lam), float(tau),
             float(state.tol), state.rel,
         )
         return gram, x_next
@@ -57,6 +57,7 @@ def fixed_point_step(x, fx, offset, state: SampleState, tau: float):
     """See :func:`deqfast.reference.fixed_point_step`. Returns x_next."""
     tensors = (x, fx) if offset is None else (x, fx, offset)
     if _use_fused(*tensors):
-        return torch.ops.deqfast.fixed_point_step(x, fx, offset, *_state_tensors(state), float(tau),
+        offset = None if offset is None else offset.contiguous()
+        return torch.ops.deqfast.fixed_point_step(x.contiguous(), fx.contiguous(), offset, *_state_tensors(state), float(tau),
                                                     float(state.tol), state.rel)
     return reference.fixed_point_step(x, fx, offset, state, tau)

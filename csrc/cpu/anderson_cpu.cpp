@@ -96,9 +96,9 @@ at::Tensor anderson_step_cpu(const at::Tensor& x, const at::Tensor& F, const at:
                   gram.scalar_type() == acc_type && gram.is_contiguous(),
               op, ": gram must be a contiguous (", B, ", ", m, ", ", m, ") ", acc_type, " tensor, got ",
               gram.scalar_type(), " ", gram.sizes());
-  TORCH_CHECK(partials.dim() == 3 && partials.size(0) == B && partials.size(1) == C && partials.size(2) == m + 1 &&
+  TORCH_CHECK(partials.dim() == 3 && partials.size(0) == B && partials.size(1) >= 1 && partials.size(2) == m + 1 &&
                   partials.scalar_type() == acc_type && partials.is_contiguous(),
-              op, ": partials must be the (", B, ", ", C, ", ", m + 1, ") ", acc_type,
+              op, ": partials must be the (", B, ", C, ", m + 1, ") ", acc_type,
               " output of anderson_history, got ", partials.scalar_type(), " ", partials.sizes());
   TORCH_CHECK(n_filled >= 1 && n_filled <= m && slot < n_filled, op, ": n_filled must be in [slot + 1, m] = [",
               slot + 1, ", ", m, "], got ", n_filled);
@@ -109,6 +109,7 @@ at::Tensor anderson_step_cpu(const at::Tensor& x, const at::Tensor& F, const at:
     using acc_t = at::opmath_type<scalar_t>;
     std::vector<acc_t> alpha(B * m);
     const acc_t* part = partials.const_data_ptr<acc_t>();
+    const int64_t P = partials.size(1);  // chunks of the partial sums (any split: they are summed in order)
     acc_t* gp = gram.mutable_data_ptr<acc_t>();
     SampleState<acc_t> state{best_residual.mutable_data_ptr<acc_t>(), best_rel.mutable_data_ptr<acc_t>(),
                              nstep.mutable_data_ptr<int64_t>(), converged.mutable_data_ptr<bool>(),
@@ -117,8 +118,8 @@ at::Tensor anderson_step_cpu(const at::Tensor& x, const at::Tensor& F, const at:
       std::vector<acc_t> row(m + 1), work(n_filled * n_filled + 2 * n_filled);
       for (int64_t b = begin; b < end; ++b) {
         std::fill(row.begin(), row.end(), acc_t(0));
-        for (int64_t c = 0; c < C; ++c)
-          for (int64_t v = 0; v <= m; ++v) row[v] += part[(b * C + c) * (m + 1) + v];
+        for (int64_t c = 0; c < P; ++c)
+          for (int64_t v = 0; v <= m; ++v) row[v] += part[(b * P + c) * (m + 1) + v];
         acc_t* gb = gp + b * m * m;
         for (int64_t j = 0; j < m; ++j) gb[slot * m + j] = gb[j * m + slot] = row[j];
         const TrackOutcome t = track_sample(state, b, row[slot], row[m], static_cast<acc_t>(tol), rel_mode);

@@ -150,9 +150,9 @@ at::Tensor anderson_step_cuda(const at::Tensor& x, const at::Tensor& F, const at
                   gram.scalar_type() == acc_type && gram.device() == x.device() && gram.is_contiguous(),
               op, ": gram must be a contiguous (", B, ", ", m, ", ", m, ") ", acc_type, " tensor on ", x.device(),
               ", got ", gram.scalar_type(), " ", gram.sizes(), " on ", gram.device());
-  TORCH_CHECK(partials.dim() == 3 && partials.size(0) == B && partials.size(1) == C && partials.size(2) == m + 1 &&
+  TORCH_CHECK(partials.dim() == 3 && partials.size(0) == B && partials.size(1) >= 1 && partials.size(2) == m + 1 &&
                   partials.scalar_type() == acc_type && partials.device() == x.device() && partials.is_contiguous(),
-              op, ": partials must be the (", B, ", ", C, ", ", m + 1, ") ", acc_type,
+              op, ": partials must be the (", B, ", C, ", m + 1, ") ", acc_type,
               " output of anderson_history, got ", partials.scalar_type(), " ", partials.sizes());
   TORCH_CHECK(n_filled >= 1 && n_filled <= m && slot < n_filled, op, ": n_filled must be in [slot + 1, m] = [",
               slot + 1, ", ", m, "], got ", n_filled);
@@ -169,7 +169,7 @@ at::Tensor anderson_step_cuda(const at::Tensor& x, const at::Tensor& F, const at
                              failed.mutable_data_ptr<bool>()};
     anderson_track_kernel<acc_t><<<B, 32, 0, stream>>>(
         partials.const_data_ptr<acc_t>(), gram.mutable_data_ptr<acc_t>(), state, alpha.mutable_data_ptr<acc_t>(),
-        flags.mutable_data_ptr<uint8_t>(), int(m), C, int(n_filled), int(slot), static_cast<acc_t>(lam),
+        flags.mutable_data_ptr<uint8_t>(), int(m), partials.size(1), int(n_filled), int(slot), static_cast<acc_t>(lam),
         static_cast<acc_t>(tol), rel_mode);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (d == 0) return;

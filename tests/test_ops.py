@@ -1,0 +1,212 @@
+"""The fused ops (deqfast._C) against the pure-PyTorch reference, op by op and whole solves.
+
+Skipped where the extension is not compiled (DEQFAST_DISABLE_EXTENSION=1 runs the rest of the
+suite on the reference alone); CUDA cases are marked and shown as skipped without a GPU.
+"""
+import pytest
+import torch
+
+import deqfast
+from deqfast import ops, reference
+from deqfast.reference import SampleState
+
+pytestmark = pytest.mark.skipif(not deqfast.extension_info()["compiled"], reason="deqfast._C is not compiled/enabled")
+
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not (torch.cuda.is_available() and deqfast.extension_info()["cuda"]), reason="needs a CUDA device and CUDA build")])]
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+# Relative tolerance of fused vs reference per state dtype: sums in another order, and for
+# half states one rounding of the mixed result.
+RTOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+SHAPES = [(1, 1, 1), (3, 7, 2), (2, 5000, 5), (4, 4096, 3), (2, 8193, 4)]  # (B, d, m); 4096 = one chunk
+
+
+def _close(actual, expected, dtype):
+    rtol = RTOL[dtype]
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=rtol * expected.double().abs().max().item() + 1e-30)
+
+
+def _random_history(B, d, m, dtype, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype).to(device)
+    x, fx = rand(B, d), rand(B, d)
+    F, G = rand(B, m, d), rand(B, m, d)
+    return x, fx, F, G
+
+
+def _random_state(x, seed, tol=0.5, rel=True):
+    """A state with random best residuals, some samples already converged."""
+    g = torch.Generator().manual_seed(seed)
+    state = SampleState(x, tol, "rel" if rel else "abs")
+    B = x.shape[0]
+    state.best_x = torch.randn(x.shape, generator=g, dtype=torch.float64).to(x.dtype).to(x.device)
+    state.residual = (torch.rand(B, generator=g, dtype=torch.float64) * 50).to(state.residual)
+    state.rel_residual = (torch.rand(B, generator=g, dtype=torch.float64) * 2).to(state.rel_residual)
+    state.nstep = torch.randint(0, 9, (B,), generator=g).to(x.device)
+    state.converged = (torch.arange(B) % 3 == 2).to(x.device)
+    return state
+
+
+def _clone_state(state):
+    c = SampleState(state.best_x, state.tol, "rel" if state.rel else "abs")
+    for name in ("best_x", "residual", "rel_residual", "nstep", "converged", "failed"):
+        setattr(c, name, getattr(state, name).clone())
+    return c
+
+
+def _assert_state_close(fused, ref, dtype):
+    _close(fused.best_x, ref.best_x, dtype)
+    _close(fused.residual, ref.residual, dtype)
+    _close(fused.rel_residual, ref.rel_residual, dtype)
+    assert torch.equal(fused.nstep, ref.nstep)
+    assert torch.equal(fused.converged, ref.converged) and torch.equal(fused.failed, ref.failed)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,d,m", SHAPES)
+def test_anderson_history_matches_reference(device, dtype, B, d, m):
+    x, fx, F, G = _random_history(B, d, m, dtype, device, seed=B * d + m)
+    slot = m - 1
+    F_ref, G_ref, partials_ref = reference.anderson_history(x, fx, F.clone(), G.clone(), slot)
+    partials = torch.ops.deqfast.anderson_history(x, fx, F, G, slot)
+    assert partials.shape == (B, ops.num_chunks(d), m + 1)
+    assert torch.equal(F, F_ref) and torch.equal(G, G_ref)
+    _close(partials.sum(dim=1), partials_ref.sum(dim=1), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,d,m", SHAPES)
+@pytest.mark.parametrize("tau", [1.0, 0.7])
+def test_anderson_step_matches_reference(device, dtype, B, d, m, tau):
+    x, fx, F, G = _random_history(B, d, m, dtype, device, seed=7 * B + d)
+    slot = m - 1
+    acc = reference.accumulation_dtype(dtype)
+    F, G, partials = reference.anderson_history(x, fx, F, G, slot)
+    gram = torch.bmm(G.to(acc), G.to(acc).transpose(1, 2))
+    state = _random_state(x, seed=d)
+    state_ref, gram_ref = _clone_state(state), gram.clone()
+    gram_ref, next_ref = reference.anderson_step(x, F, G, gram_ref, partials, state_ref, m, slot, 1e-3, tau)
+    # poison what the op must write: an unwritten element would stay NaN
+    gram[:, slot, :] = float("nan")
+    gram[:, :, slot] = float("nan")
+    gram, x_next = ops.anderson_step(x, F, G, gram, partials.clone(), state, m, slot, 1e-3, tau)
+    _assert_state_close(state, state_ref, dtype)
+    _close(gram, gram_ref, dtype)
+    # the mix amplifies the sums' rounding by the weights' size; compare on the step's scale
+    scale = (F.double().abs().max() + 1).item()
+    rtol = RTOL[dtype] * 50
+    torch.testing.assert_close(x_next.double(), next_ref.double(), rtol=0, atol=rtol * scale)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,d,m", SHAPES)
+@pytest.mark.parametrize("tau,with_offset", [(1.0, False), (0.6, False), (1.0, True)])
+def test_fixed_point_step_matches_reference(device, dtype, B, d, m, tau, with_offset):
+    x, fx, F, _ = _random_history(B, d, 1, dtype, device, seed=3 * d + B)
+    offset = F[:, 0].contiguous() if with_offset else None
+    state = _random_state(x, seed=B, rel=d % 2 == 0, tol=1.0)
+    state_ref = _clone_state(state)
+    next_ref = reference.fixed_point_step(x, fx, offset, state_ref, tau)
+    x_next = ops.fixed_point_step(x, fx, offset, state, tau)
+    _assert_state_close(state, state_ref, dtype)
+    _close(x_next, next_ref, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_sample_is_flagged_and_not_spread(device):
+    x, fx, F, G = _random_history(4, 300, 3, torch.float32, device, seed=1)
+    fx[2, 17] = float("nan")
+    state = SampleState(x, 1e-6, "rel")
+    F, G, partials = ops.anderson_history(x, fx, F, G, 0)
+    gram = torch.zeros(4, 3, 3, device=device)
+    gram, x_next = ops.anderson_step(x, F, G, gram, partials, state, 1, 0, 1e-4, 1.0)
+    assert state.failed.tolist() == [False, False, True, False]
+    assert torch.isfinite(x_next[[0, 1, 3]]).all()
+    assert torch.equal(x_next[2], x[2])  # the failed sample stays at its best (initial) iterate
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_singular_history_falls_back_to_a_plain_step(device):
+    B, d, m = 2, 64, 4
+    x = torch.randn(B, d, device=device)
+    g = torch.randn(B, d, device=device)
+    F = (x + g).unsqueeze(1).repeat(1, m, 1).contiguous()  # every slot the same residual: Gram of rank 1
+    G = g.unsqueeze(1).repeat(1, m, 1).contiguous()
+    state = SampleState(x, 0.0, "abs")
+    F, G, partials = ops.anderson_history(x, x + g, F, G, 1)
+    gram = torch.bmm(G, G.transpose(1, 2))
+    _, x_next = ops.anderson_step(x, F, G, gram, partials, state, m, 1, 0.0, 1.0)
+    assert torch.isfinite(x_next).all()
+    torch.testing.assert_close(x_next, x + g, rtol=1e-5, atol=1e-5)  # any weights summing to 1 give x + g
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("solver", ["anderson", "fixed_point"])
+def test_fused_solve_equals_reference_solve(device, solver, monkeypatch):
+    g = torch.Generator().manual_seed(5)
+    B, d = 5, 300
+    W = torch.randn(d, d, generator=g, dtype=torch.float64)
+    W = (0.9 * W / torch.linalg.matrix_norm(W, 2)).to(device)
+    c = torch.randn(B, d, generator=g, dtype=torch.float64).to(device)
+    f = lambda z: torch.tanh(z @ W.T + c)
+    fn = deqfast.solvers.anderson if solver == "anderson" else deqfast.solvers.fixed_point_iteration
+    z_fused, s_fused = fn(f, torch.zeros_like(c), tol=1e-10, max_iter=200)
+    monkeypatch.setattr(ops, "_use_fused", lambda *a, **k: False)
+    z_ref, s_ref = fn(f, torch.zeros_like(c), tol=1e-10, max_iter=200)
+    torch.testing.assert_close(z_fused, z_ref, rtol=0, atol=1e-9)
+    assert s_fused.converged.all() and s_ref.converged.all()
+    assert (s_fused.nstep - s_ref.nstep).abs().max() <= 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_ops_are_deterministic(device):
+    x, fx, F, G = _random_history(3, 9000, 4, torch.float32, device, seed=11)
+    outs = []
+    for _ in range(2):
+        F2, G2 = F.clone(), G.clone()
+        partials = torch.ops.deqfast.anderson_history(x, fx, F2, G2, 2)
+        gram = torch.bmm(G2, G2.transpose(1, 2))
+        state = SampleState(x, 1e-8, "rel")
+        _, x_next = ops.anderson_step(x, F2, G2, gram, partials, state, 4, 2, 1e-4, 0.8)
+        outs.append((partials, gram, x_next, state.residual))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+def test_solver_uses_the_fused_ops(monkeypatch):
+    calls = []
+    real = torch.ops.deqfast.anderson_step
+
+    monkeypatch.setattr(ops, "_use_fused", lambda *a, **k: calls.append(1) or True)
+    deqfast.solvers.anderson(lambda z: 0.5 * z + 1, torch.randn(2, 8), tol=1e-8, max_iter=10)
+    assert calls and real is torch.ops.deqfast.anderson_step
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    x, fx, F, G = _random_history(3, 50, 4, torch.float32, device, seed=2)
+    state = _random_state(x, seed=3)
+    partials = torch.ops.deqfast.anderson_history(x, fx, F.clone(), G.clone(), 1)
+    gram = torch.bmm(G, G.transpose(1, 2))
+    st = lambda: (state.best_x.clone(), state.residual.clone(), state.rel_residual.clone(), state.nstep.clone(),
+                  state.converged.clone(), state.failed.clone())
+    torch.library.opcheck(torch.ops.deqfast.anderson_history.default, (x, fx, F.clone(), G.clone(), 1))
+    torch.library.opcheck(torch.ops.deqfast.anderson_step.default,
+                          (x, F, G, gram.clone(), partials, *st(), 4, 1, 1e-4, 0.9, 1e-3, True))
+    torch.library.opcheck(torch.ops.deqfast.fixed_point_step.default, (x, fx, None, *st(), 1.0, 1e-3, False))
+    torch.library.opcheck(torch.ops.deqfast.fixed_point_step.default, (x, fx, G[:, 0].contiguous(), *st(), 0.5, 1e-3, True))
+
+
+def test_op_errors_name_the_argument():
+    x = torch.randn(2, 5)
+    with pytest.raises(RuntimeError, match="fx must be a contiguous tensor like x"):
+        torch.ops.deqfast.anderson_history(x, torch.randn(2, 6), torch.zeros(2, 3, 5), torch.zeros(2, 3, 5), 0)
+    with pytest.raises(RuntimeError, match=r"slot must be in \[0, m\)"):
+        torch.ops.deqfast.anderson_history(x, x, torch.zeros(2, 3, 5), torch.zeros(2, 3, 5), 3)
+    state = SampleState(x, 1e-3, "rel")
+    with pytest.raises(RuntimeError, match="nstep must be"):
+        torch.ops.deqfast.fixed_point_step(x, x, None, state.best_x, state.residual, state.rel_residual,
+                                           state.nstep.int(), state.converged, state.failed, 1.0, 1e-3, True)
