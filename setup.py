@@ -14,6 +14,7 @@ since torch cannot guess them then).
 import glob
 import os
 import shutil
+import sys
 
 from setuptools import setup
 
@@ -56,6 +57,12 @@ def extensions():
     with_cuda = not cpu_only and torch.version.cuda is not None and (force_cuda or cuda_home is not None)
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3"]
+    link = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is a header template over `#pragma omp parallel` (the torch wheels use
+        # OpenMP): without -fopenmp our CPU kernels would silently run on one thread.
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     nvcc = ["-O3", "-lineinfo"]
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
@@ -77,6 +84,7 @@ def extensions():
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={"cxx": cxx, "nvcc": nvcc} if with_cuda else {"cxx": cxx},
+        extra_link_args=link,
     )
     return [ext], {"build_ext": BuildExtension}
 

@@ -48,7 +48,9 @@ def main():
         start = time.perf_counter()
         # cached(): the spectral-normalised W is computed once per step, so f is the same map at
         # every solver iteration (its power iteration would otherwise move f during the solve).
+        # Touch it first with autograd on: cached inside the solver's no_grad it would carry no grad.
         with nn.utils.parametrize.cached():
+            cell.W.weight
             z = deq(x, torch.zeros(args.batch, args.width))
         loss = nn.functional.cross_entropy(head(z), y)
         opt.zero_grad()

@@ -4,11 +4,14 @@
     layer = deqfast.DEQ(cell, max_iter=30); z = layer(x)
 """
 from . import compat, solvers
-from ._extension import extension_info
+from ._extension import extension_info, load_extension
 from .functional import fixed_point
 from .layer import DEQ
 from .stats import SolverStats
 
 __version__ = "0.1.0"
+
+# Registers torch.ops.deqfast.* when deqfast._C is built (never raises; see extension_info()).
+load_extension()
 
 __all__ = ["fixed_point", "DEQ", "SolverStats", "solvers", "compat", "extension_info", "__version__"]

@@ -10,6 +10,11 @@ import torch  # noqa: F401  (torch must be imported before _C is loaded)
 _state = {"module": None, "reason": None, "loaded": False}
 
 
+def load_extension():
+    """Load deqfast._C once (registering torch.ops.deqfast.*); None when absent, disabled or broken."""
+    return _load()
+
+
 def _load():
     if _state["loaded"]:
         return _state["module"]

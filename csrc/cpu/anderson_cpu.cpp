@@ -18,6 +18,24 @@
 namespace deqfast {
 namespace {
 
+// Sum of term(i) over [lo, hi) in kLanes independent partial sums combined in a fixed order:
+// deterministic, and free of the add-latency chain of one accumulator (the compiler can keep the
+// lanes in one SIMD register; it may not reorder a single running sum without -ffast-math).
+constexpr int kLanes = 8;
+
+template <typename acc_t, typename Term>
+inline acc_t ordered_sum(int64_t lo, int64_t hi, Term term) {
+  acc_t lanes[kLanes] = {};
+  int64_t i = lo;
+  for (; i + kLanes <= hi; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) lanes[l] += term(i + l);
+  }
+  for (int l = 0; i < hi; ++i, ++l) lanes[l] += term(i);
+  acc_t total = acc_t(0);
+  for (int l = 0; l < kLanes; ++l) total += lanes[l];
+  return total;
+}
+
 at::Tensor anderson_history_cpu(const at::Tensor& x, const at::Tensor& fx, at::Tensor& F, at::Tensor& G, int64_t slot) {
   constexpr const char* op = "deqfast::anderson_history";
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), op, ": x must be a contiguous (B, d) tensor, got sizes ", x.sizes());
@@ -42,31 +60,27 @@ at::Tensor anderson_history_cpu(const at::Tensor& x, const at::Tensor& fx, at::T
         const scalar_t* fb = fp + b * d;
         scalar_t* Fs = Fp + (b * m + slot) * d;
         scalar_t* Gs = Gp + (b * m + slot) * d;
-        acc_t f_norm_sq = acc_t(0);
         for (int64_t i = lo; i < hi; ++i) {
-          const scalar_t g = static_cast<scalar_t>(fb[i] - xb[i]);
           Fs[i] = fb[i];
-          Gs[i] = g;
-          f_norm_sq += static_cast<acc_t>(fb[i]) * static_cast<acc_t>(fb[i]);
+          Gs[i] = static_cast<scalar_t>(fb[i] - xb[i]);
         }
         acc_t* row = out + (b * C + c) * (m + 1);
         for (int64_t j = 0; j < m; ++j) {
           const scalar_t* Gj = Gp + (b * m + j) * d;
-          acc_t dot = acc_t(0);
-          for (int64_t i = lo; i < hi; ++i) dot += static_cast<acc_t>(Gj[i]) * static_cast<acc_t>(Gs[i]);
-          row[j] = dot;
+          row[j] = ordered_sum<acc_t>(lo, hi, [&](int64_t i) { return static_cast<acc_t>(Gj[i]) * static_cast<acc_t>(Gs[i]); });
         }
-        row[m] = f_norm_sq;
+        row[m] = ordered_sum<acc_t>(lo, hi, [&](int64_t i) { return static_cast<acc_t>(fb[i]) * static_cast<acc_t>(fb[i]); });
       }
     });
   });
   return partials;
 }
 
-// Elementwise tail shared by both steps: best_x <- x where improved; x_next <- best_x where done.
-template <typename scalar_t, typename Mix>
+// Elementwise tail shared by both steps: best_x <- x where improved; x_next <- best_x where done,
+// else the step, which `fill(b, lo, hi, out)` writes for the chunk [lo, hi) of sample b.
+template <typename scalar_t, typename Fill>
 void apply_chunks(int64_t B, int64_t d, const scalar_t* xp, scalar_t* best, scalar_t* next, const uint8_t* improved,
-                  const uint8_t* done, Mix mix) {
+                  const uint8_t* done, Fill fill) {
   const int64_t C = num_chunks(d);
   at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
@@ -77,7 +91,7 @@ void apply_chunks(int64_t B, int64_t d, const scalar_t* xp, scalar_t* best, scal
       if (done[b]) {
         std::copy(bb + lo, bb + hi, next + b * d + lo);
       } else {
-        for (int64_t i = lo; i < hi; ++i) next[b * d + i] = mix(b, i);
+        fill(b, lo, hi, next + b * d);
       }
     }
   });
@@ -135,15 +149,24 @@ at::Tensor anderson_step_cpu(const at::Tensor& x, const at::Tensor& F, const at:
     const acc_t damping = static_cast<acc_t>(1.0 - tau);
     apply_chunks<scalar_t>(B, d, x.const_data_ptr<scalar_t>(), best_x.mutable_data_ptr<scalar_t>(),
                            x_next.mutable_data_ptr<scalar_t>(), improved.data(), done.data(),
-                           [&](int64_t b, int64_t i) {
+                           [&](int64_t b, int64_t lo, int64_t hi, scalar_t* out) {
+                             // Σ_j α_j F_j − (1 − τ) Σ_j α_j G_j, slot by slot over the chunk (vectorisable)
+                             acc_t mix[kChunk];
                              const acc_t* a = alpha.data() + b * m;
-                             acc_t v = acc_t(0), w = acc_t(0);
-                             for (int64_t j = 0; j < m; ++j) v += a[j] * static_cast<acc_t>(Fp[(b * m + j) * d + i]);
-                             if (damping != acc_t(0)) {
-                               for (int64_t j = 0; j < m; ++j) w += a[j] * static_cast<acc_t>(Gp[(b * m + j) * d + i]);
-                               v -= damping * w;
+                             const int64_t n = hi - lo;
+                             std::fill(mix, mix + n, acc_t(0));
+                             for (int64_t j = 0; j < m; ++j) {
+                               const scalar_t* Fj = Fp + (b * m + j) * d + lo;
+                               for (int64_t i = 0; i < n; ++i) mix[i] += a[j] * static_cast<acc_t>(Fj[i]);
                              }
-                             return static_cast<scalar_t>(v);
+                             if (damping != acc_t(0)) {
+                               for (int64_t j = 0; j < m; ++j) {
+                                 const scalar_t* Gj = Gp + (b * m + j) * d + lo;
+                                 const acc_t aj = damping * a[j];
+                                 for (int64_t i = 0; i < n; ++i) mix[i] -= aj * static_cast<acc_t>(Gj[i]);
+                               }
+                             }
+                             for (int64_t i = 0; i < n; ++i) out[lo + i] = static_cast<scalar_t>(mix[i]);
                            });
   });
   return x_next;
@@ -173,15 +196,14 @@ at::Tensor fixed_point_step_cpu(const at::Tensor& x, const at::Tensor& fx, const
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / C, c = task % C;
         const int64_t lo = c * kChunk, hi = std::min(d, lo + kChunk);
-        acc_t r = acc_t(0), n = acc_t(0);
-        for (int64_t i = lo; i < hi; ++i) {
-          const scalar_t hv = h(b * d + i);
-          const acc_t diff = static_cast<acc_t>(static_cast<scalar_t>(hv - xp[b * d + i]));
-          r += diff * diff;
-          n += static_cast<acc_t>(hv) * static_cast<acc_t>(hv);
-        }
-        part[task * 2] = r;
-        part[task * 2 + 1] = n;
+        part[task * 2] = ordered_sum<acc_t>(lo, hi, [&](int64_t i) {
+          const acc_t diff = static_cast<acc_t>(static_cast<scalar_t>(h(b * d + i) - xp[b * d + i]));
+          return diff * diff;
+        });
+        part[task * 2 + 1] = ordered_sum<acc_t>(lo, hi, [&](int64_t i) {
+          const acc_t hv = static_cast<acc_t>(h(b * d + i));
+          return hv * hv;
+        });
       }
     });
     SampleState<acc_t> state{best_residual.mutable_data_ptr<acc_t>(), best_rel.mutable_data_ptr<acc_t>(),
@@ -199,11 +221,16 @@ at::Tensor fixed_point_step_cpu(const at::Tensor& x, const at::Tensor& fx, const
     }
     const acc_t weight = static_cast<acc_t>(tau);
     apply_chunks<scalar_t>(B, d, xp, best_x.mutable_data_ptr<scalar_t>(), x_next.mutable_data_ptr<scalar_t>(),
-                           improved.data(), done.data(), [&](int64_t b, int64_t i) {
-                             const scalar_t hv = h(b * d + i);
-                             if (weight == acc_t(1)) return hv;
-                             const acc_t xv = static_cast<acc_t>(xp[b * d + i]);
-                             return static_cast<scalar_t>(xv + weight * (static_cast<acc_t>(hv) - xv));
+                           improved.data(), done.data(), [&](int64_t b, int64_t lo, int64_t hi, scalar_t* out) {
+                             for (int64_t i = lo; i < hi; ++i) {
+                               const scalar_t hv = h(b * d + i);
+                               if (weight == acc_t(1)) {
+                                 out[i] = hv;
+                               } else {
+                                 const acc_t xv = static_cast<acc_t>(xp[b * d + i]);
+                                 out[i] = static_cast<scalar_t>(xv + weight * (static_cast<acc_t>(hv) - xv));
+                               }
+                             }
                            });
   });
   return x_next;

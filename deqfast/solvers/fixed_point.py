@@ -59,15 +59,17 @@ def adjoint_iteration(
     stop_mode: str,
     check_every: Optional[int] = None,
 ):
-    """Solve u = g + Jᵀu by the iteration u ← g + Jᵀu from u = 0 (``vjp(u) = Jᵀu``), per sample.
+    """Solve u = g + Jᵀu by the iteration u ← g + Jᵀu (``vjp(u) = Jᵀu``), per sample.
 
-    The same as ``fixed_point_iteration(lambda u: g + vjp(u), zeros_like(g))``, with the
-    accumulation u ← g + v fused into the step (one pass) instead of done by the map.
+    It starts at u = g, the first iterate from u = 0, which saves a VJP of zero: after k
+    evaluations u is the (k + 1)-term Neumann sum. The same as
+    ``fixed_point_iteration(lambda u: g + vjp(u), g)``, with the accumulation u ← g + v fused
+    into the step (one pass) instead of done by the map.
     """
     caller = "deqfast backward (implicit, fixed_point adjoint)"
-    problem = _common.FlatProblem(caller, vjp, torch.zeros_like(g))
+    problem = _common.FlatProblem(caller, vjp, g.contiguous())
     u = problem.x0
-    offset = g.reshape(u.shape)
+    offset = u
     check_every = _common.resolve_check_every(check_every, u)
     state = SampleState(u, tol, stop_mode)
     for k in range(max_iter):
