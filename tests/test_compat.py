@@ -309,13 +309,16 @@ def test_backward_writer_called_once_with_ift(f_solver):
 
 @pytest.mark.parametrize("f_solver", SOLVERS)
 def test_backward_writer_reports_the_backward_solve(f_solver):
-    """With 3 adjoint steps (plain iteration from 0) the writer sees that unconverged solve, whose
-    residuals ‖g‖, ‖Jᵀg‖, ‖(Jᵀ)²g‖ are the same sequence in both libraries, not the converged forward."""
-    kw = dict(f_solver=f_solver, ift=True, **{**TIGHT, "b_max_iter": 3})
+    """With few adjoint steps the writer sees that unconverged solve, not the converged forward.
+
+    torchdeq's plain adjoint iteration starts at u = 0, so its first step is a VJP of zero; deqfast
+    starts at u = g (that first iterate), one term ahead: with b_max_iter = 3 deqfast reaches the
+    residual ‖(Jᵀ)³g‖ that torchdeq reaches with b_max_iter = 4."""
     params, z0, c = _problem(seed=73)
     seen = {}
     for name, make in (("torchdeq", torchdeq.get_deq), ("deqfast", get_deq)):
         calls = []
+        kw = dict(f_solver=f_solver, ift=True, **{**TIGHT, "b_max_iter": 4 if name == "torchdeq" else 3})
         deq = make(**kw)
         deq.train()
         z_list, forward_info = deq(_func(params), z0, backward_writer=calls.append)
@@ -323,7 +326,7 @@ def test_backward_writer_reports_the_backward_solve(f_solver):
         assert len(calls) == 1 and (forward_info["abs_lowest"] < TIGHT["f_tol"]).all()
         seen[name] = calls[0]
     ref, info = seen["torchdeq"], seen["deqfast"]
-    assert (info["nstep"] <= 3).all() and (ref["nstep"] <= 3).all()
+    assert (info["nstep"] <= 3).all() and (ref["nstep"] <= 4).all()
     assert (ref["abs_lowest"] > 1e-3).all()  # unconverged
     # J is taken at points 1e-9 apart: the residuals agree far below their size.
     torch.testing.assert_close(info["abs_lowest"], ref["abs_lowest"], rtol=1e-7, atol=0)
