@@ -210,3 +210,22 @@ def test_op_errors_name_the_argument():
     with pytest.raises(RuntimeError, match="nstep must be"):
         torch.ops.deqfast.fixed_point_step(x, x, None, state.best_x, state.residual, state.rel_residual,
                                            state.nstep.int(), state.converged, state.failed, 1.0, 1e-3, True)
+
+
+def test_fused_step_traces_under_torch_compile_without_graph_breaks():
+    x, fx, F, G = _random_history(2, 300, 3, torch.float32, "cpu", seed=21)
+    state = SampleState(x, 1e-6, "rel")
+
+    def step(x, fx, F, G, gram, best_x, residual, rel, nstep, converged, failed):
+        partials = torch.ops.deqfast.anderson_history(x, fx, F, G, 1)
+        return torch.ops.deqfast.anderson_step(x, F, G, gram, partials, best_x, residual, rel, nstep, converged,
+                                               failed, 2, 1, 1e-4, 1.0, 1e-6, True)
+
+    args = lambda: (x, fx, F.clone(), G.clone(), torch.zeros(2, 3, 3), state.best_x.clone(), state.residual.clone(),
+                    state.rel_residual.clone(), state.nstep.clone(), state.converged.clone(), state.failed.clone())
+    eager_args, compiled_args = args(), args()
+    expected = step(*eager_args)
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)(*compiled_args)
+    torch.testing.assert_close(compiled, expected)
+    for a, b in zip(compiled_args, eager_args):  # the in-place updates happen under compile too
+        torch.testing.assert_close(a, b)
