@@ -23,6 +23,16 @@ namespace {
 // lanes in one SIMD register; it may not reorder a single running sum without -ffast-math).
 constexpr int kLanes = 8;
 
+// Tasks per thread so that each thread gets at least ~16k elements: small problems run on one
+// thread. A parallel region costs microseconds, and when another process holds a core it can wait
+// a whole scheduler time slice (milliseconds) for its second thread.
+constexpr int64_t kMinElementsPerThread = 16384;
+
+inline int64_t chunk_grain(int64_t d) {
+  const int64_t per_task = d < kChunk ? (d > 0 ? d : 1) : kChunk;
+  return std::max<int64_t>(1, kMinElementsPerThread / per_task);
+}
+
 template <typename acc_t, typename Term>
 inline acc_t ordered_sum(int64_t lo, int64_t hi, Term term) {
   acc_t lanes[kLanes] = {};
@@ -52,7 +62,7 @@ at::Tensor anderson_history_cpu(const at::Tensor& x, const at::Tensor& fx, at::T
     scalar_t* Fp = F.mutable_data_ptr<scalar_t>();
     scalar_t* Gp = G.mutable_data_ptr<scalar_t>();
     acc_t* out = partials.mutable_data_ptr<acc_t>();
-    at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B * C, chunk_grain(d), [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / C, c = task % C;
         const int64_t lo = c * kChunk, hi = std::min(d, lo + kChunk);
@@ -82,7 +92,7 @@ template <typename scalar_t, typename Fill>
 void apply_chunks(int64_t B, int64_t d, const scalar_t* xp, scalar_t* best, scalar_t* next, const uint8_t* improved,
                   const uint8_t* done, Fill fill) {
   const int64_t C = num_chunks(d);
-  at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * C, chunk_grain(d), [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / C, c = task % C;
       const int64_t lo = c * kChunk, hi = std::min(d, lo + kChunk);
@@ -128,7 +138,8 @@ at::Tensor anderson_step_cpu(const at::Tensor& x, const at::Tensor& F, const at:
     SampleState<acc_t> state{best_residual.mutable_data_ptr<acc_t>(), best_rel.mutable_data_ptr<acc_t>(),
                              nstep.mutable_data_ptr<int64_t>(), converged.mutable_data_ptr<bool>(),
                              failed.mutable_data_ptr<bool>()};
-    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    // Per sample: m reductions of C partials and an (n × n) solve, a few hundred flops.
+    at::parallel_for(0, B, std::max<int64_t>(1, kMinElementsPerThread / ((m + 1) * (C + m * m))), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> row(m + 1), work(n_filled * n_filled + 2 * n_filled);
       for (int64_t b = begin; b < end; ++b) {
         std::fill(row.begin(), row.end(), acc_t(0));
@@ -192,7 +203,7 @@ at::Tensor fixed_point_step_cpu(const at::Tensor& x, const at::Tensor& fx, const
     const scalar_t* op_ = has_offset ? offset->const_data_ptr<scalar_t>() : nullptr;
     auto h = [&](int64_t k) { return op_ ? static_cast<scalar_t>(fp[k] + op_[k]) : fp[k]; };
     std::vector<acc_t> part(B * C * 2);
-    at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B * C, chunk_grain(d), [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / C, c = task % C;
         const int64_t lo = c * kChunk, hi = std::min(d, lo + kChunk);
