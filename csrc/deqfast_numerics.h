@@ -70,7 +70,8 @@ DEQ_HD TrackOutcome track_sample(const SampleState<acc_t>& s, int64_t b, acc_t r
   const acc_t criterion = rel_mode ? rel : residual;
   const acc_t best = rel_mode ? s.best_rel[b] : s.best_residual[b];
   const bool active = !(s.converged[b] || s.failed[b]);
-  const bool finite = is_finite(criterion) && is_finite(f_norm);
+  // Failed means f produced NaN/Inf; an infinite relative residual (f(x) = 0, x != 0) is merely large.
+  const bool finite = is_finite(residual) && is_finite(f_norm);
   TrackOutcome out{false, !active};
   if (!active) return out;
   s.nstep[b] += 1;

@@ -1,7 +1,9 @@
 // Every deqfast op schema, declared once. Backends register implementations with
 // TORCH_LIBRARY_IMPL in cpu/ and cuda/; fake (meta) kernels live in deqfast/_fake.py.
+#ifndef DEQFAST_NO_PYTHON  // defined by the CMake build (a libtorch-only library, no Python module)
 #include <Python.h>
 #include <pybind11/pybind11.h>
+#endif
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 #include <torch/version.h>
@@ -79,6 +81,7 @@ TORCH_LIBRARY(deqfast, m) {
       "bool rel_mode) -> Tensor");
 }
 
+#ifndef DEQFAST_NO_PYTHON
 namespace {
 pybind11::dict build_info() {
   pybind11::dict info;
@@ -98,6 +101,7 @@ PYBIND11_MODULE(_C, module) {
   module.def("build_info", &build_info, "How this extension was built: torch and CUDA versions, backends, archs.");
   module.def("has_cuda", [] { return !deqfast::cuda_build_info().empty(); }, "Whether the CUDA kernels are compiled in.");
 }
+#endif  // DEQFAST_NO_PYTHON
 
 #ifndef DEQFAST_WITH_CUDA
 std::string deqfast::cuda_build_info() { return ""; }

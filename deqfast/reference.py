@@ -181,7 +181,8 @@ class SampleState:
         criterion = rel_residual if self.rel else residual
         best = self.rel_residual if self.rel else self.residual
         active = ~(self.converged | self.failed)
-        finite = torch.isfinite(criterion) & torch.isfinite(f_norm)
+        # Failed means f produced NaN/Inf; an infinite relative residual (f(x) = 0, x != 0) is merely large.
+        finite = torch.isfinite(residual) & torch.isfinite(f_norm)
         improved = active & finite & (criterion < best)
         self.best_x = torch.where(improved.unsqueeze(1), x, self.best_x)
         self.residual = torch.where(improved, residual, self.residual)

@@ -284,3 +284,18 @@ def test_anderson_float32_no_more_f_evaluations_than_torchdeq(dtype, tol):
         _, _, info = torchdeq_anderson(theirs, torch.zeros_like(x), m=6, tol=tol, stop_mode="abs", max_iter=300)
     assert stats.converged.all() and info["abs_lowest"].max() < tol
     assert n_ours[0] <= n_theirs[0]
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_zero_map_is_not_a_failure_in_rel_mode(solver, recwarn):
+    """f(z) = 0 gives ‖f(z) − z‖/‖f(z)‖ = inf at z != 0: large, not NaN/Inf from f, so not 'failed'."""
+    z, stats = solver_fn(solver)(lambda z: 0.0 * z, torch.full((2, 4), 2.5, dtype=F64), tol=1e-6, max_iter=5)
+    assert not stats.failed.any() and stats.converged.all()
+    assert torch.equal(z, torch.zeros_like(z))
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_empty_state_per_sample(solver):
+    z, stats = solver_fn(solver)(lambda z: 0.5 * z, torch.zeros(3, 0), max_iter=4)
+    assert z.shape == (3, 0) and stats.converged.all()

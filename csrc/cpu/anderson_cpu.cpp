@@ -120,7 +120,7 @@ at::Tensor anderson_step_cpu(const at::Tensor& x, const at::Tensor& F, const at:
                   gram.scalar_type() == acc_type && gram.is_contiguous(),
               op, ": gram must be a contiguous (", B, ", ", m, ", ", m, ") ", acc_type, " tensor, got ",
               gram.scalar_type(), " ", gram.sizes());
-  TORCH_CHECK(partials.dim() == 3 && partials.size(0) == B && partials.size(1) >= 1 && partials.size(2) == m + 1 &&
+  TORCH_CHECK(partials.dim() == 3 && partials.size(0) == B && partials.size(2) == m + 1 &&
                   partials.scalar_type() == acc_type && partials.is_contiguous(),
               op, ": partials must be the (", B, ", C, ", m + 1, ") ", acc_type,
               " output of anderson_history, got ", partials.scalar_type(), " ", partials.sizes());
