@@ -1,0 +1,253 @@
+"""Benchmark 1: Anderson solver overhead per iteration, against torchdeq and the memory floor.
+
+What is measured, for each (B, d, m):
+
+* iteration time = time of one forced solve of T iterations (tol = 0, so every solver runs
+  exactly T evaluations of f; checked by counting them) / T, median over repeats;
+* f time = median time of one call of f alone on the same data;
+* overhead = iteration time − f time: what the solver itself costs per iteration;
+* floor = (2m + 3)·N·s bytes / copy bandwidth (docs/PERFORMANCE.md: the two passes over memory
+  one Anderson step needs at least), with the bandwidth of a large tensor copy measured in the
+  same run (bytes read + written); every ratio is to that floor;
+* host synchronisations per iteration (CUDA only, torch.cuda.set_sync_debug_mode; None on CPU);
+* operators dispatched per iteration, f's own excluded (TorchDispatchMode): each is at least one
+  kernel launch on a GPU, the proxy for PERFORMANCE.md's "<= 3 launches" target.
+
+f(z) = sin(3z + c) with random c: cheap, elementwise, bounded and expanding (|f'| up to 3), so no
+solver converges within the forced iterations (the final relative residual is reported to show
+it) and the iterates never drift into denormals. (f = 0.5·z + c, PERFORMANCE.md's anchor, is
+affine: Anderson solves it in a few steps and then iterates on residuals near zero.)
+
+Columns: deqfast reference (the pure-PyTorch deqfast.solvers.anderson), deqfast fused (when the
+extension is compiled for the device, ``common.deqfast_fused_available``; None otherwise), and
+torchdeq 0.1.0's anderson_solver when importable. When the fused path is active in this process,
+the reference column is measured in a child process started with DEQFAST_DISABLE_EXTENSION=1
+(same sizes, data and thread count; overheads against this run's f time and floor).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+import common
+
+# (B, d, m): the four sizes of PERFORMANCE.md on CUDA, scaled down on the CPU.
+SIZES_CUDA = [(32, 65536, 5), (256, 512, 5), (16, 131072, 5), (8, 1048576, 6)]
+SIZES_CPU = [(8, 4096, 5), (64, 512, 5), (4, 65536, 5)]
+
+
+def make_f(B: int, d: int, device: torch.device, seed: int = 0) -> Callable:
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    c = torch.randn(B, d, generator=g).to(device)
+    return lambda z: torch.sin(torch.add(c, z, alpha=3.0))
+
+
+def deqfast_anderson(f, z0, T, m):
+    import deqfast
+    return deqfast.solvers.anderson(f, z0, max_iter=T, tol=0.0, m=m, lam=1e-4)
+
+
+def solver_impls(device: torch.device) -> Dict[str, Optional[Callable]]:
+    """name -> solve(f, z0, T, m), or None where that implementation is not available here.
+
+    deqfast.solvers.anderson runs the fused ops when they are compiled for ``device`` ("deqfast
+    fused"), else the pure-PyTorch reference. In the first case the reference is None here and
+    ``reference_in_subprocess`` measures it.
+    """
+    fused = common.deqfast_fused_available(device)
+    impls: Dict[str, Optional[Callable]] = {
+        "deqfast_reference": None if fused else deqfast_anderson,
+        "deqfast_fused": deqfast_anderson if fused else None,
+        "torchdeq": None,
+    }
+    torchdeq = common.torchdeq_module()
+    if torchdeq is not None:
+        anderson = torchdeq.solver.get_solver("anderson")
+        impls["torchdeq"] = lambda f, z0, T, m: anderson(f, z0, max_iter=T, tol=0.0, stop_mode="abs", m=m, lam=1e-4)
+    return impls
+
+
+def final_rel_residual(f: Callable, z: torch.Tensor) -> float:
+    with torch.no_grad():
+        fz = f(z)
+        return float(((fz - z).norm(dim=1) / fz.norm(dim=1)).max())
+
+
+def measure_impl(solve: Callable, f: Callable, z0: torch.Tensor, T: int, m: int, cfg, repeats: int,
+                 f_ops: int) -> dict:
+    """Iteration time, f evaluations and host syncs of one implementation on one problem."""
+    calls = [0]
+
+    def counted(z):
+        calls[0] += 1
+        return f(z)
+
+    with torch.no_grad():
+        out = solve(counted, z0, T, m)  # warm-up and NFE count
+        z = out[0]
+        seconds = common.time_function(lambda: solve(f, z0, T, m), cfg.device, repeats=repeats, warmup=1)
+        syncs = common.count_host_syncs(lambda: solve(f, z0, T, m), cfg.device)
+        ops = common.count_aten_ops(lambda: solve(f, z0, T, m))
+    return {
+        "ops_per_iteration": (ops - calls[0] * f_ops) / T,
+        "iteration_us": seconds["median_s"] / T * 1e6,
+        "iteration_us_min": seconds["min_s"] / T * 1e6,
+        "nfe": calls[0],
+        "final_rel_residual": final_rel_residual(f, z.reshape(z0.shape)),
+        "host_syncs_per_iteration": None if syncs is None else syncs / T,
+    }
+
+
+def make_problem(B: int, d: int, device: torch.device):
+    """f and a random z0, the same in every process (fixed seeds)."""
+    g = torch.Generator(device="cpu").manual_seed(1)
+    return make_f(B, d, device), torch.randn(B, d, generator=g).to(device)
+
+
+def measure_size(B: int, d: int, m: int, T: int, bandwidth: float, impls, cfg, repeats: int,
+                 reference: Optional[dict] = None) -> dict:
+    """One row: f time, floor and each implementation's figures (``reference``: the reference's
+    measure_impl result from a child process, when it could not run here)."""
+    f, z0 = make_problem(B, d, cfg.device)
+    with torch.no_grad():
+        f_us = common.time_function(lambda: f(z0), cfg.device, repeats=repeats, warmup=3, inner=10)["median_s"] * 1e6
+        f_ops = common.count_aten_ops(lambda: f(z0))
+    floor_bytes = (2 * m + 3) * B * d * z0.element_size()
+    floor_us = floor_bytes / bandwidth * 1e6
+    row = {"B": B, "d": d, "m": m, "T": T, "f_us": f_us, "floor_bytes": floor_bytes, "floor_us": floor_us}
+    for name, solve in impls.items():
+        if solve is None:
+            row[name] = reference if name == "deqfast_reference" else None
+        else:
+            row[name] = measure_impl(solve, f, z0, T, m, cfg, repeats, f_ops)
+        r = row[name]
+        if r is None:
+            continue
+        r["overhead_us"] = r["iteration_us"] - f_us
+        r["overhead_over_floor"] = r["overhead_us"] / floor_us
+        row[name] = r
+    tdq = row.get("torchdeq")
+    for name in ("deqfast_reference", "deqfast_fused"):
+        x = row.get(name)
+        row[f"torchdeq_over_{name}"] = tdq["overhead_us"] / x["overhead_us"] if tdq and x else None
+    return row
+
+
+def reference_in_subprocess(sizes, T: int, repeats: int, cfg) -> List[Optional[dict]]:
+    """measure_impl of the pure-PyTorch reference for every size, in a child process where
+    DEQFAST_DISABLE_EXTENSION=1 (deqfast reads it when it first loads the extension)."""
+    job = {"sizes": sizes, "T": T, "repeats": repeats, "device": str(cfg.device), "threads": torch.get_num_threads()}
+    env = {**os.environ, "DEQFAST_DISABLE_EXTENSION": "1"}
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--reference-worker", json.dumps(job)],
+                          env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(f"(reference column: the child process failed: {proc.stderr.strip()[-500:]})")
+        return [None] * len(sizes)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _reference_worker(job: dict) -> None:
+    """Child process: print the reference's measure_impl results for job["sizes"] as JSON."""
+    device = torch.device(job["device"])
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)
+    torch.set_num_threads(job["threads"])
+    cfg = common.Config(device=device, quick=False, out=None)
+    out = []
+    for B, d, m in job["sizes"]:
+        f, z0 = make_problem(B, d, device)
+        with torch.no_grad():
+            f_ops = common.count_aten_ops(lambda: f(z0))
+        out.append(measure_impl(deqfast_anderson, f, z0, job["T"], m, cfg, job["repeats"], f_ops))
+    print(json.dumps(out))
+
+
+IMPLS = ["deqfast_reference", "deqfast_fused", "torchdeq"]
+HEADERS = ["B x d, m", "solver", "f µs", "floor µs", "iteration µs", "overhead µs", "overhead/floor",
+           "torchdeq/this", "ops/it", "syncs/it", "final rel res"]
+
+
+def table_rows(rows):
+    """One line per (size, implementation); absent implementations show as —."""
+    out = []
+    for r in rows:
+        tdq = r.get("torchdeq")
+        for name in IMPLS:
+            x = r.get(name)
+            size = f"{r['B']}x{r['d']} m{r['m']}"
+            if x is None:
+                out.append([size, name, r["f_us"], r["floor_us"]] + [None] * 7)
+                continue
+            out.append([size, name, r["f_us"], r["floor_us"], x["iteration_us"], x["overhead_us"],
+                        x["overhead_over_floor"], tdq["overhead_us"] / x["overhead_us"] if tdq else None,
+                        x["ops_per_iteration"], x["host_syncs_per_iteration"], x["final_rel_residual"]])
+    return out
+
+
+def plot(rows, path, plt, label: str) -> None:
+    names = [n for n in IMPLS if any(r.get(n) for r in rows)]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / max(len(names), 1)
+    for i, name in enumerate(names):
+        ys = [r[name]["overhead_over_floor"] if r.get(name) else 0 for r in rows]
+        ax.bar([j + i * width for j in range(len(rows))], ys, width, label=name)
+    ax.axhline(1.0, color="k", lw=0.8, ls="--", label="floor")
+    ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(rows))])
+    ax.set_xticklabels([f"B{r['B']} d{r['d']} m{r['m']}" for r in rows])
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(plt.matplotlib.ticker.NullFormatter())
+    ax.set_ylabel("overhead per iteration / byte floor")
+    ax.set_title(f"Anderson overhead per iteration ({label})", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(cfg, info: dict) -> dict:
+    sizes = SIZES_CUDA if cfg.cuda else SIZES_CPU
+    T = 30
+    repeats = cfg.pick(quick=15, cpu=31, cuda=25, cuda_quick=9)
+    impls = solver_impls(cfg.device)
+    bandwidth = common.copy_bandwidth(cfg.device, nbytes=cfg.pick(quick=128, cpu=256, cuda=1024, cuda_quick=512) * 2 ** 20)
+    references = [None] * len(sizes)
+    if impls["deqfast_reference"] is None:
+        print("(deqfast's fused ops are active: measuring the reference column in a child process)")
+        references = reference_in_subprocess(sizes, T, repeats, cfg)
+    progress = common.Progress(len(sizes), "overhead")
+    rows = []
+    for (B, d, m), reference in zip(sizes, references):
+        rows.append(measure_size(B, d, m, T, bandwidth, impls, cfg, repeats, reference))
+        progress.advance(f"B{B} d{d}")
+    progress.close()
+
+    label = common.device_label(info)
+    title = f"Anderson overhead per iteration, µs (T={T} forced iterations, fp32, {label}, copy {bandwidth / 1e9:.1f} GB/s)"
+    common.print_table(title, HEADERS, table_rows(rows))
+    result = {"benchmark": "overhead", "device_label": label, "T": T, "repeats": repeats,
+              "copy_bandwidth_GBps": bandwidth / 1e9, "f": "sin(3z + c)", "lam": 1e-4, "rows": rows}
+    common.write_json(cfg.out / "overhead.json", result)
+    note = ("overhead = iteration − f; floor = (2m+3)·N·4 bytes at the copy bandwidth measured in this run. "
+            "deqfast_reference = deqfast.solvers.anderson on the pure-PyTorch path; deqfast_fused = the same call "
+            "with the compiled ops (— when not compiled for this device); torchdeq = torchdeq 0.1.0 anderson_solver. "
+            "torchdeq/this: torchdeq's overhead over this solver's. ops/it: operators dispatched per iteration "
+            "besides f's (each >= 1 kernel launch on a GPU). syncs/it: host synchronisations per iteration (CUDA "
+            "only). final rel res: worst ‖f(z) − z‖/‖f(z)‖ after the forced iterations (far above any usual tol: "
+            "no solver converged, as intended).")
+    common.write_markdown(cfg.out / "overhead.md", "Solver overhead per iteration",
+                          [(None, title), (None, common.format_table(HEADERS, table_rows(rows), markdown=True)),
+                           (None, note)])
+    plt = common.pyplot()
+    if plt is not None:
+        plot(rows, cfg.out / "overhead.png", plt, label)
+    return result
+
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--reference-worker":
+    _reference_worker(json.loads(sys.argv[2]))

@@ -1,0 +1,238 @@
+"""Benchmark 2: one training step (forward solve + backward) per backward mode.
+
+For each cell of cells.py (conv, MLP, transformer-style) at this run's size, one step is
+``z = layer(x); loss = <z, w>; loss.backward()`` (w random), with T forced forward iterations
+(tol = 0) and, where the backward iterates, T forced adjoint iterations (backward_tol = 0), so
+that every method does the work PERFORMANCE.md's anchor describes ("30 forward iterations and 30
+backward iterations"). Methods:
+
+* deqfast, Anderson forward (m = 5), each backward mode: implicit (fixed-point adjoint, T steps),
+  neumann (5 terms), jfb, phantom (5 steps, tau 0.5), bptt (through the Anderson iterations);
+* torchdeq 0.1.0: get_deq(f_solver="anderson", ift=True, b_solver="fixed_point_iter") with the
+  same T, m, lam and tolerances 0 (when importable);
+* BPTT: autograd through T plain unrolled steps z <- f(z, x);
+* compute floor: T evaluations of f without grad + one with grad + T VJPs + one backward to the
+  parameters (what any implicit-gradient step must do at least), and T evaluations of f alone.
+
+Measured per method: time (median of repeats; forward and backward split), autograd memory
+(bytes of the tensors saved for backward, each distinct storage once, parameters and inputs
+excluded, split into saved during forward and during backward; on CUDA also the peak of the
+caching allocator above the baseline), forward f evaluations, f evaluations inside backward,
+and VJPs through f (counted by an identity probe on f's output; the final backward to the
+parameters counts as one).
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional
+
+import torch
+
+import cells
+import common
+
+BACKWARD_MODES = ["implicit", "neumann", "jfb", "phantom", "bptt"]
+
+
+def deqfast_step(mode: str, T: int, m: int) -> Callable:
+    import deqfast
+
+    kwargs = dict(solver="anderson", max_iter=T, tol=0.0, m=m, lam=1e-4, backward=mode,
+                  backward_solver="fixed_point", backward_max_iter=T, backward_tol=0.0,
+                  neumann_terms=5, phantom_steps=5, phantom_tau=0.5)
+
+    def forward(f, z0):
+        return deqfast.fixed_point(f, z0, **kwargs)[0]
+
+    return forward
+
+
+def torchdeq_step(T: int, m: int) -> Optional[Callable]:
+    torchdeq = common.torchdeq_module()
+    if torchdeq is None:
+        return None
+    deq = torchdeq.get_deq(f_solver="anderson", f_max_iter=T, f_tol=0.0, f_stop_mode="abs",
+                           b_solver="fixed_point_iter", b_max_iter=T, b_tol=0.0, b_stop_mode="abs", ift=True)
+    deq.train()
+
+    def forward(f, z0):
+        z_list, _ = deq(f, z0, solver_kwargs={"m": m, "lam": 1e-4})
+        return z_list[-1]
+
+    return forward
+
+
+def bptt_step(T: int) -> Callable:
+    def forward(f, z0):
+        z = z0
+        for _ in range(T):
+            z = f(z)
+        return z
+
+    return forward
+
+
+def methods(T: int, m: int) -> Dict[str, Optional[Callable]]:
+    """name -> forward(f, z0) -> z with a graph to backpropagate (None: not available)."""
+    # These calls run deqfast's fused ops once they are compiled for the device (machine.json and
+    # the table titles say which path ran: common.deqfast_fused_available).
+    out: Dict[str, Optional[Callable]] = {f"deqfast {mode}": deqfast_step(mode, T, m) for mode in BACKWARD_MODES}
+    out["torchdeq anderson+ift"] = torchdeq_step(T, m)
+    out["BPTT (unrolled)"] = bptt_step(T)
+    return out
+
+
+def make_training_step(forward: Callable, f: Callable, problem, w: torch.Tensor) -> Callable:
+    params = list(problem.cell.parameters())
+
+    def step(clock):
+        for p in params:
+            p.grad = None
+        z = forward(f, problem.z0)
+        loss = (z * w).sum()
+        clock.lap("forward")
+        loss.backward()
+        clock.lap("backward")
+
+    return step
+
+
+def make_floor_step(f: Callable, problem, w: torch.Tensor, T: int) -> Callable:
+    """T f without grad, one f with grad, T VJPs (retain_graph), one backward to the parameters."""
+    params = list(problem.cell.parameters())
+
+    def step(clock):
+        for p in params:
+            p.grad = None
+        with torch.no_grad():
+            z = problem.z0
+            for _ in range(T):
+                z = f(z)
+        z_leaf = z.requires_grad_()
+        fz = f(z_leaf)
+        clock.lap("forward")
+        v = w
+        for _ in range(T):
+            v = torch.autograd.grad(fz, z_leaf, v, retain_graph=True)[0]
+        fz.backward(v)
+        clock.lap("backward")
+
+    return step
+
+
+def make_f_alone_step(f: Callable, problem, T: int) -> Callable:
+    def step(clock):
+        with torch.no_grad():
+            z = problem.z0
+            for _ in range(T):
+                z = f(z)
+        clock.lap("forward")
+
+    return step
+
+
+def measure(step: Callable, counter, problem, w, cfg, repeats: int, warmup: int) -> dict:
+    exclude = [*problem.cell.parameters(), *problem.cell.buffers(), problem.x, problem.z0, w]
+    result = common.measure_step(step, cfg.device, counter, exclude)
+    times = common.time_repeats(step, cfg.device, repeats=repeats, warmup=warmup, budget_s=cfg.pick(quick=3, cpu=30, cuda=30, cuda_quick=3))
+    result["time_ms"] = times["total"]["median_s"] * 1e3
+    result["time_ms_min"] = times["total"]["min_s"] * 1e3
+    result["forward_ms"] = times["forward"]["median_s"] * 1e3
+    result["backward_ms"] = times["backward"]["median_s"] * 1e3 if "backward" in times else None
+    result["repeats"] = len(times["total"]["samples"])
+    return result
+
+
+def run_cell(problem, T: int, m: int, cfg, progress, repeats: int, warmup: int) -> dict:
+    counter = common.CallCounter(problem.cell)
+    f = lambda z: counter(z, problem.x)  # noqa: E731
+    g = torch.Generator(device="cpu").manual_seed(2)
+    w = torch.randn(problem.z0.shape, generator=g).to(cfg.device)
+    rows = {}
+    steps = {name: (None if fwd is None else make_training_step(fwd, f, problem, w)) for name, fwd in methods(T, m).items()}
+    steps["compute floor"] = make_floor_step(f, problem, w, T)
+    steps[f"{T} f alone (no grad)"] = make_f_alone_step(f, problem, T)
+    for name, step in steps.items():
+        rows[name] = None if step is None else measure(step, counter, problem, w, cfg, repeats, warmup)
+        progress.advance(f"{problem.name}: {name}")
+    floor, bptt = rows["compute floor"], rows["BPTT (unrolled)"]
+    for r in rows.values():
+        if r is None:
+            continue
+        r["time_over_floor"] = r["time_ms"] / floor["time_ms"]
+        r["saved_over_bptt"] = r["saved_bytes"] / bptt["saved_bytes"] if bptt["saved_bytes"] else None
+        peak, bptt_peak = r["cuda_peak_extra_bytes"], bptt["cuda_peak_extra_bytes"]
+        r["cuda_peak_over_bptt"] = peak / bptt_peak if peak is not None and bptt_peak else None
+    return {"cell": problem.name, "sizes": problem.sizes, "params": problem.params, "T": T, "m": m, "methods": rows}
+
+
+HEADERS = ["method", "ms", "fwd ms", "bwd ms", "x floor", "saved MiB", "x BPTT", "peak MiB (cuda)",
+           "fwd NFE", "f in bwd", "VJPs"]
+
+
+def table_rows(cell_result):
+    rows = []
+    for name, r in cell_result["methods"].items():
+        if r is None:
+            rows.append([name] + [None] * (len(HEADERS) - 1))
+            continue
+        peak = r["cuda_peak_extra_bytes"]
+        rows.append([name, r["time_ms"], r["forward_ms"], r["backward_ms"], r["time_over_floor"],
+                     r["saved_bytes"] / 2 ** 20, r["saved_over_bptt"], None if peak is None else peak / 2 ** 20,
+                     r["nfe_forward"], r["f_calls_in_backward"], r["vjps"]])
+    return rows
+
+
+def plot(results, path, plt, label: str) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    names = [n for n in results[0]["methods"] if not n.endswith("(no grad)")]
+    width = 0.8 / len(results)
+    for i, res in enumerate(results):
+        ms = res["methods"]
+        xs = [j + i * width for j in range(len(names))]
+        axes[0].bar(xs, [ms[n]["time_over_floor"] if ms[n] else 0 for n in names], width, label=res["cell"])
+        axes[1].bar(xs, [ms[n]["saved_over_bptt"] or 0 if ms[n] else 0 for n in names], width, label=res["cell"])
+    for ax, ylabel in zip(axes, ["step time / compute floor", "autograd memory / BPTT"]):
+        ax.set_xticks([j + width * (len(results) - 1) / 2 for j in range(len(names))])
+        ax.set_xticklabels([n.replace("deqfast ", "").replace(" (unrolled)", "") for n in names], rotation=35,
+                           ha="right", fontsize=8)
+        ax.set_ylabel(ylabel)
+        ax.axhline(1.0, color="k", lw=0.8, ls="--")
+        ax.legend(fontsize=8)
+    axes[1].set_yscale("log")
+    fig.suptitle(f"Training step, T={results[0]['T']} forward + backward iterations ({label})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(cfg, info: dict) -> dict:
+    T = 30
+    m = 5
+    repeats = cfg.pick(quick=7, cpu=11, cuda=20, cuda_quick=5)
+    warmup = cfg.pick(quick=1, cpu=2, cuda=3, cuda_quick=1)  # the measured call before the timed ones also warms up
+    problems = cells.problems(cfg)
+    n_methods = len(methods(T, m)) + 2
+    progress = common.Progress(len(problems) * n_methods, "training")
+    results = [run_cell(p, T, m, cfg, progress, repeats, warmup) for p in problems.values()]
+    progress.close()
+
+    label = common.device_label(info)
+    sections = []
+    for res in results:
+        title = (f"Training step, {res['cell']} cell ({' '.join(f'{k}={v}' for k, v in res['sizes'].items())}, "
+                 f"P={res['params']}), T={T}, deqfast {info['deqfast_path']}, {label}")
+        common.print_table(title, HEADERS, table_rows(res))
+        sections.append((title, common.format_table(HEADERS, table_rows(res), markdown=True)))
+    sections.append((None, (
+        "x floor: time / compute floor (T f no-grad + 1 f + T VJPs + 1 backward, same run). saved MiB: bytes autograd "
+        "saves for backward (distinct storages, parameters and inputs excluded; forward + backward phases), the "
+        "memory a backward mode costs; on CUDA the allocator peak is given too. fwd NFE / f in bwd / VJPs: counted "
+        "calls of f in forward, calls of f inside backward (torchdeq re-runs f there), vector-Jacobian products "
+        "through f (the final backward to the parameters counts as one).")))
+    result = {"benchmark": "training", "device_label": label, "deqfast_path": info["deqfast_path"], "T": T, "m": m, "repeats": repeats, "cells": results}
+    common.write_json(cfg.out / "training.json", result)
+    common.write_markdown(cfg.out / "training.md", "Training step: time, autograd memory, NFE", sections)
+    plt = common.pyplot()
+    if plt is not None:
+        plot(results, cfg.out / "training.png", plt, label)
+    return result

@@ -1,0 +1,543 @@
+"""Plumbing shared by the benchmarks: timing, autograd-memory and call accounting, output.
+
+Rules followed everywhere (docs/PERFORMANCE.md, "How to measure"):
+
+* warm up first, then report the median of several repeats;
+* on CUDA, time with CUDA events and synchronise before reading them; on the CPU, perf_counter
+  (CPU ops are synchronous);
+* random data, never zeros or constants; ``torch.set_flush_denormal(True)`` on the CPU (run.py);
+* ratios are taken between numbers measured in the same run; nothing here asserts a time.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
+
+import torch
+
+
+# --------------------------------------------------------------------------------------------
+# Run configuration
+
+
+@dataclass
+class Config:
+    """What run.py hands every benchmark."""
+
+    device: torch.device
+    quick: bool
+    out: Path
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def pick(self, *, quick, cpu, cuda, cuda_quick=None):
+        """The setting for this run. On a GPU: ``cuda`` (with --quick: ``cuda_quick`` when given;
+        sizes stay PERFORMANCE.md's, fewer repeats). On the CPU: ``quick`` or ``cpu``."""
+        if self.cuda:
+            return cuda_quick if self.quick and cuda_quick is not None else cuda
+        return quick if self.quick else cpu
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --------------------------------------------------------------------------------------------
+# Timing
+
+
+class Clock:
+    """Marks phase boundaries inside one timed call: ``clock.lap("forward")`` after the forward.
+
+    On CUDA each mark is a recorded event (no synchronisation inside the timed region); on the
+    CPU a perf_counter reading. ``phases()`` returns seconds per phase plus ``"total"``.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: List[tuple] = []
+
+    def _now(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def start(self) -> None:
+        self.marks = [("start", self._now())]
+
+    def lap(self, name: str) -> None:
+        self.marks.append((name, self._now()))
+
+    def phases(self) -> Dict[str, float]:
+        if self.cuda:
+            self.marks[-1][1].synchronize()
+            elapsed = lambda a, b: a.elapsed_time(b) / 1e3  # noqa: E731  (ms -> s)
+        else:
+            elapsed = lambda a, b: b - a  # noqa: E731
+        out = {}
+        for (_, t0), (name, t1) in zip(self.marks, self.marks[1:]):
+            out[name] = elapsed(t0, t1)
+        out["total"] = elapsed(self.marks[0][1], self.marks[-1][1])
+        return out
+
+
+def time_repeats(step: Callable[[Clock], None], device: torch.device, *, repeats: int, warmup: int = 1,
+                 budget_s: Optional[float] = None) -> Dict[str, dict]:
+    """Median seconds per phase of ``step(clock)`` over ``repeats`` timed calls after ``warmup``.
+
+    ``step`` must call ``clock.lap(name)`` at the end of each phase (at least once). With
+    ``budget_s``, stops after 3 repeats once the timed calls have used that much wall time.
+    Returns {phase: {"median_s", "min_s", "samples"}}.
+    """
+    for _ in range(warmup):
+        clock = Clock(device)
+        clock.start()
+        step(clock)
+        clock.phases()
+    samples: Dict[str, List[float]] = {}
+    began = time.perf_counter()
+    for i in range(repeats):
+        synchronize(device)
+        clock = Clock(device)
+        clock.start()
+        step(clock)
+        for name, seconds in clock.phases().items():
+            samples.setdefault(name, []).append(seconds)
+        if budget_s is not None and i >= 2 and time.perf_counter() - began > budget_s:
+            break
+    return {name: {"median_s": statistics.median(v), "min_s": min(v), "samples": v} for name, v in samples.items()}
+
+
+def time_function(fn: Callable[[], object], device: torch.device, *, repeats: int, warmup: int = 1,
+                  inner: int = 1, budget_s: Optional[float] = None) -> Dict[str, float]:
+    """{"median_s", "min_s"}: seconds of one call of ``fn`` (each timed sample runs it ``inner`` times)."""
+
+    def step(clock: Clock):
+        for _ in range(inner):
+            fn()
+        clock.lap("call")
+
+    total = time_repeats(step, device, repeats=repeats, warmup=warmup, budget_s=budget_s)["total"]
+    return {"median_s": total["median_s"] / inner, "min_s": total["min_s"] / inner}
+
+
+def copy_bandwidth(device: torch.device, nbytes: int, repeats: int = 7) -> float:
+    """Device copy bandwidth in bytes/s, counting bytes read + written (2 x nbytes per copy).
+
+    From the fastest copy (as STREAM reports): a bandwidth is what the memory system can do, and
+    the best of several copies is the stable estimate of it; solver times are medians."""
+    n = nbytes // 4
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    seconds = time_function(lambda: dst.copy_(src), device, repeats=repeats, warmup=2)["min_s"]
+    return 2 * n * 4 / seconds
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd memory, f calls and VJPs
+
+
+def storage_key(t: torch.Tensor) -> Optional[int]:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # tensors without a plain storage
+        return None
+
+
+class SavedTensorMeter:
+    """Bytes of the tensors autograd saves for backward, each distinct storage counted once.
+
+    Used as a context manager around a training step (``torch.autograd.graph.saved_tensors_hooks``).
+    This is the autograd memory that a backward mode costs, the quantity BPTT makes grow with the
+    iterations; it is device-independent, so it is also reported on CPU where no allocator
+    statistics exist. Storages listed in ``exclude`` (parameters, inputs) are not counted.
+    ``phase`` (set by :class:`MeasureClock`) splits the bytes into those saved during the forward
+    and those saved while backward runs (a library that re-runs f in backward, like torchdeq's
+    IFT, builds a second graph there).
+
+    Storages are recognised by address only (no reference is kept, so memory is released as
+    usual and a CUDA peak measured in the same call is undisturbed). Saved tensors stay alive
+    while their graph does, so two live ones never share an address; a storage freed and its
+    address reused within one step would be counted once (an undercount, not seen in the steps
+    measured here).
+    """
+
+    def __init__(self, exclude: Iterable[torch.Tensor] = ()):
+        self.exclude = {storage_key(t) for t in exclude}
+        self.seen = set()
+        self.bytes: Dict[str, int] = {"forward": 0, "backward": 0}
+        self.phase = "forward"
+
+    def _pack(self, t: torch.Tensor):
+        key = storage_key(t)
+        if key is not None and key not in self.exclude and key not in self.seen:
+            self.seen.add(key)
+            self.bytes[self.phase] += t.untyped_storage().nbytes()
+        return t
+
+    @contextlib.contextmanager
+    def active(self):
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
+            yield self
+
+
+class _VJPProbe(torch.autograd.Function):
+    """Identity whose backward counts one vector-Jacobian product through f."""
+
+    @staticmethod
+    def forward(ctx, counter, y):
+        ctx.counter = counter
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.counter.vjps += 1
+        return None, grad
+
+
+class CallCounter:
+    """Wraps f(z, *args) -> z: counts calls per phase and VJPs through its output.
+
+    ``enabled=False`` makes it a plain pass-through (timed runs). With ``trace=True`` each call
+    also records the worst relative residual max_b ‖f(z_b) − z_b‖ / ‖f(z_b)‖ of the batch.
+    """
+
+    def __init__(self, f: Callable, trace: bool = False):
+        self.f = f
+        self.trace = trace
+        self.enabled = False
+        self.reset()
+
+    def reset(self) -> None:
+        self.phase = "forward"
+        self.calls = {"forward": 0, "backward": 0}
+        self.vjps = 0
+        self.residuals: List[float] = []
+
+    def __call__(self, z, *args):
+        out = self.f(z, *args)
+        if not self.enabled:
+            return out
+        self.calls[self.phase] += 1
+        if self.trace:
+            with torch.no_grad():
+                diff = (out - z).flatten(1).norm(dim=1)
+                rel = diff / out.flatten(1).norm(dim=1).clamp_min(1e-30)
+                self.residuals.append(float(rel.max()))
+        if out.requires_grad:
+            out = _VJPProbe.apply(self, out)
+        return out
+
+
+class MeasureClock(Clock):
+    """A clock for the one measured (untimed) call: switches counter and meter to "backward"
+    at the first lap so that f calls and saved bytes are split by phase."""
+
+    def __init__(self, device, counter: Optional[CallCounter], meter: Optional[SavedTensorMeter]):
+        super().__init__(device)
+        self.counter, self.meter = counter, meter
+
+    def lap(self, name: str) -> None:
+        super().lap(name)
+        if self.counter is not None:
+            self.counter.phase = "backward"
+        if self.meter is not None:
+            self.meter.phase = "backward"
+
+
+def measure_step(step: Callable[[Clock], None], device: torch.device, counter: Optional[CallCounter],
+                 exclude: Iterable[torch.Tensor]) -> dict:
+    """Run ``step`` once with f calls, VJPs and saved tensors counted (and, on CUDA, the peak of
+    the caching allocator above what was allocated before). Also serves as a warm-up call."""
+    meter = SavedTensorMeter(exclude)
+    if counter is not None:
+        counter.reset()
+        counter.enabled = True
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    clock = MeasureClock(device, counter, meter)
+    try:
+        with meter.active():
+            clock.start()
+            step(clock)
+            clock.phases()
+    finally:
+        if counter is not None:
+            counter.enabled = False
+    peak = None
+    if device.type == "cuda":
+        synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+    result = {
+        "saved_bytes_forward": meter.bytes["forward"],
+        "saved_bytes_backward": meter.bytes["backward"],
+        "saved_bytes": meter.bytes["forward"] + meter.bytes["backward"],
+        "cuda_peak_extra_bytes": peak,
+    }
+    if counter is not None:
+        result.update(nfe_forward=counter.calls["forward"], f_calls_in_backward=counter.calls["backward"],
+                      vjps=counter.vjps)
+    return result
+
+
+def count_aten_ops(fn: Callable[[], object]) -> int:
+    """Operators dispatched to the backend during ``fn()`` (TorchDispatchMode): on a GPU each is
+    at least one kernel launch, so this is the device-independent proxy for launches."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            _Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with _Count():
+        fn()
+    return _Count.n
+
+
+def count_host_syncs(fn: Callable[[], object], device: torch.device) -> Optional[int]:
+    """Host synchronisations during ``fn()`` on CUDA (torch.cuda.set_sync_debug_mode); None on CPU."""
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        previous = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+# --------------------------------------------------------------------------------------------
+# Progress and output
+
+
+class Progress:
+    """A one-line progress bar on stderr (redrawn in place on a terminal, sparse lines otherwise)."""
+
+    def __init__(self, total: int, label: str, width: int = 24):
+        self.total, self.label, self.width = max(total, 1), label, width
+        self.done = 0
+        self.began = time.perf_counter()
+        self.tty = sys.stderr.isatty()
+        self._last_pct = -1
+        self._draw("")
+
+    def _draw(self, note: str) -> None:
+        frac = self.done / self.total
+        pct = int(100 * frac)
+        if not self.tty and self.done not in (0, self.total) and pct < self._last_pct + 25:
+            return
+        self._last_pct = pct
+        bar = "#" * int(self.width * frac) + "." * (self.width - int(self.width * frac))
+        line = f"{self.label:<12} [{bar}] {self.done}/{self.total} {time.perf_counter() - self.began:6.1f}s {note}"
+        if self.tty:
+            sys.stderr.write("\r" + line[:110].ljust(110))
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    def advance(self, note: str = "") -> None:
+        self.done += 1
+        self._draw(note)
+
+    def close(self) -> None:
+        if self.tty:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def fmt(value, digits: int = 3) -> str:
+    """Numbers for tables: None -> '—', floats to ``digits`` significant digits."""
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value) or math.isinf(value):
+            return str(value)
+        if value != 0 and (abs(value) >= 10 ** (digits + 2) or abs(value) < 10 ** -(digits - 1)):
+            return f"{value:.{max(digits - 1, 1)}e}"
+        return f"{value:.{digits}g}" if abs(value) < 10 ** digits else f"{value:.0f}"
+    return str(value)
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence], markdown: bool = False) -> str:
+    cells = [[fmt(c) for c in row] for row in rows]
+    if markdown:
+        lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in cells]
+        return "\n".join(lines)
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    line = lambda row: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))  # noqa: E731
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence]) -> None:
+    print(f"\n== {title}")
+    print(format_table(headers, rows))
+    sys.stdout.flush()
+
+
+def write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, (torch.device, torch.dtype, Path)):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def write_markdown(path: Path, title: str, sections: Sequence[tuple]) -> None:
+    """sections: (heading or None, text) pairs; text is a table or a paragraph."""
+    parts = [f"# {title}", ""]
+    for heading, text in sections:
+        if heading:
+            parts += [f"## {heading}", ""]
+        parts += [text, ""]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(parts))
+
+
+def pyplot():
+    """matplotlib.pyplot with the Agg backend, or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib is not installed: no PNG plots)")
+        return None
+    return plt
+
+
+def torchdeq_module():
+    """torchdeq when importable (the baseline), else None: its columns are then absent."""
+    try:
+        import torchdeq
+    except Exception:  # noqa: BLE001  (any import failure just drops the baseline)
+        return None
+    return torchdeq
+
+
+def deqfast_fused_available(device: torch.device) -> bool:
+    """Whether deqfast's fused ops run on ``device`` (extension_info(): compiled, and built with
+    CUDA for a GPU): the key for the "deqfast fused" columns."""
+    import deqfast
+    info = deqfast.extension_info()
+    return bool(info["compiled"] and (device.type == "cpu" or info["cuda"]))
+
+
+def machine_info(device: torch.device) -> dict:
+    """CPU model, core and thread counts, versions, GPU name: stored with every result set."""
+    import deqfast
+    cpu_model = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cpu_model = cpu_model or platform.processor() or platform.machine()
+
+    def version(pkg):
+        try:
+            return metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            return None
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    info = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_model": cpu_model,
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "deqfast": deqfast.__version__,
+        "deqfast_extension": deqfast.extension_info(),
+        "deqfast_path": "fused" if deqfast_fused_available(device) else "reference (pure PyTorch)",
+        "torchdeq": version("torchdeq"),
+        "git_commit": commit,
+        "device": str(device),
+        "gpu": None,
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["gpu"] = {"name": props.name, "capability": f"{props.major}.{props.minor}",
+                       "memory_GiB": round(props.total_memory / 2 ** 30, 1), "cuda": torch.version.cuda}
+    return info
+
+
+def busy_cores(seconds: float = 1.0) -> Optional[float]:
+    """Cores kept busy by other processes over ``seconds`` (from /proc/stat; this process sleeps
+    meanwhile), or None where /proc/stat is missing. More immediate than the load average."""
+
+    def sample():
+        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields[:8]), idle
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 == total0:
+        return 0.0
+    return round((1 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1), 2)
+
+
+def load_average() -> Optional[List[float]]:
+    """The 1, 5 and 15-minute load averages (None where the OS has none)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def device_label(info: dict) -> str:
+    """The card (or CPU) the numbers were measured on, for every table title."""
+    if info.get("gpu"):
+        return info["gpu"]["name"]
+    return f"{info['cpu_model']}, {info['torch_threads']} threads"
