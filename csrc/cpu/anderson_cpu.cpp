@@ -18,9 +18,9 @@
 namespace deqfast {
 namespace {
 
-// Sum of term(i) over [lo, hi) in kLanes independent partial sums combined in a fixed order:
-// deterministic, and free of the add-latency chain of one accumulator (the compiler can keep the
-// lanes in one SIMD register; it may not reorder a single running sum without -ffast-math).
+// Reductions keep kLanes independent partial sums combined in a fixed order: deterministic, and
+// free of the add-latency chain of one accumulator (the compiler keeps the lanes in SIMD
+// registers; it may not reorder a single running sum without -ffast-math).
 constexpr int kLanes = 8;
 
 // Tasks per thread so that each thread gets at least ~16k elements: small problems run on one
@@ -33,17 +33,52 @@ inline int64_t chunk_grain(int64_t d) {
   return std::max<int64_t>(1, kMinElementsPerThread / per_task);
 }
 
-template <typename acc_t, typename Term>
-inline acc_t ordered_sum(int64_t lo, int64_t hi, Term term) {
+// Σ a_i b_i over n elements, in kLanes partial sums; raw restrict pointers so
+// the compiler vectorises it (through a lambda it kept the loads scalar).
+template <typename acc_t, typename scalar_t>
+inline acc_t dot_ordered(const scalar_t* __restrict a, const scalar_t* __restrict b, int64_t n) {
   acc_t lanes[kLanes] = {};
-  int64_t i = lo;
-  for (; i + kLanes <= hi; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) lanes[l] += term(i + l);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) lanes[l] += static_cast<acc_t>(a[i + l]) * static_cast<acc_t>(b[i + l]);
   }
-  for (int l = 0; i < hi; ++i, ++l) lanes[l] += term(i);
+  for (int l = 0; i < n; ++i, ++l) lanes[l] += static_cast<acc_t>(a[i]) * static_cast<acc_t>(b[i]);
   acc_t total = acc_t(0);
   for (int l = 0; l < kLanes; ++l) total += lanes[l];
   return total;
+}
+
+template <typename scalar_t>
+inline void write_slot(const scalar_t* __restrict x, const scalar_t* __restrict fx, scalar_t* __restrict F,
+                       scalar_t* __restrict G, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    F[i] = fx[i];
+    G[i] = static_cast<scalar_t>(fx[i] - x[i]);
+  }
+}
+
+// ‖h − x‖² and ‖h‖² for h = fx (+ offset), in kLanes partial sums each (see dot_ordered).
+template <typename acc_t, typename scalar_t>
+inline void step_norms(const scalar_t* __restrict x, const scalar_t* __restrict fx, const scalar_t* __restrict offset,
+                       int64_t n, acc_t* residual_sq, acc_t* value_sq) {
+  acc_t r[kLanes] = {}, v[kLanes] = {};
+  auto term = [&](int64_t i, int l) {
+    const scalar_t h = offset ? static_cast<scalar_t>(fx[i] + offset[i]) : fx[i];
+    const acc_t diff = static_cast<acc_t>(static_cast<scalar_t>(h - x[i]));
+    const acc_t hv = static_cast<acc_t>(h);
+    r[l] += diff * diff;
+    v[l] += hv * hv;
+  };
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) term(i + l, l);
+  }
+  for (int l = 0; i < n; ++i, ++l) term(i, l);
+  *residual_sq = *value_sq = acc_t(0);
+  for (int l = 0; l < kLanes; ++l) {
+    *residual_sq += r[l];
+    *value_sq += v[l];
+  }
 }
 
 at::Tensor anderson_history_cpu(const at::Tensor& x, const at::Tensor& fx, at::Tensor& F, at::Tensor& G, int64_t slot) {
@@ -70,16 +105,11 @@ at::Tensor anderson_history_cpu(const at::Tensor& x, const at::Tensor& fx, at::T
         const scalar_t* fb = fp + b * d;
         scalar_t* Fs = Fp + (b * m + slot) * d;
         scalar_t* Gs = Gp + (b * m + slot) * d;
-        for (int64_t i = lo; i < hi; ++i) {
-          Fs[i] = fb[i];
-          Gs[i] = static_cast<scalar_t>(fb[i] - xb[i]);
-        }
+        const int64_t n = hi - lo;
+        write_slot(xb + lo, fb + lo, Fs + lo, Gs + lo, n);
         acc_t* row = out + (b * C + c) * (m + 1);
-        for (int64_t j = 0; j < m; ++j) {
-          const scalar_t* Gj = Gp + (b * m + j) * d;
-          row[j] = ordered_sum<acc_t>(lo, hi, [&](int64_t i) { return static_cast<acc_t>(Gj[i]) * static_cast<acc_t>(Gs[i]); });
-        }
-        row[m] = ordered_sum<acc_t>(lo, hi, [&](int64_t i) { return static_cast<acc_t>(fb[i]) * static_cast<acc_t>(fb[i]); });
+        for (int64_t j = 0; j < m; ++j) row[j] = dot_ordered<acc_t>(Gp + (b * m + j) * d + lo, Gs + lo, n);
+        row[m] = dot_ordered<acc_t>(fb + lo, fb + lo, n);
       }
     });
   });
@@ -207,14 +237,12 @@ at::Tensor fixed_point_step_cpu(const at::Tensor& x, const at::Tensor& fx, const
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / C, c = task % C;
         const int64_t lo = c * kChunk, hi = std::min(d, lo + kChunk);
-        part[task * 2] = ordered_sum<acc_t>(lo, hi, [&](int64_t i) {
-          const acc_t diff = static_cast<acc_t>(static_cast<scalar_t>(h(b * d + i) - xp[b * d + i]));
-          return diff * diff;
-        });
-        part[task * 2 + 1] = ordered_sum<acc_t>(lo, hi, [&](int64_t i) {
-          const acc_t hv = static_cast<acc_t>(h(b * d + i));
-          return hv * hv;
-        });
+        const int64_t at = b * d + lo;
+        if (op_) {
+          step_norms<acc_t>(xp + at, fp + at, op_ + at, hi - lo, &part[task * 2], &part[task * 2 + 1]);
+        } else {
+          step_norms<acc_t, scalar_t>(xp + at, fp + at, nullptr, hi - lo, &part[task * 2], &part[task * 2 + 1]);
+        }
       }
     });
     SampleState<acc_t> state{best_residual.mutable_data_ptr<acc_t>(), best_rel.mutable_data_ptr<acc_t>(),
