@@ -229,3 +229,21 @@ def test_fused_step_traces_under_torch_compile_without_graph_breaks():
     torch.testing.assert_close(compiled, expected)
     for a, b in zip(compiled_args, eager_args):  # the in-place updates happen under compile too
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["channels_last", "transposed"])
+def test_fused_solve_with_non_contiguous_states(device, layout):
+    g = torch.Generator().manual_seed(8)
+    w = torch.randn(3, 3, 3, 3, generator=g, dtype=torch.float64)
+    w = (0.05 * w).to(device)
+    x = torch.randn(2, 3, 5, 6, generator=g, dtype=torch.float64).to(device)
+    f = lambda z: torch.tanh(torch.nn.functional.conv2d(z, w, padding=1) + x)
+    z0 = torch.randn(2, 3, 5, 6, generator=g, dtype=torch.float64).to(device)
+    odd = z0.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else z0.transpose(2, 3).contiguous().transpose(2, 3)
+    assert not odd.is_contiguous() and torch.equal(odd, z0)
+    for solver in (deqfast.solvers.anderson, deqfast.solvers.fixed_point_iteration):
+        z_ref, s_ref = solver(f, z0, tol=1e-12, max_iter=100)
+        z_odd, s_odd = solver(f, odd, tol=1e-12, max_iter=100)
+        torch.testing.assert_close(z_odd, z_ref, rtol=0, atol=1e-12)
+        assert torch.equal(s_odd.nstep, s_ref.nstep) and s_odd.converged.all()
