@@ -59,6 +59,37 @@ void check_history_args(const char* op, const at::Tensor& x, const at::Tensor& F
   TORCH_CHECK(slot >= 0 && slot < F.size(1), op, ": slot must be in [0, m) = [0, ", F.size(1), "), got ", slot);
 }
 
+void check_anderson_step_args(const char* op, const at::Tensor& x, const at::Tensor& F, const at::Tensor& G,
+                              const at::Tensor& gram, const at::Tensor& partials, const at::Tensor& best_x,
+                              const at::Tensor& best_residual, const at::Tensor& best_rel, const at::Tensor& nstep,
+                              const at::Tensor& converged, const at::Tensor& failed, int64_t n_filled, int64_t slot) {
+  check_state_args(op, x, best_x, best_residual, best_rel, nstep, converged, failed);
+  check_history_args(op, x, F, G, slot);
+  const int64_t B = x.size(0), m = F.size(1);
+  const auto acc_type = at::toOpMathType(x.scalar_type());
+  TORCH_CHECK(gram.dim() == 3 && gram.size(0) == B && gram.size(1) == m && gram.size(2) == m &&
+                  gram.scalar_type() == acc_type && gram.device() == x.device() && gram.is_contiguous(),
+              op, ": gram must be a contiguous (", B, ", ", m, ", ", m, ") ", acc_type, " tensor on ", x.device(),
+              ", got ", describe(gram));
+  TORCH_CHECK(partials.dim() == 3 && partials.size(0) == B && partials.size(2) == m + 1 &&
+                  partials.scalar_type() == acc_type && partials.device() == x.device() && partials.is_contiguous(),
+              op, ": partials must be the (", B, ", C, ", m + 1, ") ", acc_type, " output of anderson_history, got ",
+              describe(partials));
+  TORCH_CHECK(n_filled >= 1 && n_filled <= m && slot < n_filled, op, ": n_filled must be in [slot + 1, m] = [",
+              slot + 1, ", ", m, "], got ", n_filled);
+}
+
+bool check_fixed_point_step_args(const char* op, const at::Tensor& x, const at::Tensor& fx,
+                                 const c10::optional<at::Tensor>& offset, const at::Tensor& best_x,
+                                 const at::Tensor& best_residual, const at::Tensor& best_rel, const at::Tensor& nstep,
+                                 const at::Tensor& converged, const at::Tensor& failed) {
+  check_state_args(op, x, best_x, best_residual, best_rel, nstep, converged, failed);
+  check_same(op, "fx", fx, x);
+  const bool has_offset = offset.has_value() && offset->defined();
+  if (has_offset) check_same(op, "offset", *offset, x);
+  return has_offset;
+}
+
 }  // namespace deqfast
 
 TORCH_LIBRARY(deqfast, m) {

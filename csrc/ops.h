@@ -14,6 +14,16 @@ void check_state_args(const char* op, const at::Tensor& x, const at::Tensor& bes
                       const at::Tensor& failed);
 void check_history_args(const char* op, const at::Tensor& x, const at::Tensor& F, const at::Tensor& G, int64_t slot);
 void check_same(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like);
+// All of anderson_step's argument checks (both backends).
+void check_anderson_step_args(const char* op, const at::Tensor& x, const at::Tensor& F, const at::Tensor& G,
+                              const at::Tensor& gram, const at::Tensor& partials, const at::Tensor& best_x,
+                              const at::Tensor& best_residual, const at::Tensor& best_rel, const at::Tensor& nstep,
+                              const at::Tensor& converged, const at::Tensor& failed, int64_t n_filled, int64_t slot);
+// All of fixed_point_step's argument checks; returns whether an offset is given.
+bool check_fixed_point_step_args(const char* op, const at::Tensor& x, const at::Tensor& fx,
+                                 const c10::optional<at::Tensor>& offset, const at::Tensor& best_x,
+                                 const at::Tensor& best_residual, const at::Tensor& best_rel, const at::Tensor& nstep,
+                                 const at::Tensor& converged, const at::Tensor& failed);
 
 // "" when the CUDA backend is not compiled in, else e.g. "CUDA 13.0, archs sm_80 sm_90".
 std::string cuda_build_info();

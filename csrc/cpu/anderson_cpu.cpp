@@ -141,21 +141,9 @@ at::Tensor anderson_step_cpu(const at::Tensor& x, const at::Tensor& F, const at:
                              const at::Tensor& partials, at::Tensor& best_x, at::Tensor& best_residual,
                              at::Tensor& best_rel, at::Tensor& nstep, at::Tensor& converged, at::Tensor& failed,
                              int64_t n_filled, int64_t slot, double lam, double tau, double tol, bool rel_mode) {
-  constexpr const char* op = "deqfast::anderson_step";
-  check_state_args(op, x, best_x, best_residual, best_rel, nstep, converged, failed);
-  check_history_args(op, x, F, G, slot);
-  const int64_t B = x.size(0), d = x.size(1), m = F.size(1), C = num_chunks(d);
-  const auto acc_type = at::toOpMathType(x.scalar_type());
-  TORCH_CHECK(gram.dim() == 3 && gram.size(0) == B && gram.size(1) == m && gram.size(2) == m &&
-                  gram.scalar_type() == acc_type && gram.is_contiguous(),
-              op, ": gram must be a contiguous (", B, ", ", m, ", ", m, ") ", acc_type, " tensor, got ",
-              gram.scalar_type(), " ", gram.sizes());
-  TORCH_CHECK(partials.dim() == 3 && partials.size(0) == B && partials.size(2) == m + 1 &&
-                  partials.scalar_type() == acc_type && partials.is_contiguous(),
-              op, ": partials must be the (", B, ", C, ", m + 1, ") ", acc_type,
-              " output of anderson_history, got ", partials.scalar_type(), " ", partials.sizes());
-  TORCH_CHECK(n_filled >= 1 && n_filled <= m && slot < n_filled, op, ": n_filled must be in [slot + 1, m] = [",
-              slot + 1, ", ", m, "], got ", n_filled);
+  check_anderson_step_args("deqfast::anderson_step", x, F, G, gram, partials, best_x, best_residual, best_rel, nstep,
+                           converged, failed, n_filled, slot);
+  const int64_t B = x.size(0), d = x.size(1), m = F.size(1);
   at::Tensor x_next = at::empty_like(x);
   if (B == 0) return x_next;
   std::vector<uint8_t> improved(B), done(B);
@@ -168,8 +156,8 @@ at::Tensor anderson_step_cpu(const at::Tensor& x, const at::Tensor& F, const at:
     SampleState<acc_t> state{best_residual.mutable_data_ptr<acc_t>(), best_rel.mutable_data_ptr<acc_t>(),
                              nstep.mutable_data_ptr<int64_t>(), converged.mutable_data_ptr<bool>(),
                              failed.mutable_data_ptr<bool>()};
-    // Per sample: m reductions of C partials and an (n × n) solve, a few hundred flops.
-    at::parallel_for(0, B, std::max<int64_t>(1, kMinElementsPerThread / ((m + 1) * (C + m * m))), [&](int64_t begin, int64_t end) {
+    // Per sample: m + 1 sums of P partials and an (n × n) solve, a few hundred flops.
+    at::parallel_for(0, B, std::max<int64_t>(1, kMinElementsPerThread / ((m + 1) * (P + m * m))), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> row(m + 1), work(n_filled * n_filled + 2 * n_filled);
       for (int64_t b = begin; b < end; ++b) {
         std::fill(row.begin(), row.end(), acc_t(0));
@@ -217,11 +205,8 @@ at::Tensor fixed_point_step_cpu(const at::Tensor& x, const at::Tensor& fx, const
                                 at::Tensor& best_x, at::Tensor& best_residual, at::Tensor& best_rel,
                                 at::Tensor& nstep, at::Tensor& converged, at::Tensor& failed, double tau, double tol,
                                 bool rel_mode) {
-  constexpr const char* op = "deqfast::fixed_point_step";
-  check_state_args(op, x, best_x, best_residual, best_rel, nstep, converged, failed);
-  check_same(op, "fx", fx, x);
-  const bool has_offset = offset.has_value() && offset->defined();
-  if (has_offset) check_same(op, "offset", *offset, x);
+  const bool has_offset = check_fixed_point_step_args("deqfast::fixed_point_step", x, fx, offset, best_x, best_residual,
+                                                      best_rel, nstep, converged, failed);
   const int64_t B = x.size(0), d = x.size(1), C = num_chunks(d);
   at::Tensor x_next = at::empty_like(x);
   if (B == 0) return x_next;

@@ -141,21 +141,11 @@ at::Tensor anderson_step_cuda(const at::Tensor& x, const at::Tensor& F, const at
                               at::Tensor& best_rel, at::Tensor& nstep, at::Tensor& converged, at::Tensor& failed,
                               int64_t n_filled, int64_t slot, double lam, double tau, double tol, bool rel_mode) {
   constexpr const char* op = "deqfast::anderson_step";
-  check_state_args(op, x, best_x, best_residual, best_rel, nstep, converged, failed);
-  check_history_args(op, x, F, G, slot);
+  check_anderson_step_args(op, x, F, G, gram, partials, best_x, best_residual, best_rel, nstep, converged, failed,
+                           n_filled, slot);
   const int64_t B = x.size(0), d = x.size(1), m = F.size(1), C = num_chunks(d);
   TORCH_CHECK(m <= kMaxHistoryCuda, op, ": the CUDA kernels take m <= ", kMaxHistoryCuda, ", got m = ", m);
   const auto acc_type = at::toOpMathType(x.scalar_type());
-  TORCH_CHECK(gram.dim() == 3 && gram.size(0) == B && gram.size(1) == m && gram.size(2) == m &&
-                  gram.scalar_type() == acc_type && gram.device() == x.device() && gram.is_contiguous(),
-              op, ": gram must be a contiguous (", B, ", ", m, ", ", m, ") ", acc_type, " tensor on ", x.device(),
-              ", got ", gram.scalar_type(), " ", gram.sizes(), " on ", gram.device());
-  TORCH_CHECK(partials.dim() == 3 && partials.size(0) == B && partials.size(2) == m + 1 &&
-                  partials.scalar_type() == acc_type && partials.device() == x.device() && partials.is_contiguous(),
-              op, ": partials must be the (", B, ", C, ", m + 1, ") ", acc_type,
-              " output of anderson_history, got ", partials.scalar_type(), " ", partials.sizes());
-  TORCH_CHECK(n_filled >= 1 && n_filled <= m && slot < n_filled, op, ": n_filled must be in [slot + 1, m] = [",
-              slot + 1, ", ", m, "], got ", n_filled);
   const c10::cuda::CUDAGuard device_guard(x.device());
   at::Tensor x_next = at::empty_like(x);
   if (B == 0) return x_next;

@@ -84,11 +84,8 @@ at::Tensor fixed_point_step_cuda(const at::Tensor& x, const at::Tensor& fx, cons
                                  at::Tensor& best_x, at::Tensor& best_residual, at::Tensor& best_rel,
                                  at::Tensor& nstep, at::Tensor& converged, at::Tensor& failed, double tau, double tol,
                                  bool rel_mode) {
-  constexpr const char* op = "deqfast::fixed_point_step";
-  check_state_args(op, x, best_x, best_residual, best_rel, nstep, converged, failed);
-  check_same(op, "fx", fx, x);
-  const bool has_offset = offset.has_value() && offset->defined();
-  if (has_offset) check_same(op, "offset", *offset, x);
+  const bool has_offset = check_fixed_point_step_args("deqfast::fixed_point_step", x, fx, offset, best_x, best_residual,
+                                                      best_rel, nstep, converged, failed);
   const c10::cuda::CUDAGuard device_guard(x.device());
   const int64_t B = x.size(0), d = x.size(1), C = num_chunks(d);
   at::Tensor x_next = at::empty_like(x);
