@@ -12,9 +12,9 @@ over the same buffers and with the same per-sample logic:
 * ``fixed_point_step`` — the same bookkeeping for a damped fixed-point step of h = f + offset;
   with offset = g it is the adjoint step u ← g + Jᵀu of the implicit backward.
 
-Under ``torch.no_grad`` the buffers are updated in place (no allocation per iteration). With
-autograd recording (``backward="bptt"``) they are updated out of place so the unrolled solve can
-be differentiated.
+The buffers are updated in place (no allocation of history per iteration). While autograd
+records through the solve (``backward="bptt"``), ``anderson_recorded_step`` does the same step on a
+history of the iterates' own tensors, so the unrolled solve can be differentiated.
 
 Shapes: B samples, d elements per sample, m history slots.
 """
@@ -28,10 +28,6 @@ import torch
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """Gram matrix, solve and norms run in float32 for half-precision states."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def _in_place_ok(*tensors: torch.Tensor) -> bool:
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
 def residual_norms(x: torch.Tensor, fx: torch.Tensor):
@@ -48,18 +44,13 @@ def anderson_history(x, fx, F, G, slot: int):
     Writes F[:, slot] = fx and G[:, slot] = g = fx − x, and reduces the new Gram row and ‖fx‖².
     Returns (F, G, partials): partials (B, C, m + 1) in the accumulation dtype hold, per chunk of
     the sample, <G_j, g> for every slot j and then ‖fx‖²; their sum over C is the row (the fused
-    kernels reduce in C = ceil(d / 4096) chunks, this reference in one). The buffers are the same
-    objects when updated in place.
+    kernels reduce in C = ceil(d / 4096) chunks, this reference in one). F and G are updated in
+    place (returned for symmetry with the recorded path of ``anderson_recorded_step``).
     """
     acc = accumulation_dtype(x.dtype)
     g = fx - x
-    if _in_place_ok(F, G, fx, x):
-        F[:, slot] = fx
-        G[:, slot] = g
-    else:
-        index = torch.tensor([slot], device=x.device)
-        F = F.index_copy(1, index, fx.unsqueeze(1))
-        G = G.index_copy(1, index, g.unsqueeze(1))
+    F[:, slot] = fx
+    G[:, slot] = g
     row = torch.bmm(G.to(acc), g.to(acc).unsqueeze(2)).squeeze(2)  # (B, m)
     f_norm_sq = torch.linalg.vector_norm(fx, dim=1, dtype=acc).square().unsqueeze(1)
     return F, G, torch.cat([row, f_norm_sq], dim=1).unsqueeze(1)
@@ -69,19 +60,40 @@ def anderson_step(x, F, G, gram, partials, state: "SampleState", n_filled: int, 
     """Pass B. Completes the Gram row of ``slot`` from ``partials``, records the evaluation in
     ``state`` (best iterate, residuals, steps, convergence), solves each sample's weights and
     returns x_next (B, d) = Σ α_j F_j − (1 − τ) Σ α_j G_j, or the best iterate for a finished
-    sample. Returns (gram, x_next); gram is updated in place when autograd is not recording.
+    sample. Returns (gram, x_next); gram is updated in place.
     """
     m = F.shape[1]
     row = partials.sum(dim=1)  # (B, m + 1)
-    if _in_place_ok(gram, row):
-        gram[:, slot, :] = row[:, :m]
-        gram[:, :, slot] = row[:, :m]
-    else:
-        index = torch.tensor([slot], device=x.device)
-        gram = gram.index_copy(2, index, row[:, :m].unsqueeze(2)).index_copy(1, index, row[:, :m].unsqueeze(1))
+    gram[:, slot, :] = row[:, :m]
+    gram[:, :, slot] = row[:, :m]
     done = state.update(x, row[:, slot], row[:, m])
     x_next = anderson_mix(F, G, gram, n_filled, slot, lam, tau)
     return gram, torch.where(done.unsqueeze(1), state.best_x, x_next)
+
+
+def anderson_recorded_step(x, fx, F: list, G: list, gram, state: "SampleState", n_filled: int, slot: int,
+                           lam: float, tau: float):
+    """Passes A and B of one Anderson step while autograd records (``backward="bptt"``).
+
+    The same step as ``anderson_history`` + ``anderson_step``, with the history as lists of the
+    iterates' own tensors (F[slot] = fx, G[slot] = g): nothing is copied per step, and the graph
+    keeps one state's worth of tensors per iteration (ring buffers written in place could not be
+    differentiated; copying them would save m states per iteration). Returns (gram, x_next).
+    """
+    acc = gram.dtype
+    g = fx - x
+    F[slot], G[slot] = fx, g
+    g_acc = g.to(acc)
+    row = torch.stack([(Gj.to(acc) * g_acc).sum(dim=1) if Gj is not None else torch.zeros_like(g_acc[:, 0])
+                       for Gj in G], dim=1)  # (B, m)
+    index = torch.tensor([slot], device=x.device)
+    gram = gram.index_copy(2, index, row.unsqueeze(2)).index_copy(1, index, row.unsqueeze(1))
+    done = state.update(x, row[:, slot], torch.linalg.vector_norm(fx, dim=1, dtype=acc).square())
+    alpha = anderson_weights(gram, n_filled, slot, lam)
+    x_next = sum(alpha[:, j:j + 1] * F[j].to(acc) for j in range(n_filled))
+    if tau != 1.0:
+        x_next = x_next - (1.0 - tau) * sum(alpha[:, j:j + 1] * G[j].to(acc) for j in range(n_filled))
+    return gram, torch.where(done.unsqueeze(1), state.best_x, x_next.to(x.dtype))
 
 
 def fixed_point_step(x, fx, offset, state: "SampleState", tau: float):

@@ -6,7 +6,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import _checks
-from .. import ops
+from .. import ops, reference
 from ..reference import SampleState, accumulation_dtype
 from . import _common
 
@@ -46,15 +46,27 @@ def anderson(
     x = problem.x0
     check_every = _common.resolve_check_every(check_every, x)
     B, d = x.shape
-    F = torch.zeros(B, m, d, dtype=x.dtype, device=x.device)
-    G = torch.zeros_like(F)
     gram = torch.zeros(B, m, m, dtype=accumulation_dtype(x.dtype), device=x.device)
     state = SampleState(x, tol, stop_mode)
+    F = G = None
+    recording = False
     for k in range(max_iter):
         fx = problem(x)
         slot = k % m
-        F, G, partials = ops.anderson_history(x, fx, F, G, slot)
-        gram, x = ops.anderson_step(x, F, G, gram, partials, state, min(k + 1, m), slot, lam, tau)
+        if k == 0:
+            # Differentiating through the solve (backward="bptt") when f's output carries a graph:
+            # then the history is a list of the iterates' own tensors (nothing copied per step).
+            recording = torch.is_grad_enabled() and (fx.requires_grad or x.requires_grad)
+            if recording:
+                F, G = [None] * m, [None] * m
+            else:
+                F = torch.zeros(B, m, d, dtype=x.dtype, device=x.device)
+                G = torch.zeros_like(F)
+        if recording:
+            gram, x = reference.anderson_recorded_step(x, fx, F, G, gram, state, min(k + 1, m), slot, lam, tau)
+        else:
+            F, G, partials = ops.anderson_history(x, fx, F, G, slot)
+            gram, x = ops.anderson_step(x, F, G, gram, partials, state, min(k + 1, m), slot, lam, tau)
         if _common.should_stop(state, k, check_every):
             break
     return _common.finish(problem, state, "anderson")
