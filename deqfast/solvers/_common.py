@@ -49,9 +49,10 @@ def default_check_every(device: torch.device) -> int:
     return 1 if device.type == "cpu" else 4
 
 
-def should_stop(tracker: SampleState, k: int, check_every: int) -> bool:
-    """The one host synchronisation of the loop: every ``check_every`` evaluations."""
-    return (k + 1) % check_every == 0 and bool(tracker.done.all())
+def should_stop(tracker: SampleState, k: int, check_every: int, max_iter: int) -> bool:
+    """After evaluation k (0-based): the loop's one host synchronisation, every ``check_every``
+    evaluations, none after the last one (the loop ends there anyway)."""
+    return k + 1 < max_iter and (k + 1) % check_every == 0 and bool(tracker.done.all())
 
 
 def finish(problem: FlatProblem, tracker: SampleState, solver: str, warn: bool = True):

@@ -67,6 +67,6 @@ def anderson(
         else:
             F, G, partials = ops.anderson_history(x, fx, F, G, slot)
             gram, x = ops.anderson_step(x, F, G, gram, partials, state, min(k + 1, m), slot, lam, tau)
-        if _common.should_stop(state, k, check_every):
+        if _common.should_stop(state, k, check_every, max_iter):
             break
     return _common.finish(problem, state, "anderson")

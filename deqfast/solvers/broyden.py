@@ -49,7 +49,7 @@ def broyden(
     gx = fx - x
     tracker.update(x, *[v.square() for v in residual_norms(x, fx)])
     for k in range(1, max_iter):
-        if _common.should_stop(tracker, k - 1, check_every):
+        if _common.should_stop(tracker, k - 1, check_every, max_iter):
             break
         # Step: −H g = g − Σ u_i (v_i · g)
         vg = torch.bmm(V, gx.unsqueeze(2))  # (B, memory, 1)

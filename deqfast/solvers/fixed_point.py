@@ -45,7 +45,7 @@ def fixed_point_iteration(
     state = SampleState(x, tol, stop_mode)
     for k in range(max_iter):
         x = ops.fixed_point_step(x, problem(x), None, state, tau)
-        if _common.should_stop(state, k, check_every):
+        if _common.should_stop(state, k, check_every, max_iter):
             break
     return _common.finish(problem, state, "fixed_point")
 
@@ -74,6 +74,6 @@ def adjoint_iteration(
     state = SampleState(u, tol, stop_mode)
     for k in range(max_iter):
         u = ops.fixed_point_step(u, problem(u), offset, state, 1.0)
-        if _common.should_stop(state, k, check_every):
+        if _common.should_stop(state, k, check_every, max_iter):
             break
     return _common.finish(problem, state, "fixed_point")
