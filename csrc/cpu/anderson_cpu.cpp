@@ -1,6 +1,6 @@
-// CPU implementations of the deqfast ops, parallel over (sample, chunk) with at::parallel_for.
-// Each reduction runs in a fixed order per chunk, and chunks are summed in order: the same inputs
-// give the same bits whatever the thread count.
+// CPU implementation of the fused Anderson step (pass A: anderson_history, pass B: anderson_step),
+// parallel over (sample, chunk) with at::parallel_for. Each reduction runs in a fixed order per
+// chunk, and chunks are summed in order: the same inputs give the same bits whatever the thread count.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -14,72 +14,11 @@
 
 #include "../deqfast_numerics.h"
 #include "../ops.h"
+#include "common.h"
 
 namespace deqfast {
+namespace cpu {
 namespace {
-
-// Reductions keep kLanes independent partial sums combined in a fixed order: deterministic, and
-// free of the add-latency chain of one accumulator (the compiler keeps the lanes in SIMD
-// registers; it may not reorder a single running sum without -ffast-math).
-constexpr int kLanes = 8;
-
-// Tasks per thread so that each thread gets at least ~16k elements: small problems run on one
-// thread. A parallel region costs microseconds, and when another process holds a core it can wait
-// a whole scheduler time slice (milliseconds) for its second thread.
-constexpr int64_t kMinElementsPerThread = 16384;
-
-inline int64_t chunk_grain(int64_t d) {
-  const int64_t per_task = d < kChunk ? (d > 0 ? d : 1) : kChunk;
-  return std::max<int64_t>(1, kMinElementsPerThread / per_task);
-}
-
-// Σ a_i b_i over n elements, in kLanes partial sums; raw restrict pointers so
-// the compiler vectorises it (through a lambda it kept the loads scalar).
-template <typename acc_t, typename scalar_t>
-inline acc_t dot_ordered(const scalar_t* __restrict a, const scalar_t* __restrict b, int64_t n) {
-  acc_t lanes[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) lanes[l] += static_cast<acc_t>(a[i + l]) * static_cast<acc_t>(b[i + l]);
-  }
-  for (int l = 0; i < n; ++i, ++l) lanes[l] += static_cast<acc_t>(a[i]) * static_cast<acc_t>(b[i]);
-  acc_t total = acc_t(0);
-  for (int l = 0; l < kLanes; ++l) total += lanes[l];
-  return total;
-}
-
-template <typename scalar_t>
-inline void write_slot(const scalar_t* __restrict x, const scalar_t* __restrict fx, scalar_t* __restrict F,
-                       scalar_t* __restrict G, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    F[i] = fx[i];
-    G[i] = static_cast<scalar_t>(fx[i] - x[i]);
-  }
-}
-
-// ‖h − x‖² and ‖h‖² for h = fx (+ offset), in kLanes partial sums each (see dot_ordered).
-template <typename acc_t, typename scalar_t>
-inline void step_norms(const scalar_t* __restrict x, const scalar_t* __restrict fx, const scalar_t* __restrict offset,
-                       int64_t n, acc_t* residual_sq, acc_t* value_sq) {
-  acc_t r[kLanes] = {}, v[kLanes] = {};
-  auto term = [&](int64_t i, int l) {
-    const scalar_t h = offset ? static_cast<scalar_t>(fx[i] + offset[i]) : fx[i];
-    const acc_t diff = static_cast<acc_t>(static_cast<scalar_t>(h - x[i]));
-    const acc_t hv = static_cast<acc_t>(h);
-    r[l] += diff * diff;
-    v[l] += hv * hv;
-  };
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) term(i + l, l);
-  }
-  for (int l = 0; i < n; ++i, ++l) term(i, l);
-  *residual_sq = *value_sq = acc_t(0);
-  for (int l = 0; l < kLanes; ++l) {
-    *residual_sq += r[l];
-    *value_sq += v[l];
-  }
-}
 
 at::Tensor anderson_history_cpu(const at::Tensor& x, const at::Tensor& fx, at::Tensor& F, at::Tensor& G, int64_t slot) {
   constexpr const char* op = "deqfast::anderson_history";
@@ -114,27 +53,6 @@ at::Tensor anderson_history_cpu(const at::Tensor& x, const at::Tensor& fx, at::T
     });
   });
   return partials;
-}
-
-// Elementwise tail shared by both steps: best_x <- x where improved; x_next <- best_x where done,
-// else the step, which `fill(b, lo, hi, out)` writes for the chunk [lo, hi) of sample b.
-template <typename scalar_t, typename Fill>
-void apply_chunks(int64_t B, int64_t d, const scalar_t* xp, scalar_t* best, scalar_t* next, const uint8_t* improved,
-                  const uint8_t* done, Fill fill) {
-  const int64_t C = num_chunks(d);
-  at::parallel_for(0, B * C, chunk_grain(d), [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / C, c = task % C;
-      const int64_t lo = c * kChunk, hi = std::min(d, lo + kChunk);
-      scalar_t* bb = best + b * d;
-      if (improved[b]) std::copy(xp + b * d + lo, xp + b * d + hi, bb + lo);
-      if (done[b]) {
-        std::copy(bb + lo, bb + hi, next + b * d + lo);
-      } else {
-        fill(b, lo, hi, next + b * d);
-      }
-    }
-  });
 }
 
 at::Tensor anderson_step_cpu(const at::Tensor& x, const at::Tensor& F, const at::Tensor& G, at::Tensor& gram,
@@ -200,72 +118,12 @@ at::Tensor anderson_step_cpu(const at::Tensor& x, const at::Tensor& F, const at:
   });
   return x_next;
 }
-
-at::Tensor fixed_point_step_cpu(const at::Tensor& x, const at::Tensor& fx, const c10::optional<at::Tensor>& offset,
-                                at::Tensor& best_x, at::Tensor& best_residual, at::Tensor& best_rel,
-                                at::Tensor& nstep, at::Tensor& converged, at::Tensor& failed, double tau, double tol,
-                                bool rel_mode) {
-  const bool has_offset = check_fixed_point_step_args("deqfast::fixed_point_step", x, fx, offset, best_x, best_residual,
-                                                      best_rel, nstep, converged, failed);
-  const int64_t B = x.size(0), d = x.size(1), C = num_chunks(d);
-  at::Tensor x_next = at::empty_like(x);
-  if (B == 0) return x_next;
-  std::vector<uint8_t> improved(B), done(B);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fixed_point_step_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* fp = fx.const_data_ptr<scalar_t>();
-    const scalar_t* op_ = has_offset ? offset->const_data_ptr<scalar_t>() : nullptr;
-    auto h = [&](int64_t k) { return op_ ? static_cast<scalar_t>(fp[k] + op_[k]) : fp[k]; };
-    std::vector<acc_t> part(B * C * 2);
-    at::parallel_for(0, B * C, chunk_grain(d), [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / C, c = task % C;
-        const int64_t lo = c * kChunk, hi = std::min(d, lo + kChunk);
-        const int64_t at = b * d + lo;
-        if (op_) {
-          step_norms<acc_t>(xp + at, fp + at, op_ + at, hi - lo, &part[task * 2], &part[task * 2 + 1]);
-        } else {
-          step_norms<acc_t, scalar_t>(xp + at, fp + at, nullptr, hi - lo, &part[task * 2], &part[task * 2 + 1]);
-        }
-      }
-    });
-    SampleState<acc_t> state{best_residual.mutable_data_ptr<acc_t>(), best_rel.mutable_data_ptr<acc_t>(),
-                             nstep.mutable_data_ptr<int64_t>(), converged.mutable_data_ptr<bool>(),
-                             failed.mutable_data_ptr<bool>()};
-    for (int64_t b = 0; b < B; ++b) {
-      acc_t r = acc_t(0), n = acc_t(0);
-      for (int64_t c = 0; c < C; ++c) {
-        r += part[(b * C + c) * 2];
-        n += part[(b * C + c) * 2 + 1];
-      }
-      const TrackOutcome t = track_sample(state, b, r, n, static_cast<acc_t>(tol), rel_mode);
-      improved[b] = t.improved;
-      done[b] = t.done;
-    }
-    const acc_t weight = static_cast<acc_t>(tau);
-    apply_chunks<scalar_t>(B, d, xp, best_x.mutable_data_ptr<scalar_t>(), x_next.mutable_data_ptr<scalar_t>(),
-                           improved.data(), done.data(), [&](int64_t b, int64_t lo, int64_t hi, scalar_t* out) {
-                             for (int64_t i = lo; i < hi; ++i) {
-                               const scalar_t hv = h(b * d + i);
-                               if (weight == acc_t(1)) {
-                                 out[i] = hv;
-                               } else {
-                                 const acc_t xv = static_cast<acc_t>(xp[b * d + i]);
-                                 out[i] = static_cast<scalar_t>(xv + weight * (static_cast<acc_t>(hv) - xv));
-                               }
-                             }
-                           });
-  });
-  return x_next;
-}
-
 }  // namespace
+}  // namespace cpu
 
 TORCH_LIBRARY_IMPL(deqfast, CPU, m) {
-  m.impl("anderson_history", &anderson_history_cpu);
-  m.impl("anderson_step", &anderson_step_cpu);
-  m.impl("fixed_point_step", &fixed_point_step_cpu);
+  m.impl("anderson_history", &cpu::anderson_history_cpu);
+  m.impl("anderson_step", &cpu::anderson_step_cpu);
 }
 
 }  // namespace deqfast
