@@ -21,6 +21,15 @@ RTOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.f
 SHAPES = [(1, 1, 1), (3, 7, 2), (2, 5000, 5), (4, 4096, 3), (2, 8193, 4)]  # (B, d, m); 4096 = one chunk
 
 
+def _poison_allocator(like, count=4):
+    """On CUDA, leave NaN-filled blocks of ``like``'s size in the caching allocator, so that the
+    outputs an op allocates start as NaN and an element it fails to write shows up in the parity
+    check (the CPU allocator returns memory to the system; there parity on fresh memory must do)."""
+    if like.device.type == "cuda":
+        blocks = [torch.full_like(like, float("nan")) for _ in range(count)]
+        del blocks
+
+
 def _close(actual, expected, dtype):
     rtol = RTOL[dtype]
     torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=rtol * expected.double().abs().max().item() + 1e-30)
@@ -69,6 +78,7 @@ def test_anderson_history_matches_reference(device, dtype, B, d, m):
     x, fx, F, G = _random_history(B, d, m, dtype, device, seed=B * d + m)
     slot = m - 1
     F_ref, G_ref, partials_ref = reference.anderson_history(x, fx, F.clone(), G.clone(), slot)
+    _poison_allocator(partials_ref)
     partials = torch.ops.deqfast.anderson_history(x, fx, F, G, slot)
     assert partials.shape == (B, ops.num_chunks(d), m + 1)
     assert torch.equal(F, F_ref) and torch.equal(G, G_ref)
@@ -91,6 +101,7 @@ def test_anderson_step_matches_reference(device, dtype, B, d, m, tau):
     # poison what the op must write: an unwritten element would stay NaN
     gram[:, slot, :] = float("nan")
     gram[:, :, slot] = float("nan")
+    _poison_allocator(x)
     gram, x_next = ops.anderson_step(x, F, G, gram, partials.clone(), state, m, slot, 1e-3, tau)
     _assert_state_close(state, state_ref, dtype)
     _close(gram, gram_ref, dtype)
@@ -110,6 +121,7 @@ def test_fixed_point_step_matches_reference(device, dtype, B, d, m, tau, with_of
     state = _random_state(x, seed=B, rel=d % 2 == 0, tol=1.0)
     state_ref = _clone_state(state)
     next_ref = reference.fixed_point_step(x, fx, offset, state_ref, tau)
+    _poison_allocator(x)
     x_next = ops.fixed_point_step(x, fx, offset, state, tau)
     _assert_state_close(state, state_ref, dtype)
     _close(x_next, next_ref, dtype)
