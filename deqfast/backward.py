@@ -18,7 +18,7 @@ from torch.autograd.function import once_differentiable
 from . import solvers as _solvers
 from .solvers.fixed_point import adjoint_iteration
 from .options import Options
-from .reference import residual_norms
+from .reference import squared_norms
 from .stats import SolverStats
 
 
@@ -36,7 +36,7 @@ def _neumann_stats(u: torch.Tensor, last_term: torch.Tensor, terms: int, tol: fl
     B = u.shape[0]
     u_flat, last_flat = u.reshape(B, -1), last_term.reshape(B, -1)
     # The last term added is the step of the equivalent adjoint fixed-point iteration.
-    residual, u_norm = residual_norms(u_flat - last_flat, u_flat)
+    residual, u_norm = (v.sqrt() for v in squared_norms(u_flat - last_flat, u_flat))
     rel = residual / u_norm.clamp_min(torch.finfo(residual.dtype).tiny)
     finite = torch.isfinite(residual) & torch.isfinite(u_norm)
     crit = rel if stop_mode == "rel" else residual

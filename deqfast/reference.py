@@ -30,12 +30,12 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def residual_norms(x: torch.Tensor, fx: torch.Tensor):
-    """x, fx: (B, d). Returns (‖fx − x‖₂, ‖fx‖₂), each (B,) in the accumulation dtype."""
+def squared_norms(x: torch.Tensor, fx: torch.Tensor):
+    """x, fx: (B, d). Returns (‖fx − x‖², ‖fx‖²), each (B,) in the accumulation dtype."""
     acc = accumulation_dtype(x.dtype)
     residual = torch.linalg.vector_norm(fx - x, dim=1, dtype=acc)
     f_norm = torch.linalg.vector_norm(fx, dim=1, dtype=acc)
-    return residual, f_norm
+    return residual.square(), f_norm.square()
 
 
 def anderson_history(x, fx, F, G, slot: int):
@@ -104,8 +104,7 @@ def fixed_point_step(x, fx, offset, state: "SampleState", tau: float):
     u ← g + Jᵀu of the implicit backward.
     """
     h = fx if offset is None else fx + offset
-    residual, f_norm = residual_norms(x, h)
-    done = state.update(x, residual.square(), f_norm.square())
+    done = state.update(x, *squared_norms(x, h))
     x_next = h if tau == 1.0 else torch.lerp(x, h, tau)
     return torch.where(done.unsqueeze(1), state.best_x, x_next)
 

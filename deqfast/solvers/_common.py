@@ -23,13 +23,11 @@ class FlatProblem:
         self.shape = z0.shape
         self.batch = z0.shape[0]
         self.x0 = z0.reshape(self.batch, -1)
-        self.nfe = 0
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         z = x.view(self.shape) if x.is_contiguous() else x.reshape(self.shape)
         out = self.f(z)
         _checks.check_f_output(self.caller, out, self.z0)
-        self.nfe += 1
         return out.reshape(self.batch, -1)
 
     def unflatten(self, x: torch.Tensor) -> torch.Tensor:
@@ -49,23 +47,23 @@ def default_check_every(device: torch.device) -> int:
     return 1 if device.type == "cpu" else 4
 
 
-def should_stop(tracker: SampleState, k: int, check_every: int, max_iter: int) -> bool:
+def should_stop(state: SampleState, k: int, check_every: int, max_iter: int) -> bool:
     """After evaluation k (0-based): the loop's one host synchronisation, every ``check_every``
     evaluations, none after the last one (the loop ends there anyway)."""
-    return k + 1 < max_iter and (k + 1) % check_every == 0 and bool(tracker.done.all())
+    return k + 1 < max_iter and (k + 1) % check_every == 0 and bool(state.done.all())
 
 
-def finish(problem: FlatProblem, tracker: SampleState, solver: str, warn: bool = True):
+def finish(problem: FlatProblem, state: SampleState, solver: str, warn: bool = True):
     stats = SolverStats(
-        nstep=tracker.nstep,
-        residual=tracker.residual,
-        rel_residual=tracker.rel_residual,
-        converged=tracker.converged,
-        failed=tracker.failed,
+        nstep=state.nstep,
+        residual=state.residual,
+        rel_residual=state.rel_residual,
+        converged=state.converged,
+        failed=state.failed,
     )
     if warn:
         warn_failed(problem.caller, solver, stats)
-    return problem.unflatten(tracker.best_x), stats
+    return problem.unflatten(state.best_x), stats
 
 
 def warn_failed(caller: str, solver: str, stats: SolverStats) -> None:

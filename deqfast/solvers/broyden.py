@@ -6,7 +6,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import _checks
-from ..reference import SampleState, residual_norms
+from ..reference import SampleState, squared_norms
 from . import _common
 
 
@@ -44,19 +44,19 @@ def broyden(
     memory = min(m, max_iter)
     U = torch.zeros(B, memory, d, dtype=x.dtype, device=x.device)
     V = torch.zeros_like(U)
-    tracker = SampleState(x, tol, stop_mode)
+    state = SampleState(x, tol, stop_mode)
     fx = problem(x)
     gx = fx - x
-    tracker.update(x, *[v.square() for v in residual_norms(x, fx)])
+    state.update(x, *squared_norms(x, fx))
     for k in range(1, max_iter):
-        if _common.should_stop(tracker, k - 1, check_every, max_iter):
+        if _common.should_stop(state, k - 1, check_every, max_iter):
             break
         # Step: −H g = g − Σ u_i (v_i · g)
         vg = torch.bmm(V, gx.unsqueeze(2))  # (B, memory, 1)
-        x_next = tracker.freeze(x + gx - torch.bmm(U.transpose(1, 2), vg).squeeze(2))
+        x_next = state.freeze(x + gx - torch.bmm(U.transpose(1, 2), vg).squeeze(2))
         fx_next = problem(x_next)
         gx_next = fx_next - x_next
-        tracker.update(x_next, *[v.square() for v in residual_norms(x_next, fx_next)])
+        state.update(x_next, *squared_norms(x_next, fx_next))
         if k + 1 == max_iter:
             break
         # Good Broyden update of H: u = (Δx − H Δg) / (vᵀ Δg), vᵀ = Δxᵀ H.
@@ -65,7 +65,7 @@ def broyden(
         h_dg = -dg + torch.bmm(U.transpose(1, 2), torch.bmm(V, dg.unsqueeze(2))).squeeze(2)
         denom = (v * dg).sum(dim=1, keepdim=True)
         u = (dx - h_dg) / denom
-        keep = (~tracker.done).unsqueeze(1) & (denom.abs() > torch.finfo(x.dtype).tiny)
+        keep = (~state.done).unsqueeze(1) & (denom.abs() > torch.finfo(x.dtype).tiny)
         keep = keep & torch.isfinite(u).all(dim=1, keepdim=True) & torch.isfinite(v).all(dim=1, keepdim=True)
         u = torch.where(keep, u, torch.zeros_like(u))
         v = torch.where(keep, v, torch.zeros_like(v))
@@ -78,4 +78,4 @@ def broyden(
             U[:, slot] = u
             V[:, slot] = v
         x, gx = x_next, gx_next
-    return _common.finish(problem, tracker, "broyden")
+    return _common.finish(problem, state, "broyden")
