@@ -299,3 +299,20 @@ def test_zero_map_is_not_a_failure_in_rel_mode(solver, recwarn):
 def test_empty_state_per_sample(solver):
     z, stats = solver_fn(solver)(lambda z: 0.5 * z, torch.zeros(3, 0), max_iter=4)
     assert z.shape == (3, 0) and stats.converged.all()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float16, 1e-3)])
+@pytest.mark.parametrize("contraction", [0.9, 0.99])
+def test_half_states_converge_in_at_most_1_2x_the_float32_iterations(dtype, tol, contraction):
+    """PERFORMANCE.md: history in the state dtype, Gram and solve in float32, same tolerance in
+    <= 1.2x the float32 iterations (per sample, on average over the batch)."""
+    cell = TanhCell(d=256, contraction=contraction, seed=1, dtype=torch.float32)
+    x = 0.5 * torch.randn(16, 256, generator=torch.Generator().manual_seed(1))
+    steps = {}
+    for dt in (torch.float32, dtype):
+        f = lambda z, dt=dt: cell(z.float(), x).to(dt)
+        with torch.no_grad():
+            _, stats = deqfast.solvers.anderson(f, torch.zeros(16, 256, dtype=dt), tol=tol, max_iter=100)
+        assert stats.converged.all()
+        steps[dt] = stats.nstep.double().mean().item()
+    assert steps[dtype] <= 1.2 * steps[torch.float32]
