@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On a GPU machine, in one call (about 4 minutes, at most ~6.5 with every step timing out, on an H100/H200): build deqfast with CUDA, run every
 # test (the CUDA ones included), compute-sanitizer memcheck over the CUDA op tests, the benchmarks.
-# Logs and JSON go to $OUT (default ./gpu-check-out). Needs torch with CUDA, nvcc, ninja, pybind11,
+# Logs go to $OUT (default ./gpu-check-out), the benchmark tables/JSON/PNGs as $OUT/bench_results.tgz
+# (six files in all: the device tool returns at most eight). Needs torch with CUDA, nvcc, ninja, pybind11,
 # pytest, scipy; torchdeq's wheel in .whl/ (optional: the compat/oracle tests skip without it).
 #
 #     OUT=/tmp/out bash benchmarks/gpu_check.sh
@@ -35,5 +36,7 @@ tail -n 5 "$OUT/memcheck.log"
 
 echo "== benchmarks"
 if [ -f benchmarks/run.py ]; then
-  timeout 100 python3 benchmarks/run.py --quick --device cuda --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -n 40
+  timeout 100 python3 benchmarks/run.py --quick --device cuda --out /tmp/deqfast-bench 2>&1 | tee "$OUT/bench.log" | tail -n 40
+  # One archive: the device tool brings back at most 8 files.
+  tar czf "$OUT/bench_results.tgz" -C /tmp/deqfast-bench .
 fi
