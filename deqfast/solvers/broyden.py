@@ -42,18 +42,23 @@ def broyden(
     check_every = _common.resolve_check_every(check_every, x)
     B, d = x.shape
     memory = min(m, max_iter)
-    U = torch.zeros(B, memory, d, dtype=x.dtype, device=x.device)
-    V = torch.zeros_like(U)
     state = SampleState(x, tol, stop_mode)
     fx = problem(x)
     gx = fx - x
     state.update(x, *squared_norms(x, fx))
+    # While autograd records through the solve (backward="bptt") the history is a list of the
+    # updates' own tensors: a (B, m, d) buffer would have to be copied at every step.
+    recording = torch.is_grad_enabled() and (fx.requires_grad or x.requires_grad)
+    if recording:
+        U, V = _ListHistory(memory), _ListHistory(memory)
+    else:
+        U = torch.zeros(B, memory, d, dtype=x.dtype, device=x.device)
+        V = torch.zeros_like(U)
     for k in range(1, max_iter):
         if _common.should_stop(state, k - 1, check_every, max_iter):
             break
         # Step: −H g = g − Σ u_i (v_i · g)
-        vg = torch.bmm(V, gx.unsqueeze(2))  # (B, memory, 1)
-        x_next = state.freeze(x + gx - torch.bmm(U.transpose(1, 2), vg).squeeze(2))
+        x_next = state.freeze(x + gx - _low_rank(U, V, gx))
         fx_next = problem(x_next)
         gx_next = fx_next - x_next
         state.update(x_next, *squared_norms(x_next, fx_next))
@@ -61,8 +66,8 @@ def broyden(
             break
         # Good Broyden update of H: u = (Δx − H Δg) / (vᵀ Δg), vᵀ = Δxᵀ H.
         dx, dg = x_next - x, gx_next - gx
-        v = -dx + torch.bmm(torch.bmm(dx.unsqueeze(1), U.transpose(1, 2)), V).squeeze(1)
-        h_dg = -dg + torch.bmm(U.transpose(1, 2), torch.bmm(V, dg.unsqueeze(2))).squeeze(2)
+        v = -dx + _low_rank(V, U, dx)  # vᵀ = Δxᵀ(−I + Σ u_i v_iᵀ)
+        h_dg = -dg + _low_rank(U, V, dg)
         denom = (v * dg).sum(dim=1, keepdim=True)
         u = (dx - h_dg) / denom
         keep = (~state.done).unsqueeze(1) & (denom.abs() > torch.finfo(x.dtype).tiny)
@@ -70,12 +75,25 @@ def broyden(
         u = torch.where(keep, u, torch.zeros_like(u))
         v = torch.where(keep, v, torch.zeros_like(v))
         slot = (k - 1) % memory
-        if torch.is_grad_enabled() and (u.requires_grad or U.requires_grad):
-            index = torch.tensor([slot], device=x.device)
-            U = U.index_copy(1, index, u.unsqueeze(1))
-            V = V.index_copy(1, index, v.unsqueeze(1))
-        else:
-            U[:, slot] = u
-            V[:, slot] = v
+        U[:, slot] = u
+        V[:, slot] = v
         x, gx = x_next, gx_next
     return _common.finish(problem, state, "broyden")
+
+
+def _low_rank(U, V, x: torch.Tensor) -> torch.Tensor:
+    """Σ_i U_i (V_i · x) per sample, for (B, m, d) buffers or a recorded ``_ListHistory``."""
+    if isinstance(U, _ListHistory):
+        terms = [Ui * (Vi * x).sum(dim=1, keepdim=True) for Ui, Vi in zip(U.items, V.items) if Ui is not None]
+        return sum(terms) if terms else torch.zeros_like(x)
+    return torch.bmm(U.transpose(1, 2), torch.bmm(V, x.unsqueeze(2))).squeeze(2)
+
+
+class _ListHistory:
+    """A ring of m (B, d) tensors written as ``history[:, slot] = value``, without copying."""
+
+    def __init__(self, m: int):
+        self.items = [None] * m
+
+    def __setitem__(self, index, value):
+        self.items[index[1]] = value
