@@ -38,12 +38,7 @@ def forward_fn(method: str, T: int, k: int) -> Callable:
     import deqfast
 
     if method == "BPTT":
-        def forward(f, z0):
-            z = z0
-            for _ in range(T):
-                z = f(z)
-            return z
-        return forward
+        return common.unrolled_forward(T)
     backward = "implicit" if method == "implicit" else "jfb"
 
     def forward(f, z0):

@@ -61,23 +61,13 @@ def torchdeq_step(T: int, m: int) -> Optional[Callable]:
     return forward
 
 
-def bptt_step(T: int) -> Callable:
-    def forward(f, z0):
-        z = z0
-        for _ in range(T):
-            z = f(z)
-        return z
-
-    return forward
-
-
 def methods(T: int, m: int) -> Dict[str, Optional[Callable]]:
     """name -> forward(f, z0) -> z with a graph to backpropagate (None: not available)."""
     # These calls run deqfast's fused ops once they are compiled for the device (machine.json and
     # the table titles say which path ran: common.deqfast_fused_available).
     out: Dict[str, Optional[Callable]] = {f"deqfast {mode}": deqfast_step(mode, T, m) for mode in BACKWARD_MODES}
     out["torchdeq anderson+ift"] = torchdeq_step(T, m)
-    out["BPTT (unrolled)"] = bptt_step(T)
+    out["BPTT (unrolled)"] = common.unrolled_forward(T)
     return out
 
 

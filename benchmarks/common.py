@@ -442,6 +442,17 @@ def pyplot():
     return plt
 
 
+def unrolled_forward(T: int) -> Callable:
+    """BPTT baseline: forward(f, z0) applies f T times with autograd recording every step."""
+    def forward(f, z0):
+        z = z0
+        for _ in range(T):
+            z = f(z)
+        return z
+
+    return forward
+
+
 def torchdeq_module():
     """torchdeq when importable (the baseline), else None: its columns are then absent."""
     try:

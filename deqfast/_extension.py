@@ -12,10 +12,6 @@ _state = {"module": None, "reason": None, "loaded": False}
 
 def load_extension():
     """Load deqfast._C once (registering torch.ops.deqfast.*); None when absent, disabled or broken."""
-    return _load()
-
-
-def _load():
     if _state["loaded"]:
         return _state["module"]
     _state["loaded"] = True
@@ -41,14 +37,14 @@ def _load():
 
 def extension_info() -> dict:
     """{"compiled": bool, "cuda": bool, "reason": str}: whether fused ops are in use and why not."""
-    module = _load()
+    module = load_extension()
     cuda = bool(module is not None and getattr(module, "has_cuda", lambda: False)())
     return {"compiled": module is not None, "cuda": cuda, "reason": _state["reason"]}
 
 
 def fused_available(device: torch.device) -> bool:
     """Whether the fused ops are compiled for ``device`` (and the extension is enabled)."""
-    module = _load()
+    module = load_extension()
     if module is None:
         return False
     if device.type == "cpu":

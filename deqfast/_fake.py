@@ -1,18 +1,15 @@
 """Fake (meta) kernels of the deqfast ops, so torch.compile and opcheck can trace them."""
 import torch
 
+from .ops import num_chunks
 from .reference import accumulation_dtype
-
-
-def _num_chunks(d: int) -> int:
-    return (d + 4095) // 4096  # csrc/deqfast_numerics.h: kChunk
 
 
 def register() -> None:
     @torch.library.register_fake("deqfast::anderson_history")
     def _(x, fx, F, G, slot):
         B, d = x.shape
-        return x.new_empty((B, _num_chunks(d), F.shape[1] + 1), dtype=accumulation_dtype(x.dtype))
+        return x.new_empty((B, num_chunks(d), F.shape[1] + 1), dtype=accumulation_dtype(x.dtype))
 
     @torch.library.register_fake("deqfast::anderson_step")
     def _(x, F, G, gram, partials, best_x, best_residual, best_rel, nstep, converged, failed,

@@ -18,7 +18,7 @@ from torch.autograd.function import once_differentiable
 from . import solvers as _solvers
 from .solvers.fixed_point import adjoint_iteration
 from .options import Options
-from .reference import squared_norms
+from .reference import accumulation_dtype
 from .stats import SolverStats
 
 
@@ -35,8 +35,10 @@ def neumann_series(vjp: Callable[[torch.Tensor], torch.Tensor], g: torch.Tensor,
 def _neumann_stats(u: torch.Tensor, last_term: torch.Tensor, terms: int, tol: float, stop_mode: str) -> SolverStats:
     B = u.shape[0]
     u_flat, last_flat = u.reshape(B, -1), last_term.reshape(B, -1)
-    # The last term added is the step of the equivalent adjoint fixed-point iteration.
-    residual, u_norm = (v.sqrt() for v in squared_norms(u_flat - last_flat, u_flat))
+    # The last term added is the step, hence the residual, of the equivalent adjoint iteration.
+    acc = accumulation_dtype(u.dtype)
+    residual = torch.linalg.vector_norm(last_flat, dim=1, dtype=acc)
+    u_norm = torch.linalg.vector_norm(u_flat, dim=1, dtype=acc)
     rel = residual / u_norm.clamp_min(torch.finfo(residual.dtype).tiny)
     finite = torch.isfinite(residual) & torch.isfinite(u_norm)
     crit = rel if stop_mode == "rel" else residual
