@@ -7,8 +7,10 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
-#include <cuda_runtime_api.h>
 #include <string>
+#ifndef DEQFAST_CUDA_EMULATION
+#include <cuda_runtime_api.h>  // CUDART_VERSION
+#endif
 
 #include "../ops.h"
 #include "common.cuh"
@@ -121,17 +123,16 @@ at::Tensor anderson_history_cuda(const at::Tensor& x, const at::Tensor& fx, at::
   check_history_args(op, x, F, G, slot);
   TORCH_CHECK(F.size(1) <= kMaxHistoryCuda, op, ": the CUDA kernels take m <= ", kMaxHistoryCuda, ", got m = ",
               F.size(1));
-  const c10::cuda::CUDAGuard device_guard(x.device());
+  const DeviceGuard device_guard(x.device());
   const int64_t B = x.size(0), d = x.size(1), m = F.size(1), C = num_chunks(d);
   at::Tensor partials = at::empty({B, C, m + 1}, x.options().dtype(at::toOpMathType(x.scalar_type())));
   if (B == 0 || d == 0) return partials.zero_();
-  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const Stream stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "anderson_history_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    anderson_history_kernel<scalar_t, acc_t><<<B * C, kThreads, 0, stream>>>(
-        x.const_data_ptr<scalar_t>(), fx.const_data_ptr<scalar_t>(), F.mutable_data_ptr<scalar_t>(),
-        G.mutable_data_ptr<scalar_t>(), partials.mutable_data_ptr<acc_t>(), d, int(m), int(slot), C);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(anderson_history_kernel<scalar_t, acc_t>, B * C, kThreads, stream, x.const_data_ptr<scalar_t>(),
+           fx.const_data_ptr<scalar_t>(), F.mutable_data_ptr<scalar_t>(), G.mutable_data_ptr<scalar_t>(),
+           partials.mutable_data_ptr<acc_t>(), d, int(m), int(slot), C);
   });
   return partials;
 }
@@ -146,28 +147,26 @@ at::Tensor anderson_step_cuda(const at::Tensor& x, const at::Tensor& F, const at
   const int64_t B = x.size(0), d = x.size(1), m = F.size(1), C = num_chunks(d);
   TORCH_CHECK(m <= kMaxHistoryCuda, op, ": the CUDA kernels take m <= ", kMaxHistoryCuda, ", got m = ", m);
   const auto acc_type = at::toOpMathType(x.scalar_type());
-  const c10::cuda::CUDAGuard device_guard(x.device());
+  const DeviceGuard device_guard(x.device());
   at::Tensor x_next = at::empty_like(x);
   if (B == 0) return x_next;
   at::Tensor alpha = at::empty({B, m}, x.options().dtype(acc_type));
   at::Tensor flags = at::empty({B, 2}, x.options().dtype(at::kByte));
-  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const Stream stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "anderson_step_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     SampleState<acc_t> state{best_residual.mutable_data_ptr<acc_t>(), best_rel.mutable_data_ptr<acc_t>(),
                              nstep.mutable_data_ptr<int64_t>(), converged.mutable_data_ptr<bool>(),
                              failed.mutable_data_ptr<bool>()};
-    anderson_track_kernel<acc_t><<<B, 32, 0, stream>>>(
-        partials.const_data_ptr<acc_t>(), gram.mutable_data_ptr<acc_t>(), state, alpha.mutable_data_ptr<acc_t>(),
-        flags.mutable_data_ptr<uint8_t>(), int(m), partials.size(1), int(n_filled), int(slot), static_cast<acc_t>(lam),
-        static_cast<acc_t>(tol), rel_mode);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(anderson_track_kernel<acc_t>, B, 32, stream, partials.const_data_ptr<acc_t>(),
+           gram.mutable_data_ptr<acc_t>(), state, alpha.mutable_data_ptr<acc_t>(), flags.mutable_data_ptr<uint8_t>(),
+           int(m), partials.size(1), int(n_filled), int(slot), static_cast<acc_t>(lam), static_cast<acc_t>(tol),
+           rel_mode);
     if (d == 0) return;
-    anderson_apply_kernel<scalar_t, acc_t><<<B * C, kThreads, 0, stream>>>(
-        x.const_data_ptr<scalar_t>(), F.const_data_ptr<scalar_t>(), G.const_data_ptr<scalar_t>(),
-        alpha.const_data_ptr<acc_t>(), flags.const_data_ptr<uint8_t>(), best_x.mutable_data_ptr<scalar_t>(),
-        x_next.mutable_data_ptr<scalar_t>(), d, int(m), C, static_cast<acc_t>(1.0 - tau));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(anderson_apply_kernel<scalar_t, acc_t>, B * C, kThreads, stream, x.const_data_ptr<scalar_t>(),
+           F.const_data_ptr<scalar_t>(), G.const_data_ptr<scalar_t>(), alpha.const_data_ptr<acc_t>(),
+           flags.const_data_ptr<uint8_t>(), best_x.mutable_data_ptr<scalar_t>(), x_next.mutable_data_ptr<scalar_t>(),
+           d, int(m), C, static_cast<acc_t>(1.0 - tau));
   });
   return x_next;
 }
@@ -175,6 +174,7 @@ at::Tensor anderson_step_cuda(const at::Tensor& x, const at::Tensor& F, const at
 }  // namespace
 }  // namespace cuda
 
+#ifndef DEQFAST_CUDA_EMULATION
 std::string cuda_build_info() {
   std::string info = "CUDA " + std::to_string(CUDART_VERSION / 1000) + "." + std::to_string(CUDART_VERSION % 1000 / 10);
 #ifdef __CUDA_ARCH_LIST__
@@ -189,5 +189,6 @@ TORCH_LIBRARY_IMPL(deqfast, CUDA, m) {
   m.impl("anderson_history", &cuda::anderson_history_cuda);
   m.impl("anderson_step", &cuda::anderson_step_cuda);
 }
+#endif
 
 }  // namespace deqfast

@@ -1,14 +1,36 @@
-// Pieces both CUDA ops use: launch geometry, a deterministic block reduction, the elementwise tail.
+// Pieces both CUDA ops use: the launch helper, a deterministic block reduction, the chunk of a block.
+//
+// Under DEQFAST_CUDA_EMULATION (csrc/tests/cuda_emulation.h, included first) the launch helper, the
+// stream and the device guard come from the emulation and the kernels run on the CPU, for the tests.
 #pragma once
 
+#include <cstdint>
+
+#ifndef DEQFAST_CUDA_EMULATION
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <c10/util/Exception.h>
+#endif
 
 #include "../deqfast_numerics.h"
 
 namespace deqfast {
 namespace cuda {
+
+#ifndef DEQFAST_CUDA_EMULATION
+using Stream = cudaStream_t;
+inline Stream current_stream() { return c10::cuda::getCurrentCUDAStream(); }
+using DeviceGuard = c10::cuda::CUDAGuard;
+
+// kernel<<<blocks, threads, 0, stream>>>(args...), then the launch-error check.
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), int64_t blocks, int threads, Stream stream, Args... args) {
+  TORCH_CHECK(blocks <= 0x7fffffff, "deqfast: a launch of ", blocks, " blocks exceeds the grid limit 2^31 - 1");
+  kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+#endif
 
 constexpr int kThreads = 256;
 constexpr int kPerThread = static_cast<int>(kChunk / kThreads);  // 16 elements of a chunk per thread

@@ -86,35 +86,32 @@ at::Tensor fixed_point_step_cuda(const at::Tensor& x, const at::Tensor& fx, cons
                                  bool rel_mode) {
   const bool has_offset = check_fixed_point_step_args("deqfast::fixed_point_step", x, fx, offset, best_x, best_residual,
                                                       best_rel, nstep, converged, failed);
-  const c10::cuda::CUDAGuard device_guard(x.device());
+  const DeviceGuard device_guard(x.device());
   const int64_t B = x.size(0), d = x.size(1), C = num_chunks(d);
   at::Tensor x_next = at::empty_like(x);
   if (B == 0) return x_next;
   const auto acc_type = at::toOpMathType(x.scalar_type());
   at::Tensor partials = at::empty({B, C > 0 ? C : 1, 2}, x.options().dtype(acc_type));
   at::Tensor flags = at::empty({B, 2}, x.options().dtype(at::kByte));
-  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const Stream stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fixed_point_step_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* off = has_offset ? offset->const_data_ptr<scalar_t>() : nullptr;
     if (C > 0) {
-      fixed_point_partials_kernel<scalar_t, acc_t><<<B * C, kThreads, 0, stream>>>(
-          x.const_data_ptr<scalar_t>(), fx.const_data_ptr<scalar_t>(), off, partials.mutable_data_ptr<acc_t>(), d, C);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(fixed_point_partials_kernel<scalar_t, acc_t>, B * C, kThreads, stream, x.const_data_ptr<scalar_t>(),
+             fx.const_data_ptr<scalar_t>(), off, partials.mutable_data_ptr<acc_t>(), d, C);
     }
     SampleState<acc_t> state{best_residual.mutable_data_ptr<acc_t>(), best_rel.mutable_data_ptr<acc_t>(),
                              nstep.mutable_data_ptr<int64_t>(), converged.mutable_data_ptr<bool>(),
                              failed.mutable_data_ptr<bool>()};
     const int threads = 128;
-    fixed_point_track_kernel<acc_t><<<(B + threads - 1) / threads, threads, 0, stream>>>(
-        partials.const_data_ptr<acc_t>(), state, flags.mutable_data_ptr<uint8_t>(), B, C, static_cast<acc_t>(tol),
-        rel_mode);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(fixed_point_track_kernel<acc_t>, (B + threads - 1) / threads, threads, stream,
+           partials.const_data_ptr<acc_t>(), state, flags.mutable_data_ptr<uint8_t>(), B, C, static_cast<acc_t>(tol),
+           rel_mode);
     if (C > 0) {
-      fixed_point_apply_kernel<scalar_t, acc_t><<<B * C, kThreads, 0, stream>>>(
-          x.const_data_ptr<scalar_t>(), fx.const_data_ptr<scalar_t>(), off, flags.const_data_ptr<uint8_t>(),
-          best_x.mutable_data_ptr<scalar_t>(), x_next.mutable_data_ptr<scalar_t>(), d, C, static_cast<acc_t>(tau));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(fixed_point_apply_kernel<scalar_t, acc_t>, B * C, kThreads, stream, x.const_data_ptr<scalar_t>(),
+             fx.const_data_ptr<scalar_t>(), off, flags.const_data_ptr<uint8_t>(), best_x.mutable_data_ptr<scalar_t>(),
+             x_next.mutable_data_ptr<scalar_t>(), d, C, static_cast<acc_t>(tau));
     }
   });
   return x_next;
@@ -123,6 +120,8 @@ at::Tensor fixed_point_step_cuda(const at::Tensor& x, const at::Tensor& fx, cons
 }  // namespace
 }  // namespace cuda
 
+#ifndef DEQFAST_CUDA_EMULATION
 TORCH_LIBRARY_IMPL(deqfast, CUDA, m) { m.impl("fixed_point_step", &cuda::fixed_point_step_cuda); }
+#endif
 
 }  // namespace deqfast

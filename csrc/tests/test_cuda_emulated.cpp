@@ -1,0 +1,361 @@
+// deqfast's CUDA kernels (csrc/cuda/*.cu, kernels and host wrappers) run on the CPU under the
+// emulation of cuda_emulation.h, against the CPU ops through the dispatcher (themselves tested
+// against plain ATen in test_ops.cpp and against the pure-PyTorch reference in tests/test_ops.py).
+// Built and run by CMake/ctest (see CMakeLists.txt), for machines without a GPU: it checks the
+// kernels' logic (indexing, chunking, block reductions, barriers, frozen/failed samples, the
+// fallback of a singular system), not their speed nor the hardware's memory model.
+//
+// Outputs the kernels allocate are NaN-filled on allocation (torch's deterministic
+// fill-uninitialised-memory mode), so an element a kernel forgets to write fails the comparison.
+#include "cuda_emulation.h"  // first: the .cu files below compile against it
+
+#include "../cuda/anderson_cuda.cu"
+#include "../cuda/fixed_point_cuda.cu"
+
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <limits>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "harness.h"
+
+namespace {
+
+using namespace deqfast_test;
+namespace emu = deqfast::emu;
+
+// Tolerances of the comparison emulated-CUDA vs CPU, per dtype: the two backends sum in different
+// orders (chunk of 16 strided values per thread, then the block tree; vs 8 lanes per chunk), so
+// reductions agree to rounding, and a half-precision result can differ by an ulp of its dtype.
+struct Tol {
+  double reduce;  // relative, of the sums (Gram row, norms)
+  double value;   // relative and absolute, of x_next
+};
+Tol tol_for(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kDouble: return {1e-12, 1e-10};
+    case at::kFloat: return {2e-5, 2e-4};
+    case at::kHalf: return {2e-5, 2e-3};  // float accumulation, half results
+    default: return {2e-5, 1.6e-2};       // bfloat16
+  }
+}
+
+void check_no_emulation_errors(const std::string& where) {
+  EXPECT_MSG(emu::emulation_errors() == 0, where << ": " << emu::emulation_errors() << " emulation errors, first: "
+                                                 << emu::first_error);
+}
+
+void check_state_equal(const State& got, const State& want, double rtol) {
+  check_equal(got.best_x, want.best_x, "best_x");
+  check_close(got.best_residual, want.best_residual, rtol, 0.0, "best_residual");
+  check_close(got.best_rel, want.best_rel, rtol, 0.0, "best_rel");
+  check_equal(got.nstep, want.nstep, "nstep");
+  check_equal(got.converged, want.converged, "converged");
+  check_equal(got.failed, want.failed, "failed");
+}
+
+State clone_state(const State& s) {
+  State c(s.best_x);
+  c.best_residual.copy_(s.best_residual);
+  c.best_rel.copy_(s.best_rel);
+  c.nstep.copy_(s.nstep);
+  c.converged.copy_(s.converged);
+  c.failed.copy_(s.failed);
+  return c;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The emulation itself: a block reduction gives the exact sum, and a broken kernel is caught.
+// ---------------------------------------------------------------------------------------------
+
+__global__ void block_sum_kernel(double* out) {
+  __shared__ double scratch[deqfast::cuda::kThreads / 32];
+  const double total = deqfast::cuda::block_sum(static_cast<double>(threadIdx.x + 1), scratch);
+  const double twice = deqfast::cuda::block_sum(total, scratch);  // scratch reused across calls
+  out[blockIdx.x * deqfast::cuda::kThreads + threadIdx.x] = twice;
+}
+
+__global__ void divergent_sync_kernel(int* out) {
+  if (threadIdx.x < 128) {
+    __syncthreads();
+  } else {
+    __syncthreads();
+  }
+  out[threadIdx.x] = 1;
+}
+
+void test_emulation() {
+  g_case = "emulation: block_sum";
+  constexpr int T = deqfast::cuda::kThreads;
+  std::vector<double> out(3 * T, -1.0);
+  emu::launch(block_sum_kernel, 3, T, out.data());
+  const double want = double(T) * (T + 1) / 2 * T;  // every thread sees the sum; summed again
+  for (int i = 0; i < 3 * T; ++i) EXPECT_MSG(out[i] == want, "out[" << i << "] = " << out[i] << ", want " << want);
+  check_no_emulation_errors(g_case);
+
+  g_case = "emulation: a broken kernel is reported";
+  std::vector<int> flags(T, 0);
+  emu::launch(divergent_sync_kernel, 1, T, flags.data());
+  EXPECT_MSG(emu::emulation_errors() > 0, "divergent __syncthreads() went unnoticed");
+  emu::errors = 0;
+  emu::launch(divergent_sync_kernel, 1, 48, flags.data());  // not a whole number of warps
+  EXPECT_MSG(emu::emulation_errors() == 1, "bad launch geometry: " << emu::emulation_errors() << " errors");
+  emu::errors = 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// One Anderson step (pass A + pass B), emulated CUDA vs CPU.
+// ---------------------------------------------------------------------------------------------
+
+struct AndersonCase {
+  int64_t B, d, m, n_filled, slot;
+  double tau;
+  bool rel_mode;
+};
+
+void test_anderson_step(at::ScalarType dtype, const AndersonCase& k) {
+  std::ostringstream c;
+  c << "anderson " << dtype << " B=" << k.B << " d=" << k.d << " m=" << k.m << " n=" << k.n_filled << " slot=" << k.slot
+    << " tau=" << k.tau << (k.rel_mode ? " rel" : " abs");
+  g_case = c.str();
+  const Tol tol = tol_for(dtype);
+  const auto opts = at::TensorOptions().dtype(dtype);
+  const auto acc = at::toOpMathType(dtype);
+  const double lam = 1e-4, conv_tol = 1e-6;
+  at::Tensor x = at::randn({k.B, k.d}, opts), fx = (0.5 * at::randn({k.B, k.d}, opts) + x).to(dtype);
+  // History: F_j = x_j + G_j for the filled slots; the slots past n_filled are stale garbage.
+  at::Tensor F = at::randn({k.B, k.m, k.d}, opts), G = at::randn({k.B, k.m, k.d}, opts);
+  at::Tensor gram = at::full({k.B, k.m, k.m}, -77.0, opts.dtype(acc));
+  {
+    const at::Tensor Gf = G.slice(1, 0, k.n_filled).to(acc);
+    gram.slice(1, 0, k.n_filled).slice(2, 0, k.n_filled).copy_(at::bmm(Gf, Gf.transpose(1, 2)));
+  }
+  State s(at::randn({k.B, k.d}, opts));
+  if (k.B >= 2) {  // sample 1 converged before: frozen
+    s.converged[1] = true;
+    s.nstep[1] = 3;
+    s.best_residual[1] = 0.5;
+    s.best_rel[1] = 0.25;
+  }
+  if (k.B >= 3) fx[2][k.d / 2] = std::numeric_limits<double>::quiet_NaN();  // sample 2 fails now
+  if (k.B >= 4 && k.n_filled >= 2 && k.slot != 0) {  // sample 3: the new residual repeats slot 0's (near-singular)
+    G[3][0].copy_((fx[3] - x[3]).to(dtype));
+  }
+
+  // CPU ops
+  at::Tensor F_cpu = F.clone(), G_cpu = G.clone(), gram_cpu = gram.clone();
+  State s_cpu = clone_state(s);
+  const at::Tensor part_cpu = history_op().call(x, fx, F_cpu, G_cpu, k.slot);
+  const at::Tensor next_cpu = step_op().call(x, F_cpu, G_cpu, gram_cpu, part_cpu, s_cpu.best_x, s_cpu.best_residual,
+                                             s_cpu.best_rel, s_cpu.nstep, s_cpu.converged, s_cpu.failed, k.n_filled,
+                                             k.slot, lam, k.tau, conv_tol, k.rel_mode);
+  // emulated CUDA: pass A, then pass B on the CPU's partials (so that x_next compares tightly)
+  at::Tensor F_emu = F.clone(), G_emu = G.clone(), gram_emu = gram.clone();
+  State s_emu = clone_state(s);
+  const at::Tensor part_emu = deqfast::cuda::anderson_history_cuda(x, fx, F_emu, G_emu, k.slot);
+  check_no_emulation_errors("anderson_history");
+  const at::Tensor next_emu = deqfast::cuda::anderson_step_cuda(
+      x, F_emu, G_emu, gram_emu, part_cpu, s_emu.best_x, s_emu.best_residual, s_emu.best_rel, s_emu.nstep,
+      s_emu.converged, s_emu.failed, k.n_filled, k.slot, lam, k.tau, conv_tol, k.rel_mode);
+  check_no_emulation_errors("anderson_step");
+
+  check_close(F_emu, F_cpu, 0.0, 0.0, "F");  // equal, NaN included
+  check_close(G_emu, G_cpu, 0.0, 0.0, "G");
+  // partials: per (sample, chunk), relative to the sum of |terms| (cancellation-proof)
+  {
+    const at::Tensor Gd = G_cpu.to(at::kDouble), gd = (G_cpu.select(1, k.slot)).to(at::kDouble);
+    const at::Tensor fd = fx.to(at::kDouble);
+    const int64_t C = deqfast::num_chunks(k.d);
+    EXPECT_MSG(part_emu.sizes() == part_cpu.sizes() && part_emu.scalar_type() == acc, "partials " << part_emu.sizes());
+    for (int64_t c0 = 0; c0 < C && part_emu.sizes() == part_cpu.sizes(); ++c0) {
+      const int64_t lo = c0 * deqfast::kChunk, hi = std::min(k.d, lo + deqfast::kChunk);
+      const at::Tensor Gc = Gd.slice(2, lo, hi).abs(), gc = gd.slice(1, lo, hi).abs().unsqueeze(2);
+      const at::Tensor fc = fd.slice(1, lo, hi);
+      const at::Tensor mag = at::cat({at::bmm(Gc, gc).squeeze(2), fc.square().sum(1, true)}, 1);
+      const at::Tensor got = part_emu.select(1, c0).to(at::kDouble), want = part_cpu.select(1, c0).to(at::kDouble);
+      const at::Tensor bad = ((got - want).abs() > tol.reduce * mag) & mag.isfinite();
+      EXPECT_MSG(!bad.any().item<bool>(), "partials, chunk " << c0 << ": max |diff| "
+                                                              << at::nan_to_num((got - want).abs()).max().item<double>());
+      EXPECT_MSG((got.isnan() == want.isnan()).all().item<bool>(), "partials, chunk " << c0 << ": NaN pattern");
+    }
+  }
+  check_close(gram_emu, gram_cpu, 1e-12, 0.0, "gram");  // the same partials: the same sums, in order
+  check_state_equal(s_emu, s_cpu, 1e-12);
+  check_close(next_emu, next_cpu, tol.value, tol.value, "x_next");
+  EXPECT_MSG(!next_emu.isnan().any().item<bool>(), "x_next has NaN (an unwritten element, or a failed sample's NaN)");
+}
+
+// Whole Anderson solves of z = tanh(W z + b) (a contraction) with either backend's ops, the ring
+// buffer as deqfast.solvers.anderson drives it: both reach the fixed point, with the same stats.
+void test_anderson_solve(at::ScalarType dtype, int64_t B, int64_t d, int64_t m, double tau) {
+  std::ostringstream c;
+  c << "anderson solve " << dtype << " B=" << B << " d=" << d << " m=" << m << " tau=" << tau;
+  g_case = c.str();
+  const auto opts = at::TensorOptions().dtype(dtype);
+  const at::Tensor W = (at::randn({d, d}, opts) * (0.4 / std::sqrt(double(d)))).to(dtype);  // ‖W‖ ≈ 0.8
+  const at::Tensor bias = at::randn({B, d}, opts);
+  auto f = [&](const at::Tensor& z) { return at::tanh(at::matmul(z, W) + bias); };
+  const double conv_tol = dtype == at::kDouble ? 1e-9 : 1e-4, lam = 1e-4;
+  const int64_t iters = 60;
+  auto solve = [&](bool emulated) {
+    at::Tensor x = at::zeros({B, d}, opts), F = at::zeros({B, m, d}, opts), G = at::zeros_like(F);
+    at::Tensor gram = at::zeros({B, m, m}, opts.dtype(at::toOpMathType(dtype)));
+    State s(x);
+    for (int64_t it = 0; it < iters; ++it) {
+      const at::Tensor fx = f(x);
+      const int64_t slot = it % m, n_filled = std::min(it + 1, m);
+      if (emulated) {
+        const at::Tensor part = deqfast::cuda::anderson_history_cuda(x, fx, F, G, slot);
+        x = deqfast::cuda::anderson_step_cuda(x, F, G, gram, part, s.best_x, s.best_residual, s.best_rel, s.nstep,
+                                              s.converged, s.failed, n_filled, slot, lam, tau, conv_tol, false);
+      } else {
+        const at::Tensor part = history_op().call(x, fx, F, G, slot);
+        x = step_op().call(x, F, G, gram, part, s.best_x, s.best_residual, s.best_rel, s.nstep, s.converged,
+                           s.failed, n_filled, slot, lam, tau, conv_tol, false);
+      }
+      if (s.converged.all().item<bool>()) break;
+    }
+    return std::make_pair(x, s);
+  };
+  const auto [x_cpu, s_cpu] = solve(false);
+  const auto [x_emu, s_emu] = solve(true);
+  check_no_emulation_errors("anderson solve");
+  EXPECT_MSG(s_cpu.converged.all().item<bool>(), "the CPU solve did not converge in " << iters << " iterations");
+  EXPECT_MSG(s_emu.converged.all().item<bool>(), "the emulated CUDA solve did not converge in " << iters << " iterations");
+  const double res = (f(x_emu) - x_emu).norm(2, {1}).max().item<double>();
+  EXPECT_MSG(res < 10 * conv_tol, "emulated solve: max residual " << res);
+  check_close(x_emu, x_cpu, 0.0, 10 * conv_tol, "solution");
+  // a different summation order may move a convergence test by one iteration, never more
+  EXPECT_MSG((s_emu.nstep - s_cpu.nstep).abs().max().item<int64_t>() <= 1,
+             "nstep " << s_emu.nstep << " vs " << s_cpu.nstep);
+}
+
+// ---------------------------------------------------------------------------------------------
+// fixed_point_step, emulated CUDA vs CPU.
+// ---------------------------------------------------------------------------------------------
+
+void test_fixed_point_step(at::ScalarType dtype, int64_t B, int64_t d, bool with_offset, double tau, bool rel_mode) {
+  std::ostringstream c;
+  c << "fixed_point_step " << dtype << " B=" << B << " d=" << d << (with_offset ? " offset" : "") << " tau=" << tau
+    << (rel_mode ? " rel" : " abs");
+  g_case = c.str();
+  const Tol tol = tol_for(dtype);
+  const auto opts = at::TensorOptions().dtype(dtype);
+  const double conv_tol = 1e-3;
+  at::Tensor x = at::randn({B, d}, opts), fx = at::randn({B, d}, opts);
+  std::optional<at::Tensor> offset;
+  if (with_offset) offset = at::randn({B, d}, opts);
+  State s(at::randn({B, d}, opts));
+  s.converged[0] = true;  // frozen
+  s.nstep[0] = 2;
+  if (B >= 2) fx[1][d - 1] = std::numeric_limits<double>::infinity();  // fails
+  if (B >= 3) {  // converges now: h(x) = x
+    fx[2].copy_(x[2]);
+    if (with_offset) (*offset)[2].zero_();
+  }
+  if (B >= 4) {  // not improved
+    s.best_residual[3] = 1e-30;
+    s.best_rel[3] = 1e-30;
+  }
+  State s_cpu = clone_state(s), s_emu = clone_state(s);
+  const at::Tensor next_cpu = fixed_point_op().call(x, fx, offset, s_cpu.best_x, s_cpu.best_residual, s_cpu.best_rel,
+                                                    s_cpu.nstep, s_cpu.converged, s_cpu.failed, tau, conv_tol, rel_mode);
+  const at::Tensor next_emu = deqfast::cuda::fixed_point_step_cuda(x, fx, offset, s_emu.best_x, s_emu.best_residual,
+                                                                    s_emu.best_rel, s_emu.nstep, s_emu.converged,
+                                                                    s_emu.failed, tau, conv_tol, rel_mode);
+  check_no_emulation_errors("fixed_point_step");
+  check_state_equal(s_emu, s_cpu, tol.reduce);
+  check_close(next_emu, next_cpu, tol.value, tol.value, "x_next");
+  EXPECT_MSG(!next_emu.isnan().any().item<bool>(), "x_next has NaN (an unwritten element?)");
+  if (B >= 3) EXPECT(s_emu.converged[2].item<bool>() && s_emu.failed[1].item<bool>());
+}
+
+// Empty batches and empty states: nothing to launch, outputs of the right shape.
+void test_empty() {
+  g_case = "empty shapes";
+  for (int64_t B : {0, 2}) {
+    const int64_t d = B == 0 ? 5 : 0, m = 3;
+    at::Tensor x = at::randn({B, d}, kD), fx = at::randn({B, d}, kD);
+    at::Tensor F = at::zeros({B, m, d}, kD), G = at::zeros_like(F), gram = at::zeros({B, m, m}, kD);
+    State s(x), s_cpu(x);
+    const at::Tensor part_emu = deqfast::cuda::anderson_history_cuda(x, fx, F, G, 1);
+    const at::Tensor part_cpu = history_op().call(x, fx, F, G, 1);
+    check_equal(part_emu, part_cpu, "partials");
+    const at::Tensor next = deqfast::cuda::anderson_step_cuda(x, F, G, gram, part_emu, s.best_x, s.best_residual,
+                                                              s.best_rel, s.nstep, s.converged, s.failed, 2, 1, 1e-4,
+                                                              1.0, 1e-6, false);
+    at::Tensor gram_cpu = at::zeros({B, m, m}, kD);
+    const at::Tensor next_cpu = step_op().call(x, F, G, gram_cpu, part_cpu, s_cpu.best_x, s_cpu.best_residual,
+                                               s_cpu.best_rel, s_cpu.nstep, s_cpu.converged, s_cpu.failed, 2, 1, 1e-4,
+                                               1.0, 1e-6, false);
+    EXPECT(next.sizes() == x.sizes());
+    check_equal(gram, gram_cpu, "gram");
+    check_state_equal(s, s_cpu, 0.0);
+    State s2(x), s2_cpu(x);
+    const at::Tensor y = deqfast::cuda::fixed_point_step_cuda(x, fx, std::nullopt, s2.best_x, s2.best_residual,
+                                                              s2.best_rel, s2.nstep, s2.converged, s2.failed, 1.0, 1e-6,
+                                                              false);
+    fixed_point_op().call(x, fx, std::nullopt, s2_cpu.best_x, s2_cpu.best_residual, s2_cpu.best_rel, s2_cpu.nstep,
+                          s2_cpu.converged, s2_cpu.failed, 1.0, 1e-6, false);
+    EXPECT(y.sizes() == x.sizes());
+    check_state_equal(s2, s2_cpu, 0.0);
+    check_no_emulation_errors(g_case);
+  }
+}
+
+// The host wrappers' own argument checks (the CUDA-only limit on m).
+void test_cuda_argument_checks() {
+  g_case = "CUDA argument checks";
+  const int64_t m = deqfast::kMaxHistoryCuda + 1;
+  at::Tensor x = at::randn({2, 3}, kD), fx = at::randn({2, 3}, kD);
+  at::Tensor F = at::zeros({2, m, 3}, kD), G = at::zeros_like(F);
+  EXPECT_THROWS_WITH(deqfast::cuda::anderson_history_cuda(x, fx, F, G, 0), "m <= 32");
+  at::Tensor F2 = at::zeros({2, 4, 3}, kD), G2 = at::zeros({2, 4, 4}, kD);
+  EXPECT_THROWS_WITH(deqfast::cuda::anderson_history_cuda(x, fx, F2, G2, 0), "G");
+}
+
+}  // namespace
+
+int main() {
+  try {
+    // Every tensor a kernel allocates starts as NaN (floating) / the max value (integral).
+    at::globalContext().setDeterministicAlgorithms(true, /*warn_only=*/true);
+    at::globalContext().setDeterministicFillUninitializedMemory(true);
+    at::manual_seed(0);
+    test_emulation();
+    const std::vector<AndersonCase> cases = {
+        {1, 1, 1, 1, 0, 1.0, false},      // B = 1, d = 1, m = 1
+        {3, 7, 4, 2, 1, 1.0, true},       // partial history, odd d
+        {4, 4096, 5, 5, 3, 0.6, false},   // one full chunk, damping, near-singular sample 3
+        {4, 8193, 4, 3, 2, 1.0, false},   // three chunks, the last of one element
+        {2, 300, 32, 32, 17, 0.8, true},  // the longest history the CUDA kernels take
+        {3, 5000, 6, 1, 0, 1.0, false},   // the first step
+    };
+    for (auto dtype : {at::kDouble, at::kFloat, at::kHalf, at::kBFloat16}) {
+      for (const auto& k : cases) test_anderson_step(dtype, k);
+    }
+    test_anderson_solve(at::kDouble, 3, 64, 5, 1.0);
+    test_anderson_solve(at::kDouble, 2, 4500, 4, 0.7);
+    test_anderson_solve(at::kFloat, 2, 200, 6, 1.0);
+    for (auto dtype : {at::kDouble, at::kFloat, at::kHalf, at::kBFloat16}) {
+      for (int64_t d : {1, 7, 8193}) {
+        for (bool with_offset : {false, true}) {
+          test_fixed_point_step(dtype, 5, d, with_offset, with_offset ? 0.7 : 1.0, d == 7);
+        }
+      }
+    }
+    test_fixed_point_step(at::kFloat, 130, 33, true, 1.0, false);  // two blocks of the per-sample kernel
+    test_empty();
+    test_cuda_argument_checks();
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "FAIL [%s] uncaught exception: %s\n", g_case.c_str(), e.what());
+    return 1;
+  }
+  return finish("deqfast emulated CUDA kernel tests");
+}
