@@ -22,12 +22,18 @@ def num_chunks(d: int) -> int:
 
 
 def _use_fused(*tensors: torch.Tensor, m: int = 0) -> bool:
+    # Called twice per solver iteration: written for speed (no generator, one device lookup).
     x = tensors[0]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    if torch.is_grad_enabled():
+        for t in tensors:
+            if t.requires_grad:
+                return False
+    if x.dtype not in _FUSED_DTYPES:
         return False
-    if x.dtype not in _FUSED_DTYPES or not fused_available(x.device):
+    device = x.device
+    if device.type == "cuda" and m > 32:
         return False
-    return not (x.device.type == "cuda" and m > 32)
+    return fused_available(device)
 
 
 def _state_tensors(state: SampleState):
