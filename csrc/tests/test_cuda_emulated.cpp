@@ -276,6 +276,42 @@ void test_fixed_point_step(at::ScalarType dtype, int64_t B, int64_t d, bool with
   if (B >= 3) EXPECT(s_emu.converged[2].item<bool>() && s_emu.failed[1].item<bool>());
 }
 
+// Whole adjoint-style solves u = g + Aᵀu (‖A‖ ≈ 0.6) by fixed_point_step with offset g, either
+// backend: both reach the dense solution (I − Aᵀ)⁻¹ g, with the same stats.
+void test_fixed_point_solve(at::ScalarType dtype, int64_t B, int64_t d, double tau) {
+  std::ostringstream c;
+  c << "fixed-point solve " << dtype << " B=" << B << " d=" << d << " tau=" << tau;
+  g_case = c.str();
+  const auto opts = at::TensorOptions().dtype(dtype);
+  const at::Tensor A = at::randn({d, d}, opts) * (0.3 / std::sqrt(double(d)));
+  const at::Tensor g = at::randn({B, d}, opts);
+  const double conv_tol = dtype == at::kDouble ? 1e-10 : 1e-5;
+  auto solve = [&](bool emulated) {
+    at::Tensor u = at::zeros({B, d}, opts);
+    State s(u);
+    for (int it = 0; it < 200 && !s.converged.all().item<bool>(); ++it) {
+      const at::Tensor v = at::matmul(u, A);  // (Aᵀ u) for each row u
+      const std::optional<at::Tensor> offset = g;
+      u = emulated ? deqfast::cuda::fixed_point_step_cuda(u, v, offset, s.best_x, s.best_residual, s.best_rel, s.nstep,
+                                                          s.converged, s.failed, tau, conv_tol, false)
+                   : fixed_point_op().call(u, v, offset, s.best_x, s.best_residual, s.best_rel, s.nstep, s.converged,
+                                           s.failed, tau, conv_tol, false);
+    }
+    return std::make_pair(s.best_x, s);
+  };
+  const auto [u_cpu, s_cpu] = solve(false);
+  const auto [u_emu, s_emu] = solve(true);
+  check_no_emulation_errors("fixed-point solve");
+  EXPECT_MSG(s_emu.converged.all().item<bool>(), "the emulated CUDA solve did not converge");
+  // u (I − A) = g, row-wise, solved densely in double
+  const at::Tensor I = at::eye(d, kD);
+  const at::Tensor want = at::linalg_solve((I - A.to(at::kDouble)).t(), g.to(at::kDouble).t()).t();
+  check_close(u_emu, want, 0.0, 20 * conv_tol, "solution vs dense solve");
+  check_close(u_emu, u_cpu, 0.0, 20 * conv_tol, "solution vs CPU ops");
+  EXPECT_MSG((s_emu.nstep - s_cpu.nstep).abs().max().item<int64_t>() <= 1,
+             "nstep " << s_emu.nstep << " vs " << s_cpu.nstep);
+}
+
 // Empty batches and empty states: nothing to launch, outputs of the right shape.
 void test_empty() {
   g_case = "empty shapes";
@@ -351,6 +387,8 @@ int main() {
       }
     }
     test_fixed_point_step(at::kFloat, 130, 33, true, 1.0, false);  // two blocks of the per-sample kernel
+    test_fixed_point_solve(at::kDouble, 3, 5000, 1.0);
+    test_fixed_point_solve(at::kFloat, 2, 64, 0.8);
     test_empty();
     test_cuda_argument_checks();
   } catch (const std::exception& e) {
