@@ -69,6 +69,7 @@ inline thread_local dim3 thread_idx, block_idx;
 inline thread_local Block* block = nullptr;
 inline thread_local int sync_phase = 0;
 inline std::atomic<int> errors{0};
+inline int64_t launches = 0;  // kernel launches so far (the tests count them per op)
 inline std::string first_error;  // written once, by the thread that counts the first error
 
 inline void report(const std::string& what) {
@@ -113,6 +114,7 @@ void launch(void (*kernel)(Params...), int64_t blocks, int threads, Args... args
     report("bad launch geometry: " + std::to_string(blocks) + " blocks of " + std::to_string(threads) + " threads");
     return;
   }
+  ++launches;
   grid_dim = dim3{static_cast<unsigned>(blocks), 1, 1};
   block_dim = dim3{static_cast<unsigned>(threads), 1, 1};
   auto state = std::make_unique<Block>(threads);

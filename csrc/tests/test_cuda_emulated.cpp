@@ -3,7 +3,8 @@
 // against plain ATen in test_ops.cpp and against the pure-PyTorch reference in tests/test_ops.py).
 // Built and run by CMake/ctest (see CMakeLists.txt), for machines without a GPU: it checks the
 // kernels' logic (indexing, chunking, block reductions, barriers, frozen/failed samples, the
-// fallback of a singular system), not their speed nor the hardware's memory model.
+// fallback of a singular system) and their launch count (3 per step), not their speed nor the
+// hardware's memory model.
 //
 // Outputs the kernels allocate are NaN-filled on allocation (torch's deterministic
 // fill-uninitialised-memory mode), so an element a kernel forgets to write fails the comparison.
@@ -158,12 +159,16 @@ void test_anderson_step(at::ScalarType dtype, const AndersonCase& k) {
   // emulated CUDA: pass A, then pass B on the CPU's partials (so that x_next compares tightly)
   at::Tensor F_emu = F.clone(), G_emu = G.clone(), gram_emu = gram.clone();
   State s_emu = clone_state(s);
+  const int64_t launches_before = emu::launches;
   const at::Tensor part_emu = deqfast::cuda::anderson_history_cuda(x, fx, F_emu, G_emu, k.slot);
   check_no_emulation_errors("anderson_history");
+  EXPECT_MSG(emu::launches - launches_before == 1, "anderson_history: " << emu::launches - launches_before << " launches");
   const at::Tensor next_emu = deqfast::cuda::anderson_step_cuda(
       x, F_emu, G_emu, gram_emu, part_cpu, s_emu.best_x, s_emu.best_residual, s_emu.best_rel, s_emu.nstep,
       s_emu.converged, s_emu.failed, k.n_filled, k.slot, lam, k.tau, conv_tol, k.rel_mode);
   check_no_emulation_errors("anderson_step");
+  // PERFORMANCE.md's target: at most 3 launches per Anderson step (pass A, then pass B as two)
+  EXPECT_MSG(emu::launches - launches_before == 3, "an Anderson step: " << emu::launches - launches_before << " launches");
 
   check_close(F_emu, F_cpu, 0.0, 0.0, "F");  // equal, NaN included
   check_close(G_emu, G_cpu, 0.0, 0.0, "G");
@@ -266,10 +271,12 @@ void test_fixed_point_step(at::ScalarType dtype, int64_t B, int64_t d, bool with
   State s_cpu = clone_state(s), s_emu = clone_state(s);
   const at::Tensor next_cpu = fixed_point_op().call(x, fx, offset, s_cpu.best_x, s_cpu.best_residual, s_cpu.best_rel,
                                                     s_cpu.nstep, s_cpu.converged, s_cpu.failed, tau, conv_tol, rel_mode);
+  const int64_t launches_before = emu::launches;
   const at::Tensor next_emu = deqfast::cuda::fixed_point_step_cuda(x, fx, offset, s_emu.best_x, s_emu.best_residual,
                                                                     s_emu.best_rel, s_emu.nstep, s_emu.converged,
                                                                     s_emu.failed, tau, conv_tol, rel_mode);
   check_no_emulation_errors("fixed_point_step");
+  EXPECT_MSG(emu::launches - launches_before == 3, "fixed_point_step: " << emu::launches - launches_before << " launches");
   check_state_equal(s_emu, s_cpu, tol.reduce);
   check_close(next_emu, next_cpu, tol.value, tol.value, "x_next");
   EXPECT_MSG(!next_emu.isnan().any().item<bool>(), "x_next has NaN (an unwritten element?)");
