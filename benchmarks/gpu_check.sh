@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# On a GPU machine, in one call (about 4 minutes, at most ~6.5 with every step timing out, on an H100/H200): build deqfast with CUDA, run every
-# test (the CUDA ones included), compute-sanitizer memcheck over the CUDA op tests, the benchmarks.
-# Logs go to $OUT (default ./gpu-check-out), the benchmark tables/JSON/PNGs as $OUT/bench_results.tgz
-# (six files in all: the device tool returns at most eight). Needs torch with CUDA, nvcc, ninja, pybind11,
+# On a GPU machine, in one call (about 4 minutes on an H100/H200; at most ~7 with every step timing
+# out): build deqfast with CUDA, run every test (the CUDA ones included), compute-sanitizer memcheck
+# over the CUDA op tests and racecheck over a few, the benchmarks. Logs go to $OUT (default
+# ./gpu-check-out), the benchmark tables/JSON/PNGs as $OUT/bench_results.tgz (seven files in all:
+# the device tool returns at most eight). Needs torch with CUDA, nvcc, ninja, pybind11,
 # pytest, scipy; torchdeq's wheel in .whl/ (optional: the compat/oracle tests skip without it).
 #
 #     OUT=/tmp/out bash benchmarks/gpu_check.sh
@@ -33,6 +34,12 @@ timeout 100 compute-sanitizer --tool memcheck --error-exitcode 1 \
   python3 -m pytest -q -x -m cuda tests/test_ops.py tests/test_cuda.py > "$OUT/memcheck.log" 2>&1
 echo "memcheck exit code $?" | tee -a "$OUT/memcheck.log"
 tail -n 5 "$OUT/memcheck.log"
+
+echo "== compute-sanitizer racecheck over 12 float32 CUDA op tests (shared-memory hazards)"
+timeout 45 compute-sanitizer --tool racecheck --error-exitcode 1 \
+  python3 -m pytest -q -x -m cuda tests/test_ops.py -k "dtype1 and (5000 or 8193)" > "$OUT/racecheck.log" 2>&1
+echo "racecheck exit code $?" | tee -a "$OUT/racecheck.log"
+tail -n 5 "$OUT/racecheck.log"
 
 echo "== benchmarks"
 if [ -f benchmarks/run.py ]; then
