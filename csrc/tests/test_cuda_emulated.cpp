@@ -31,19 +31,21 @@ namespace {
 using namespace deqfast_test;
 namespace emu = deqfast::emu;
 
-// Tolerances of the comparison emulated-CUDA vs CPU, per dtype: the two backends sum in different
-// orders (chunk of 16 strided values per thread, then the block tree; vs 8 lanes per chunk), so
-// reductions agree to rounding, and a half-precision result can differ by an ulp of its dtype.
+// Tolerances of the comparison emulated-CUDA vs CPU, per dtype. The two backends sum in different
+// orders (16 strided values per thread, then the block tree; vs 8 lanes per chunk), so reductions
+// agree to rounding. x_next is mixed from the same partials with the same weights, in the same
+// order over the history: it agrees to an ulp of its dtype (a few float32 ulps for the
+// near-singular sample, whose weights are large and cancel).
 struct Tol {
   double reduce;  // relative, of the sums (Gram row, norms)
   double value;   // relative and absolute, of x_next
 };
 Tol tol_for(at::ScalarType dtype) {
   switch (dtype) {
-    case at::kDouble: return {1e-12, 1e-10};
-    case at::kFloat: return {2e-5, 2e-4};
-    case at::kHalf: return {2e-5, 2e-3};  // float accumulation, half results
-    default: return {2e-5, 1.6e-2};       // bfloat16
+    case at::kDouble: return {1e-12, 1e-13};
+    case at::kFloat: return {2e-5, 2e-6};
+    case at::kHalf: return {2e-5, 1e-3};  // float accumulation, half results: 1 ulp = 2^-10
+    default: return {2e-5, 8e-3};         // bfloat16: 1 ulp = 2^-7
   }
 }
 
