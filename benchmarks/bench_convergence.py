@@ -134,12 +134,13 @@ def run(cfg, info: dict) -> dict:
     progress.close()
 
     label = common.device_label(info)
-    sections = []
-    for res in results:
-        title = (f"{res['cell']} cell ({' '.join(f'{k}={v}' for k, v in res['sizes'].items())}), spectral radius at "
-                 f"the fixed point {res['spectral_radius_at_fixed_point']:.3f}, rel tol {tol:g}, max_iter {max_iter} ({label})")
-        common.print_table(title, HEADERS, table_rows(res))
-        sections.append((title, common.format_table(HEADERS, table_rows(res), markdown=True)))
+    sections = [
+        common.table_section(
+            f"{res['cell']} cell ({' '.join(f'{k}={v}' for k, v in res['sizes'].items())}), spectral radius at "
+            f"the fixed point {res['spectral_radius_at_fixed_point']:.3f}, rel tol {tol:g}, max_iter {max_iter} ({label})",
+            HEADERS, table_rows(res))
+        for res in results
+    ]
     sections.append((None, (
         "f calls: batch evaluations of f until the solver returned. mean steps/sample: deqfast's stats.nstep "
         "(each sample is frozen once it converges), torchdeq's per-sample step of its best iterate. all < tol: "

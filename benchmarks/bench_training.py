@@ -207,12 +207,13 @@ def run(cfg, info: dict) -> dict:
     progress.close()
 
     label = common.device_label(info)
-    sections = []
-    for res in results:
-        title = (f"Training step, {res['cell']} cell ({' '.join(f'{k}={v}' for k, v in res['sizes'].items())}, "
-                 f"P={res['params']}), T={T}, deqfast {info['deqfast_path']}, {label}")
-        common.print_table(title, HEADERS, table_rows(res))
-        sections.append((title, common.format_table(HEADERS, table_rows(res), markdown=True)))
+    sections = [
+        common.table_section(
+            f"Training step, {res['cell']} cell ({' '.join(f'{k}={v}' for k, v in res['sizes'].items())}, "
+            f"P={res['params']}), T={T}, deqfast {info['deqfast_path']}, {label}",
+            HEADERS, table_rows(res))
+        for res in results
+    ]
     sections.append((None, (
         "x floor: time / compute floor (T f no-grad + 1 f + T VJPs + 1 backward, same run). saved MiB: bytes autograd "
         "saves for backward (distinct storages, parameters and inputs excluded; forward + backward phases), the "

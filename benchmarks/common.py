@@ -406,6 +406,12 @@ def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence]) ->
     sys.stdout.flush()
 
 
+def table_section(title: str, headers: Sequence[str], rows: Sequence[Sequence]) -> tuple:
+    """Print a titled table and return it as a (heading, markdown table) section for write_markdown."""
+    print_table(title, headers, rows)
+    return title, format_table(headers, rows, markdown=True)
+
+
 def write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
