@@ -28,6 +28,12 @@ class SolverStats:
     failed: torch.Tensor
     backward: Optional["SolverStats"] = field(default=None, repr=False)
 
+    def __post_init__(self):
+        # Statistics are measurements, never part of a graph: with backward="bptt" the residuals
+        # are computed from recorded tensors, and a graph kept alive here would hold its memory.
+        for name in ("nstep", "residual", "rel_residual", "converged", "failed"):
+            setattr(self, name, getattr(self, name).detach())
+
     @property
     def batch_size(self) -> int:
         return self.nstep.shape[0]

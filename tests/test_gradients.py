@@ -199,3 +199,13 @@ def test_f_called_once_with_grad_in_forward_and_never_in_backward():
     (out * c).sum().backward()
     assert calls["backward_phase"] == 0
     assert stats.backward is not None and stats.backward.nstep.min() > 1
+
+
+@pytest.mark.parametrize("solver", ["anderson", "fixed_point", "broyden"])
+def test_bptt_stats_hold_no_graph(solver):
+    """The stats are measurements: with bptt they are computed from recorded tensors, but detached."""
+    cell, x, z0, c = _problem("tanh", seed=15)
+    out, stats = deqfast.fixed_point(lambda z: cell(z, x), z0, solver=solver, backward="bptt", max_iter=20)
+    assert out.requires_grad
+    for name in ("nstep", "residual", "rel_residual", "converged", "failed"):
+        assert not getattr(stats, name).requires_grad, name
