@@ -54,15 +54,30 @@ def check_z0(caller: str, z0) -> None:
         raise ValueError(f"{caller}: z0 must have a non-empty batch, got shape {tuple(z0.shape)}")
 
 
-def check_f_output(caller: str, out, like: torch.Tensor, what: str = "f(z)") -> None:
+def _autocast_on(device: torch.device) -> bool:
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except RuntimeError:  # a device type autocast does not know
+        return False
+
+
+def f_output(caller: str, out, like: torch.Tensor, what: str = "f(z)") -> torch.Tensor:
+    """Check what f returned against z0 (``like``) and return it in z0's dtype.
+
+    Under ``torch.autocast`` for z0's device, f may return another floating dtype (its matmuls run
+    in the autocast dtype): the solver state stays in z0's dtype and f's output is cast to it, a
+    differentiable cast. Outside autocast a different dtype is an error."""
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"{caller}: {what} must return a torch.Tensor, got {type(out).__name__}")
     if out.shape != like.shape:
         raise ValueError(f"{caller}: {what} must return shape {tuple(like.shape)} (the shape of z0), got {tuple(out.shape)}")
-    if out.dtype != like.dtype:
-        raise TypeError(f"{caller}: {what} must return dtype {like.dtype} (the dtype of z0), got {out.dtype}")
     if out.device != like.device:
         raise ValueError(f"{caller}: {what} must return a tensor on {like.device} (the device of z0), got {out.device}")
+    if out.dtype != like.dtype:
+        if out.is_floating_point() and _autocast_on(like.device):
+            return out.to(like.dtype)
+        raise TypeError(f"{caller}: {what} must return dtype {like.dtype} (the dtype of z0), got {out.dtype}")
+    return out
 
 
 def check_callable(caller: str, name: str, f) -> None:

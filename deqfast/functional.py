@@ -70,9 +70,7 @@ def fixed_point(
 
 
 def _apply_f(caller: str, f: Callable, z: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    out = f(z)
-    _checks.check_f_output(caller, out, like)
-    return out
+    return _checks.f_output(caller, f(z), like)
 
 
 def solve(f: Callable, z0: torch.Tensor, options: Options, *, caller: str,

@@ -54,3 +54,20 @@ def test_cuda_anderson_syncs_only_at_checks():
             torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
     assert len(syncs) <= 5, [str(w.message) for w in syncs]
+
+
+def test_cuda_autocast_float16_implicit_gradient_matches_float64():
+    """Under CUDA autocast f runs in float16, the solver state stays float32 on the fused ops."""
+    grads = []
+    for device, dtype in (("cpu", torch.float64), ("cuda", torch.float32)):
+        # Built in float64, then cast: randn draws other numbers in float32.
+        cell = TanhCell(d=32, contraction=0.9, seed=0).to(device=device, dtype=dtype)
+        x = torch.randn(8, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        x = x.to(device=device, dtype=dtype).requires_grad_()
+        layer = deqfast.DEQ(cell, tol=1e-3, backward_tol=1e-3, max_iter=100, backward_max_iter=100)
+        with torch.autocast("cuda", dtype=torch.float16, enabled=device == "cuda"):
+            z = layer(x)
+        assert z.dtype == dtype and bool(layer.stats.converged.all())
+        grads.append([g.cpu().double() for g in torch.autograd.grad(z.square().sum(), list(cell.parameters()) + [x])])
+    for a, b in zip(*grads):
+        assert float((a - b).norm() / b.norm()) < 2e-2  # 8e-4 measured with CPU float16 autocast
