@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from . import solvers as _solvers
 from .solvers.fixed_point import adjoint_iteration
@@ -51,6 +50,23 @@ def _neumann_stats(u: torch.Tensor, last_term: torch.Tensor, terms: int, tol: fl
     )
 
 
+_TWICE = (
+    "deqfast: the implicit/neumann gradient is differentiable once; a second derivative through it "
+    "(create_graph=True, then differentiating the gradient) is not implemented. backward='jfb', "
+    "'phantom' and 'bptt' are plain autograd graphs and support it"
+)
+
+
+def _not_differentiable_again(u: torch.Tensor) -> torch.Tensor:
+    """u, as a tensor whose differentiation raises _TWICE (torch's once_differentiable mechanism).
+
+    Always, not only when the incoming gradient requires grad as once_differentiable has it: u
+    depends on the parameters through J and z*, which no graph here records, so a second
+    derivative that held u constant would be silently wrong."""
+    u = u.detach().requires_grad_()
+    return torch._C._functions.DelayedError(_TWICE, 1)(u)
+
+
 class AdjointFunction(torch.autograd.Function):
     """Identity on f(z*) in forward; in backward replaces the incoming g by the adjoint u.
 
@@ -69,10 +85,11 @@ class AdjointFunction(torch.autograd.Function):
         return fz.detach().clone()
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad):
+        create_graph = torch.is_grad_enabled()
         fz, z_leaf = ctx.saved_tensors
         options: Options = ctx.options
+        grad = grad.detach()
 
         def vjp(v):
             return torch.autograd.grad(fz, z_leaf, v, retain_graph=True)[0]
@@ -94,4 +111,6 @@ class AdjointFunction(torch.autograd.Function):
         ctx.stats.backward = stats
         if ctx.on_backward is not None:
             ctx.on_backward(stats)
+        if create_graph:
+            u = _not_differentiable_again(u)
         return u, None, None, None, None

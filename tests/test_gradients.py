@@ -209,3 +209,27 @@ def test_bptt_stats_hold_no_graph(solver):
     assert out.requires_grad
     for name in ("nstep", "residual", "rel_residual", "converged", "failed"):
         assert not getattr(stats, name).requires_grad, name
+
+
+def test_double_backward_through_jfb_equals_explicit_step():
+    """jfb's output is a plain autograd graph of f(z*): second derivatives work and match f's own."""
+    cell, x, z0, c = _problem("tanh", seed=17)
+    out = deqfast.DEQ(cell, backward="jfb", **TIGHT)(x, z0)
+    (gx,) = torch.autograd.grad((out * c).sum(), x, create_graph=True)
+    second = torch.autograd.grad(gx.square().sum(), list(cell.parameters()))
+    z_star = _solve_fixed_point(cell, x, z0)
+    (gx_ref,) = torch.autograd.grad((cell(z_star, x) * c).sum(), x, create_graph=True)
+    _assert_rel(second, torch.autograd.grad(gx_ref.square().sum(), list(cell.parameters())), 1e-9)
+
+
+@pytest.mark.parametrize("backward", ["implicit", "neumann"])
+def test_double_backward_through_adjoint_raises(backward):
+    """create_graph=True still gives the right first derivative; differentiating it again raises
+    (the adjoint's dependence on the parameters is in no graph: a silent answer would be wrong)."""
+    cell, x, z0, c = _problem("tanh", seed=19)
+    layer = deqfast.DEQ(cell, backward=backward, **TIGHT)
+    (gx_once,) = torch.autograd.grad((layer(x, z0) * c).sum(), x)
+    (gx,) = torch.autograd.grad((layer(x, z0) * c).sum(), x, create_graph=True)
+    torch.testing.assert_close(gx, gx_once, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="differentiable once.*not implemented"):
+        gx.square().sum().backward()
