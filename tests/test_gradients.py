@@ -233,3 +233,23 @@ def test_double_backward_through_adjoint_raises(backward):
     torch.testing.assert_close(gx, gx_once, rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="differentiable once.*not implemented"):
         gx.square().sum().backward()
+
+
+@pytest.mark.parametrize("backward", ["implicit", "jfb"])
+def test_model_with_deq_layer_under_torch_compile_matches_eager(backward):
+    """torch.compile of a model around a DEQ (the solver's host checks are graph breaks)."""
+    torch._dynamo.reset()
+    cell, x, z0, c = _problem("tanh", seed=21)
+    inp = torch.nn.Linear(5, 5, dtype=torch.float64)
+    layer = deqfast.DEQ(cell, backward=backward, **TIGHT)
+    params = list(cell.parameters()) + list(inp.parameters()) + [x]
+
+    def model(x):
+        return layer(x + inp(x), z0)
+
+    eager = model(x)
+    g_eager = torch.autograd.grad((eager * c).sum(), params)
+    compiled = torch.compile(model, backend="aot_eager")(x)
+    g_compiled = torch.autograd.grad((compiled * c).sum(), params)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-12)
+    _assert_rel(g_compiled, g_eager, 1e-10)
