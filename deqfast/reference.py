@@ -122,7 +122,9 @@ def anderson_weights(gram, n_filled: int, slot: int, lam: float):
     plain (damped) step.
     """
     B, m, _ = gram.shape
-    filled, ridge, fallback = _weight_constants(m, n_filled, slot, float(lam), gram.dtype, gram.device)
+    # torch.compile traces the constants into its graph; the cache serves eager calls only.
+    constants = _weight_constants.__wrapped__ if torch.compiler.is_compiling() else _weight_constants
+    filled, ridge, fallback = constants(m, n_filled, slot, float(lam), gram.dtype, gram.device)
     diag = gram.diagonal(dim1=1, dim2=2)
     inv_sqrt = torch.where(filled, diag.clamp_min(torch.finfo(gram.dtype).tiny).rsqrt(), 0.0)
     # Entries of empty slots are 0 in the Gram matrix and in inv_sqrt, so C is 0 there too.
