@@ -3,9 +3,12 @@
 Each function here has the signature of its reference in :mod:`deqfast.reference` and the same
 result (up to the order of floating-point sums). The fused path is taken when the extension is
 loaded and compiled for the device, autograd is not recording through the step (``bptt`` needs
-the differentiable reference), and the dtype and history length are supported.
+the differentiable reference), and the dtype and history length are supported. A solver decides
+that once per solve (:func:`use_fused`) and passes ``fused=``; without it each call decides.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -21,8 +24,8 @@ def num_chunks(d: int) -> int:
     return (d + 4095) // 4096
 
 
-def _use_fused(*tensors: torch.Tensor, m: int = 0) -> bool:
-    # Called twice per solver iteration: written for speed (no generator, one device lookup).
+def use_fused(*tensors: torch.Tensor, m: int = 0) -> bool:
+    """Whether the fused ops take these tensors (the first one the state) with history length m."""
     x = tensors[0]
     if torch.is_grad_enabled():
         for t in tensors:
@@ -40,17 +43,18 @@ def _state_tensors(state: SampleState):
     return state.best_x, state.residual, state.rel_residual, state.nstep, state.converged, state.failed
 
 
-def anderson_history(x, fx, F, G, slot: int):
+def anderson_history(x, fx, F, G, slot: int, fused: Optional[bool] = None):
     """Pass A; see :func:`deqfast.reference.anderson_history`. Returns (F, G, partials)."""
-    if _use_fused(x, fx, F, G, m=F.shape[1]):
+    if use_fused(x, fx, F, G, m=F.shape[1]) if fused is None else fused:
         partials = torch.ops.deqfast.anderson_history(x.contiguous(), fx.contiguous(), F, G, slot)
         return F, G, partials
     return reference.anderson_history(x, fx, F, G, slot)
 
 
-def anderson_step(x, F, G, gram, partials, state: SampleState, n_filled: int, slot: int, lam: float, tau: float):
+def anderson_step(x, F, G, gram, partials, state: SampleState, n_filled: int, slot: int, lam: float, tau: float,
+                  fused: Optional[bool] = None):
     """Pass B; see :func:`deqfast.reference.anderson_step`. Returns (gram, x_next)."""
-    if _use_fused(x, F, G, gram, m=F.shape[1]):
+    if use_fused(x, F, G, gram, m=F.shape[1]) if fused is None else fused:
         x_next = torch.ops.deqfast.anderson_step(
             x.contiguous(), F, G, gram, partials, *_state_tensors(state), n_filled, slot, float(lam), float(tau),
             float(state.tol), state.rel,
@@ -59,10 +63,11 @@ def anderson_step(x, F, G, gram, partials, state: SampleState, n_filled: int, sl
     return reference.anderson_step(x, F, G, gram, partials, state, n_filled, slot, lam, tau)
 
 
-def fixed_point_step(x, fx, offset, state: SampleState, tau: float):
+def fixed_point_step(x, fx, offset, state: SampleState, tau: float, fused: Optional[bool] = None):
     """See :func:`deqfast.reference.fixed_point_step`. Returns x_next."""
-    tensors = (x, fx) if offset is None else (x, fx, offset)
-    if _use_fused(*tensors):
+    if fused is None:
+        fused = use_fused(x, fx) if offset is None else use_fused(x, fx, offset)
+    if fused:
         offset = None if offset is None else offset.contiguous()
         return torch.ops.deqfast.fixed_point_step(x.contiguous(), fx.contiguous(), offset, *_state_tensors(state), float(tau),
                                                     float(state.tol), state.rel)

@@ -166,7 +166,7 @@ def test_fused_solve_equals_reference_solve(device, solver, monkeypatch):
     f = lambda z: torch.tanh(z @ W.T + c)
     fn = deqfast.solvers.anderson if solver == "anderson" else deqfast.solvers.fixed_point_iteration
     z_fused, s_fused = fn(f, torch.zeros_like(c), tol=1e-10, max_iter=200)
-    monkeypatch.setattr(ops, "_use_fused", lambda *a, **k: False)
+    monkeypatch.setattr(ops, "use_fused", lambda *a, **k: False)
     z_ref, s_ref = fn(f, torch.zeros_like(c), tol=1e-10, max_iter=200)
     torch.testing.assert_close(z_fused, z_ref, rtol=0, atol=1e-9)
     assert s_fused.converged.all() and s_ref.converged.all()
@@ -188,13 +188,17 @@ def test_fused_ops_are_deterministic(device):
         assert torch.equal(a, b)
 
 
-def test_solver_uses_the_fused_ops(monkeypatch):
-    calls = []
-    real = torch.ops.deqfast.anderson_step
-
-    monkeypatch.setattr(ops, "_use_fused", lambda *a, **k: calls.append(1) or True)
-    deqfast.solvers.anderson(lambda z: 0.5 * z + 1, torch.randn(2, 8), tol=1e-8, max_iter=10)
-    assert calls and real is torch.ops.deqfast.anderson_step
+@pytest.mark.parametrize("solver", ["anderson", "fixed_point"])
+def test_solver_calls_the_fused_ops_every_iteration(solver, monkeypatch):
+    names = ["anderson_history", "anderson_step"] if solver == "anderson" else ["fixed_point_step"]
+    calls = {name: 0 for name in names}
+    for name in names:
+        real = getattr(torch.ops.deqfast, name)
+        monkeypatch.setattr(torch.ops.deqfast, name,
+                            lambda *a, _real=real, _name=name: calls.__setitem__(_name, calls[_name] + 1) or _real(*a))
+    fn = deqfast.solvers.anderson if solver == "anderson" else deqfast.solvers.fixed_point_iteration
+    _, stats = fn(lambda z: 0.5 * z + 1, torch.randn(2, 8), tol=0.0, max_iter=10)
+    assert calls == {name: 10 for name in names} and stats.nstep.tolist() == [10, 10]
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -49,7 +49,7 @@ def anderson(
     gram = torch.zeros(B, m, m, dtype=accumulation_dtype(x.dtype), device=x.device)
     state = SampleState(x, tol, stop_mode)
     F = G = None
-    recording = False
+    recording = fused = False
     for k in range(max_iter):
         fx = problem(x)
         slot = k % m
@@ -62,11 +62,12 @@ def anderson(
             else:
                 F = torch.zeros(B, m, d, dtype=x.dtype, device=x.device)
                 G = torch.zeros_like(F)
+                fused = ops.use_fused(x, fx, F, G, m=m)  # the same for every iteration of the solve
         if recording:
             gram, x = reference.anderson_recorded_step(x, fx, F, G, gram, state, min(k + 1, m), slot, lam, tau)
         else:
-            F, G, partials = ops.anderson_history(x, fx, F, G, slot)
-            gram, x = ops.anderson_step(x, F, G, gram, partials, state, min(k + 1, m), slot, lam, tau)
+            F, G, partials = ops.anderson_history(x, fx, F, G, slot, fused=fused)
+            gram, x = ops.anderson_step(x, F, G, gram, partials, state, min(k + 1, m), slot, lam, tau, fused=fused)
         if _common.should_stop(state, k, check_every, max_iter):
             break
     return _common.finish(problem, state, "anderson")

@@ -43,8 +43,12 @@ def fixed_point_iteration(
     x = problem.x0
     check_every = _common.resolve_check_every(check_every, x)
     state = SampleState(x, tol, stop_mode)
+    fused = None
     for k in range(max_iter):
-        x = ops.fixed_point_step(x, problem(x), None, state, tau)
+        fx = problem(x)
+        if fused is None:  # decided once: f's output requires grad at every iteration or none
+            fused = ops.use_fused(x, fx)
+        x = ops.fixed_point_step(x, fx, None, state, tau, fused=fused)
         if _common.should_stop(state, k, check_every, max_iter):
             break
     return _common.finish(problem, state, "fixed_point")
@@ -72,8 +76,12 @@ def adjoint_iteration(
     offset = u
     check_every = _common.resolve_check_every(check_every, u)
     state = SampleState(u, tol, stop_mode)
+    fused = None
     for k in range(max_iter):
-        u = ops.fixed_point_step(u, problem(u), offset, state, 1.0)
+        v = problem(u)
+        if fused is None:
+            fused = ops.use_fused(u, v, offset)
+        u = ops.fixed_point_step(u, v, offset, state, 1.0, fused=fused)
         if _common.should_stop(state, k, check_every, max_iter):
             break
     return _common.finish(problem, state, "fixed_point")
