@@ -18,6 +18,14 @@ solver converges within the forced iterations (the final relative residual is re
 it) and the iterates never drift into denormals. (f = 0.5·z + c, PERFORMANCE.md's anchor, is
 affine: Anderson solves it in a few steps and then iterates on residuals near zero.)
 
+On CUDA one more row per size, deqfast_fused_graphed: the fused step with the host out of the
+loop. m iterations (f, pass A, pass B; one turn of the ring buffer, so the slots repeat) are
+captured in one CUDA graph after the history is full and replayed; f alone is captured and
+replayed the same way, and overhead = iteration − f as above. It measures the kernels against
+the floor whatever the Python loop costs: at small sizes the eager solve is bound by the host's
+time per iteration, not the GPU's. Before timing, one replay is checked against the same turn
+run eagerly from the same state.
+
 Columns: deqfast reference (the pure-PyTorch deqfast.solvers.anderson), deqfast fused (when the
 extension is compiled for the device, ``common.deqfast_fused_available``; None otherwise), and
 torchdeq 0.1.0's anderson_solver when importable. When the fused path is active in this process,
@@ -103,6 +111,73 @@ def measure_impl(solve: Callable, f: Callable, z0: torch.Tensor, T: int, m: int,
     }
 
 
+def _cuda_graph_capture(fn: Callable[[], None]) -> Callable[[], None]:
+    """fn captured in a CUDA graph (after a warm-up call on a side stream); returns its replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def measure_graphed(f: Callable, z0: torch.Tensor, m: int, cfg, repeats: int, capture=None) -> dict:
+    """Iteration and f times of the fused Anderson step replayed from a CUDA graph (see the module
+    docstring). ``capture(fn) -> replay``: a CUDA graph by default; the tests pass one that runs fn
+    eagerly, to check the buffer logic on the CPU."""
+    from deqfast import ops
+    from deqfast.reference import SampleState
+
+    capture = capture or _cuda_graph_capture
+    B, d = z0.shape
+    lam = 1e-4
+    with torch.no_grad():
+        x_static = z0.clone()
+        F = torch.zeros(B, m, d, dtype=z0.dtype, device=z0.device)
+        G = torch.zeros_like(F)
+        gram = torch.zeros(B, m, m, dtype=torch.float32, device=z0.device)
+        state = SampleState(x_static, 0.0, "rel")  # tol 0: no sample freezes, every step is done in full
+
+        def steps(n_filled_at, count: int) -> None:
+            x = x_static
+            for j in range(count):
+                fx = f(x)
+                _, _, partials = ops.anderson_history(x, fx, F, G, j % m, fused=True)
+                _, x = ops.anderson_step(x, F, G, gram, partials, state, n_filled_at(j), j % m, lam, 1.0, fused=True)
+            x_static.copy_(x)
+
+        steps(lambda j: j + 1, m)  # fill the history: from here on every turn is the same m steps
+        turn = lambda: steps(lambda j: m, m)
+        snapshot = [t.clone() for t in (x_static, F, G, gram, *ops._state_tensors(state))]
+        live = [x_static, F, G, gram, *ops._state_tensors(state)]
+        replay = capture(turn)  # the capture's warm-up call advances the state: restore it
+        for t, saved in zip(live, snapshot):
+            t.copy_(saved)
+        turn()
+        expected = x_static.clone()
+        for t, saved in zip(live, snapshot):
+            t.copy_(saved)
+        replay()
+        common.synchronize(cfg.device)
+        max_diff = float((x_static - expected).abs().max())
+        iteration_s = common.time_function(replay, cfg.device, repeats=repeats, warmup=2)["median_s"] / m
+
+        y_static = f(z0)
+
+        def f_turn() -> None:
+            y = y_static
+            for _ in range(m):
+                y = f(y)
+            y_static.copy_(y)
+
+        f_s = common.time_function(capture(f_turn), cfg.device, repeats=repeats, warmup=2)["median_s"] / m
+    return {"iteration_us": iteration_s * 1e6, "f_us": f_s * 1e6, "replay_vs_eager_max_abs_diff": max_diff,
+            "iterations_per_replay": m}
+
+
 def make_problem(B: int, d: int, device: torch.device):
     """f and a random z0, the same in every process (fixed seeds)."""
     g = torch.Generator(device="cpu").manual_seed(1)
@@ -134,6 +209,15 @@ def measure_size(B: int, d: int, m: int, T: int, bandwidth: float, impls, cfg, r
         r["overhead_us"] = r["iteration_us"] - f_us
         r["overhead_over_floor"] = r["overhead_us"] / floor_us
         row[name] = r
+    if cfg.cuda and row.get("deqfast_fused") is not None:
+        try:
+            g = measure_graphed(f, z0, m, cfg, repeats)
+            g["overhead_us"] = g["iteration_us"] - g["f_us"]
+            g["overhead_over_floor"] = g["overhead_us"] / floor_us
+            row["deqfast_fused_graphed"] = g
+        except Exception as exc:  # a failed capture must not cost the rest of the run
+            print(f"(deqfast_fused_graphed at B{B} d{d}: {type(exc).__name__}: {exc})")
+            row["deqfast_fused_graphed"] = {"error": f"{type(exc).__name__}: {exc}"}
     tdq = row.get("torchdeq")
     for name in ("deqfast_reference", "deqfast_fused"):
         x = row.get(name)
@@ -171,6 +255,7 @@ def _reference_worker(job: dict) -> None:
 
 
 IMPLS = ["deqfast_reference", "deqfast_fused", "torchdeq"]
+GRAPHED = "deqfast_fused_graphed"
 HEADERS = ["B x d, m", "solver", "f µs", "floor µs", "iteration µs", "overhead µs", "overhead/floor",
            "torchdeq/this", "ops/it", "syncs/it", "final rel res"]
 
@@ -189,6 +274,11 @@ def table_rows(rows):
             out.append([size, name, r["f_us"], r["floor_us"], x["iteration_us"], x["overhead_us"],
                         x["overhead_over_floor"], tdq["overhead_us"] / x["overhead_us"] if tdq else None,
                         x["ops_per_iteration"], x["host_syncs_per_iteration"], x["final_rel_residual"]])
+        g = r.get(GRAPHED)
+        if g is not None and "error" not in g:  # CUDA only; its own f time, in a graph too
+            out.append([size, GRAPHED, g["f_us"], r["floor_us"], g["iteration_us"], g["overhead_us"],
+                        g["overhead_over_floor"], tdq["overhead_us"] / g["overhead_us"] if tdq else None,
+                        None, 0, None])
     return out
 
 
@@ -239,6 +329,8 @@ def run(cfg, info: dict) -> dict:
     note = ("overhead = iteration − f; floor = (2m+3)·N·4 bytes at the copy bandwidth measured in this run. "
             "deqfast_reference = deqfast.solvers.anderson on the pure-PyTorch path; deqfast_fused = the same call "
             "with the compiled ops (— when not compiled for this device); torchdeq = torchdeq 0.1.0 anderson_solver. "
+            "deqfast_fused_graphed (CUDA): m fused iterations captured in one CUDA graph and replayed, f time "
+            "from f replayed the same way (the kernels without the host loop; syncs 0: a capture fails on any). "
             "torchdeq/this: torchdeq's overhead over this solver's. ops/it: operators dispatched per iteration "
             "besides f's (each >= 1 kernel launch on a GPU). syncs/it: host synchronisations per iteration (CUDA "
             "only). final rel res: worst ‖f(z) − z‖/‖f(z)‖ after the forced iterations (far above any usual tol: "
