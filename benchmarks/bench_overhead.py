@@ -151,8 +151,9 @@ def measure_graphed(f: Callable, z0: torch.Tensor, m: int, cfg, repeats: int, ca
 
         steps(lambda j: j + 1, m)  # fill the history: from here on every turn is the same m steps
         turn = lambda: steps(lambda j: m, m)
-        snapshot = [t.clone() for t in (x_static, F, G, gram, *ops._state_tensors(state))]
-        live = [x_static, F, G, gram, *ops._state_tensors(state)]
+        live = [x_static, F, G, gram, state.best_x, state.residual, state.rel_residual, state.nstep,
+                state.converged, state.failed]
+        snapshot = [t.clone() for t in live]
         replay = capture(turn)  # the capture's warm-up call advances the state: restore it
         for t, saved in zip(live, snapshot):
             t.copy_(saved)
