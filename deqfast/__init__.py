@@ -7,6 +7,7 @@ from . import compat, solvers
 from ._extension import extension_info, load_extension
 from .functional import fixed_point
 from .layer import DEQ
+from .regularization import jacobian_penalty
 from .stats import SolverStats
 
 __version__ = "0.1.0"
@@ -14,4 +15,4 @@ __version__ = "0.1.0"
 # Registers torch.ops.deqfast.* when deqfast._C is built (never raises; see extension_info()).
 load_extension()
 
-__all__ = ["fixed_point", "DEQ", "SolverStats", "solvers", "compat", "extension_info", "__version__"]
+__all__ = ["fixed_point", "DEQ", "jacobian_penalty", "SolverStats", "solvers", "compat", "extension_info", "__version__"]

@@ -43,15 +43,15 @@ def check_check_every(caller: str, value) -> None:
         check_int(caller, "check_every", value, 1)
 
 
-def check_z0(caller: str, z0) -> None:
+def check_z0(caller: str, z0, name: str = "z0") -> None:
     if not isinstance(z0, torch.Tensor):
-        raise TypeError(f"{caller}: z0 must be a torch.Tensor, got {type(z0).__name__}")
+        raise TypeError(f"{caller}: {name} must be a torch.Tensor, got {type(z0).__name__}")
     if not z0.is_floating_point():
-        raise TypeError(f"{caller}: z0 must be floating point, got {z0.dtype}")
+        raise TypeError(f"{caller}: {name} must be floating point, got {z0.dtype}")
     if z0.dim() < 1:
-        raise ValueError(f"{caller}: z0 must have a batch dimension (dim 0), got a 0-dim tensor")
+        raise ValueError(f"{caller}: {name} must have a batch dimension (dim 0), got a 0-dim tensor")
     if z0.shape[0] == 0:
-        raise ValueError(f"{caller}: z0 must have a non-empty batch, got shape {tuple(z0.shape)}")
+        raise ValueError(f"{caller}: {name} must have a non-empty batch, got shape {tuple(z0.shape)}")
 
 
 def _autocast_on(device: torch.device) -> bool:
@@ -61,8 +61,8 @@ def _autocast_on(device: torch.device) -> bool:
         return False
 
 
-def f_output(caller: str, out, like: torch.Tensor, what: str = "f(z)") -> torch.Tensor:
-    """Check what f returned against z0 (``like``) and return it in z0's dtype.
+def f_output(caller: str, out, like: torch.Tensor, what: str = "f(z)", like_name: str = "z0") -> torch.Tensor:
+    """Check what f returned against z0 (``like``, named ``like_name``) and return it in z0's dtype.
 
     Under ``torch.autocast`` for z0's device, f may return another floating dtype (its matmuls run
     in the autocast dtype): the solver state stays in z0's dtype and f's output is cast to it, a
@@ -70,13 +70,13 @@ def f_output(caller: str, out, like: torch.Tensor, what: str = "f(z)") -> torch.
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"{caller}: {what} must return a torch.Tensor, got {type(out).__name__}")
     if out.shape != like.shape:
-        raise ValueError(f"{caller}: {what} must return shape {tuple(like.shape)} (the shape of z0), got {tuple(out.shape)}")
+        raise ValueError(f"{caller}: {what} must return shape {tuple(like.shape)} (the shape of {like_name}), got {tuple(out.shape)}")
     if out.device != like.device:
-        raise ValueError(f"{caller}: {what} must return a tensor on {like.device} (the device of z0), got {out.device}")
+        raise ValueError(f"{caller}: {what} must return a tensor on {like.device} (the device of {like_name}), got {out.device}")
     if out.dtype != like.dtype:
         if out.is_floating_point() and _autocast_on(like.device):
             return out.to(like.dtype)
-        raise TypeError(f"{caller}: {what} must return dtype {like.dtype} (the dtype of z0), got {out.dtype}")
+        raise TypeError(f"{caller}: {what} must return dtype {like.dtype} (the dtype of {like_name}), got {out.dtype}")
     return out
 
 

@@ -21,6 +21,7 @@ from . import _checks
 from . import solvers as _solvers
 from .functional import solve
 from .options import Options
+from .regularization import squared_vjp_norms
 from .stats import SolverStats
 
 # torchdeq 0.1.0's get_deq keywords and their defaults (DEQBase and DEQIndexing/DEQSliced).
@@ -212,15 +213,30 @@ def spectral_radius(f: Callable, z: torch.Tensor, n_iters: int = 100) -> torch.T
     """Per-sample estimate of the spectral radius of J = ∂f/∂z at z by the power method on Jᵀ."""
     with torch.enable_grad():
         z_leaf = z.detach().requires_grad_()
-        fz = f(z_leaf)
-        v = torch.randn_like(z)
-        radius = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
-        for _ in range(n_iters):
-            v = v / v.flatten(1).norm(dim=1).clamp_min(1e-30).view(-1, *([1] * (z.dim() - 1)))
-            w = torch.autograd.grad(fz, z_leaf, v, retain_graph=True)[0]
-            radius = (w * v).flatten(1).sum(dim=1).abs()
-            v = w
-    return radius
+        return power_method(f(z_leaf), z_leaf, n_iters)[1]
+
+
+def jac_reg(f0: torch.Tensor, z0: torch.Tensor, vecs: int = 1, create_graph: bool = True) -> torch.Tensor:
+    """torchdeq.loss.jac_reg: Hutchinson estimate of ‖∂f0/∂z0‖_F² / z0.numel() (a 0-dim tensor),
+    with ``vecs`` Gaussian probes drawn as torchdeq draws them. ``f0`` = f(z0) with z0 in its graph.
+    deqfast's own, per sample and from f: :func:`deqfast.jacobian_penalty`."""
+    _checks.check_int("deqfast.compat.jac_reg", "vecs", vecs, 1)
+    probes = (torch.randn(*z0.shape).to(z0) for _ in range(vecs))
+    return squared_vjp_norms(f0, z0, probes, create_graph).sum() / vecs / z0.numel()
+
+
+def power_method(f0: torch.Tensor, z0: torch.Tensor, n_iters: int = 100):
+    """torchdeq.loss.power_method: (eigenvector, |eigenvalue|) per sample of the largest-magnitude
+    eigenvalue of J = ∂f0/∂z0, by ``n_iters`` power iterations on Jᵀ (VJPs through f0's graph)."""
+    _checks.check_int("deqfast.compat.power_method", "n_iters", n_iters, 1)
+    v = torch.randn_like(z0)
+    B = v.shape[0]
+    for i in range(n_iters):
+        w = torch.autograd.grad(f0, z0, v, retain_graph=i < n_iters - 1)[0]
+        value = (w * v).reshape(B, -1).sum(1) / (v * v).reshape(B, -1).sum(1)
+        norm = w.reshape(B, -1).norm(dim=1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)  # J = 0: no NaN
+        v = (w.reshape(B, -1) / norm).reshape_as(z0)
+    return v, value.abs()
 
 
 def _pack(func: Callable, z_init):
