@@ -80,6 +80,19 @@ def f_output(caller: str, out, like: torch.Tensor, what: str = "f(z)", like_name
     return out
 
 
+def call_f(caller: str, f, z: torch.Tensor, like: torch.Tensor, like_name: str = "z0") -> torch.Tensor:
+    """f(z) checked by :func:`f_output`, and checked not to have written into z: the solver's
+    iterate (and its history) would silently change under it."""
+    version = None if z.is_inference() else z._version  # inference tensors keep no version
+    out = f(z)
+    if version is not None and z._version != version:
+        raise RuntimeError(
+            f"{caller}: f modified its argument z in place (e.g. torch.relu_ or nn.ReLU(inplace=True) "
+            f"applied to z), which would corrupt the solver's iterate; use out-of-place operations on z"
+        )
+    return f_output(caller, out, like, like_name=like_name)
+
+
 def check_callable(caller: str, name: str, f) -> None:
     if not callable(f):
         raise TypeError(f"{caller}: {name} must be callable, got {type(f).__name__}")

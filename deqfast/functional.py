@@ -70,7 +70,7 @@ def fixed_point(
 
 
 def _apply_f(caller: str, f: Callable, z: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return _checks.f_output(caller, f(z), like)
+    return _checks.call_f(caller, f, z, like)
 
 
 def solve(f: Callable, z0: torch.Tensor, options: Options, *, caller: str,

@@ -48,7 +48,7 @@ def jacobian_penalty(f: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor,
     create_graph = torch.is_grad_enabled()
     with torch.enable_grad():
         z_leaf = z.detach().requires_grad_()
-        fz = _checks.f_output(caller, f(z_leaf), z_leaf, like_name="z")
+        fz = _checks.call_f(caller, f, z_leaf, z_leaf, like_name="z")
         probes = (torch.randn(z.shape, generator=generator, dtype=z.dtype, device=z.device) for _ in range(vecs))
         total = squared_vjp_norms(fz, z_leaf, probes, create_graph)
     return total / (vecs * z[0].numel())

@@ -91,6 +91,24 @@ def test_f_returns_other_dtype(entry):
 
 
 @pytest.mark.parametrize("entry", ALL)
+@pytest.mark.parametrize("shape", [(B, D), (B, 1, D)], ids=["flat", "3d"])
+def test_f_writing_into_its_argument_is_an_error(entry, shape):
+    """An in-place op on z (relu_, ReLU(inplace=True)) would change the solver's iterate under it."""
+    z0 = _z0().reshape(shape)
+    with pytest.raises(RuntimeError, match=F_NAMED + r".*modified its argument z in place"):
+        ENTRIES[entry](lambda z: 0.5 * torch.relu_(z) + 1.0, z0)
+
+
+@pytest.mark.parametrize("entry", ALL)
+def test_every_entry_runs_under_inference_mode(entry):
+    """Inference tensors keep no version counter: the in-place check must not need one."""
+    with torch.inference_mode():
+        out = ENTRIES[entry](_contraction, _z0(), tol=1e-6)
+    z = out[0] if isinstance(out, tuple) else out
+    torch.testing.assert_close(z, torch.full((B, D), 2.0), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("entry", ALL)
 def test_f_returns_other_device(entry):
     # A meta tensor stands in for "a tensor on another device" on a CPU-only machine.
     with pytest.raises(ValueError, match=F_NAMED + r".*\bcpu\b.*\bmeta\b"):

@@ -29,9 +29,9 @@ class FlatProblem:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.flat:
-            return _checks.f_output(self.caller, self.f(x), self.z0)
+            return _checks.call_f(self.caller, self.f, x, self.z0)
         z = x.view(self.shape) if x.is_contiguous() else x.reshape(self.shape)
-        return _checks.f_output(self.caller, self.f(z), self.z0).reshape(self.batch, -1)
+        return _checks.call_f(self.caller, self.f, z, self.z0).reshape(self.batch, -1)
 
     def unflatten(self, x: torch.Tensor) -> torch.Tensor:
         return x.reshape(self.shape)
