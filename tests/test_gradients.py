@@ -253,3 +253,23 @@ def test_model_with_deq_layer_under_torch_compile_matches_eager(backward):
     g_compiled = torch.autograd.grad((compiled * c).sum(), params)
     torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-12)
     _assert_rel(g_compiled, g_eager, 1e-10)
+
+
+@pytest.mark.parametrize("solver", ["anderson", "fixed_point", "broyden"])
+def test_bptt_gradient_stays_finite_while_samples_sit_frozen(solver):
+    """Samples that converge early sit frozen for many recorded steps (Δx = 0: Broyden's update
+    is 0/0 there, masked): their gradient must stay finite and equal the implicit one."""
+    g = torch.Generator().manual_seed(23)
+    d = 6
+    W = torch.randn(d, d, generator=g, dtype=torch.float64)
+    W = (W / torch.linalg.matrix_norm(W, 2)).requires_grad_()
+    scale = torch.tensor([[0.05], [0.5], [0.9]], dtype=torch.float64)  # converge after ~5, ~20, ~100 steps
+    c = torch.randn(3, d, generator=g, dtype=torch.float64).requires_grad_()
+    f = lambda z: torch.tanh(scale * (z @ W.T) + c)
+    z0 = torch.zeros(3, d, dtype=torch.float64)
+    out, stats = deqfast.fixed_point(f, z0, solver=solver, backward="bptt", max_iter=300, tol=1e-11)
+    assert bool(stats.converged.all()) and int(stats.nstep.max()) >= int(stats.nstep.min()) + 5
+    grads = torch.autograd.grad(out.square().sum(), (W, c))
+    assert all(bool(torch.isfinite(gr).all()) for gr in grads)
+    out_ift, _ = deqfast.fixed_point(f, z0, solver=solver, **TIGHT)
+    _assert_rel(grads, torch.autograd.grad(out_ift.square().sum(), (W, c)), 1e-6)

@@ -69,9 +69,12 @@ def broyden(
         v = -dx + _low_rank(V, U, dx)  # vᵀ = Δxᵀ(−I + Σ u_i v_iᵀ)
         h_dg = -dg + _low_rank(U, V, dg)
         denom = (v * dg).sum(dim=1, keepdim=True)
-        u = (dx - h_dg) / denom
-        keep = (~state.done).unsqueeze(1) & (denom.abs() > torch.finfo(x.dtype).tiny)
-        keep = keep & torch.isfinite(u).all(dim=1, keepdim=True) & torch.isfinite(v).all(dim=1, keepdim=True)
+        usable = (~state.done).unsqueeze(1) & (denom.abs() > torch.finfo(x.dtype).tiny)
+        # Divide by 1 where the update is dropped: a frozen sample has Δx = Δg = 0, and its 0/0,
+        # though masked below, would make the gradient NaN under backward="bptt" (0 · ∞ in the
+        # division's backward).
+        u = (dx - h_dg) / torch.where(usable, denom, torch.ones_like(denom))
+        keep = usable & torch.isfinite(u).all(dim=1, keepdim=True) & torch.isfinite(v).all(dim=1, keepdim=True)
         u = torch.where(keep, u, torch.zeros_like(u))
         v = torch.where(keep, v, torch.zeros_like(v))
         slot = (k - 1) % memory
