@@ -12,13 +12,14 @@ a clear error rather than being ignored.
 from __future__ import annotations
 
 import argparse
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
 
 from . import _checks
 from . import solvers as _solvers
+from ._state import PackedState
 from .functional import solve
 from .options import Options
 from .regularization import squared_vjp_norms
@@ -240,26 +241,14 @@ def power_method(f0: torch.Tensor, z0: torch.Tensor, n_iters: int = 100):
 
 
 def _pack(func: Callable, z_init):
-    """Flatten a list/tuple state (torchdeq's multi-tensor z) into one (B, D) tensor."""
+    """(f, z0, unpack) on one (B, D) tensor for torchdeq's multi-tensor state: z_init a list/tuple
+    of tensors, func(*tensors) -> tensors; unpack gives a list, as torchdeq does."""
     if isinstance(z_init, torch.Tensor):
         return func, z_init, lambda z: z
     if not isinstance(z_init, (list, tuple)) or not z_init or not all(isinstance(t, torch.Tensor) for t in z_init):
         raise TypeError(f"deqfast.compat: z_init must be a tensor or a non-empty list/tuple of tensors, got {type(z_init).__name__}")
-    shapes = [t.shape for t in z_init]
-    sizes = [t[0].numel() if t.dim() >= 1 else 1 for t in z_init]
-    batch = z_init[0].shape[0]
-
-    def pack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        return torch.cat([t.reshape(batch, -1) for t in tensors], dim=1)
-
-    def unpack(z: torch.Tensor):
-        return [part.reshape(shape) for part, shape in zip(z.split(sizes, dim=1), shapes)]
-
-    def f(z):
-        out = func(*unpack(z))
-        return pack(out)
-
-    return f, pack(z_init), unpack
+    layout = PackedState("deqfast.compat", list(z_init), name="z_init")
+    return layout.wrap(func, star=True), layout.pack(z_init), layout.unpack
 
 
 def get_deq(args: Union[None, dict, argparse.Namespace] = None, **kwargs) -> DEQCompat:

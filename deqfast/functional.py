@@ -7,6 +7,7 @@ import torch
 
 from . import _checks
 from . import solvers as _solvers
+from ._state import PackedState
 from .backward import AdjointFunction
 from .options import Options
 from .stats import SolverStats
@@ -40,7 +41,9 @@ def fixed_point(
 
     Args:
         f: z -> f(z), same shape, dtype and device as z0.
-        z0: (B, ...) initial iterate, floating point.
+        z0: (B, ...) initial iterate, floating point; or a list/tuple of such tensors (one batch
+            size, dtype and device), for a state of several parts: then f maps such a list/tuple
+            to one of the same shapes, and z comes back as one. Stats are per sample, over all parts.
         solver: "anderson" | "fixed_point" | "broyden".
         max_iter, tol, stop_mode: at most max_iter evaluations of f; a sample converges when its
             residual (stop_mode "rel": ‖f(z) − z‖/‖f(z)‖, "abs": ‖f(z) − z‖) is below tol.
@@ -77,7 +80,13 @@ def solve(f: Callable, z0: torch.Tensor, options: Options, *, caller: str,
           on_backward: Optional[Callable[[SolverStats], None]] = None):
     """Solve with validated ``options``: the engine behind fixed_point, DEQ and compat.
 
-    ``on_backward`` is called with the adjoint solve's stats when backward runs."""
+    ``on_backward`` is called with the adjoint solve's stats when backward runs. A list/tuple
+    z0 is packed into one (B, D) state and the result unpacked like it."""
+    if isinstance(z0, (list, tuple)):
+        _checks.check_callable(caller, "f", f)
+        layout = PackedState(caller, z0)
+        z, stats = solve(layout.wrap(f), layout.pack(z0), options, caller=caller, on_backward=on_backward)
+        return layout.unpack(z), stats
     _checks.check_callable(caller, "f", f)
     _checks.check_z0(caller, z0)
     user_f = f

@@ -15,7 +15,8 @@ class DEQ(nn.Module):
     """z* = cell(z*, x), differentiated implicitly (or as ``backward`` says).
 
     Args:
-        cell: module or callable (z, x) -> z with z of the shape of z0 (by default that of x).
+        cell: module or callable (z, x) -> z with z of the shape of z0 (by default that of x);
+            for a state of several tensors, z0 is a list/tuple and cell maps one to one like it.
         **keywords: those of :func:`deqfast.fixed_point` (solver, max_iter, tol, backward, ...).
 
     Attributes:
@@ -34,7 +35,7 @@ class DEQ(nn.Module):
         self.options = Options.build("deqfast.DEQ", **keywords)
         self.stats: Optional[SolverStats] = None
 
-    def forward(self, x: torch.Tensor, z0: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x, z0=None):
         if z0 is None:
             if not isinstance(x, torch.Tensor):
                 raise TypeError(f"deqfast.DEQ: x must be a torch.Tensor when z0 is not given, got {type(x).__name__}")
