@@ -242,6 +242,7 @@ def reference_in_subprocess(sizes, T: int, repeats: int, cfg) -> List[Optional[d
 def _reference_worker(job: dict) -> None:
     """Child process: print the reference's measure_impl results for job["sizes"] as JSON."""
     device = torch.device(job["device"])
+    common.fix_malloc_thresholds()  # as run.py does for the parent
     if device.type == "cpu":
         torch.set_flush_denormal(True)
     torch.set_num_threads(job["threads"])

@@ -72,6 +72,12 @@ def setup_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
+def setup_host() -> bool:
+    """Whether malloc's thresholds could be pinned (common.fix_malloc_thresholds): CPU timings of
+    MiB-sized tensors are bimodal across processes otherwise."""
+    return common.fix_malloc_thresholds()
+
+
 def warn_if_busy(info: dict) -> None:
     """CPU timings are only meaningful on an otherwise idle machine: say so when it is not."""
     busy = info["busy_cores_before"]
@@ -85,6 +91,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.no_extension:  # read when deqfast first loads its extension, i.e. after this line
         os.environ["DEQFAST_DISABLE_EXTENSION"] = "1"
+    malloc_pinned = setup_host()
     device = setup_device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -93,6 +100,7 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     info = common.machine_info(device)
     info["quick"] = args.quick
+    info["malloc_thresholds_pinned"] = malloc_pinned
     info["load_average_before"] = common.load_average()
     info["busy_cores_before"] = common.busy_cores()
     common.write_json(args.out / "machine.json", info)
