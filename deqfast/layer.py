@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .dropout import reset_dropout
 from .functional import solve
 from .options import Options
 from .stats import SolverStats
@@ -18,6 +19,9 @@ class DEQ(nn.Module):
         cell: module or callable (z, x) -> z with z of the shape of z0 (by default that of x);
             for a state of several tensors, z0 is a list/tuple and cell maps one to one like it.
         **keywords: those of :func:`deqfast.fixed_point` (solver, max_iter, tol, backward, ...).
+
+    In training mode each forward first resets the masks of the cell's
+    :class:`deqfast.VariationalDropout` modules, so every f call of one forward shares a mask.
 
     Attributes:
         stats: :class:`SolverStats` of the last forward solve (``stats.backward`` after backward).
@@ -42,6 +46,8 @@ class DEQ(nn.Module):
             if not x.is_floating_point():
                 raise TypeError(f"deqfast.DEQ: x must be floating point when z0 is not given (z0 = zeros_like(x)), got {x.dtype}")
             z0 = torch.zeros_like(x)
+        if self.training and isinstance(self.cell, nn.Module):
+            reset_dropout(self.cell)  # one variational-dropout mask per forward, fixed during the solve
         z, self.stats = solve(lambda z: self.cell(z, x), z0, self.options, caller="deqfast.DEQ")
         return z
 
