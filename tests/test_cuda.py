@@ -71,3 +71,11 @@ def test_cuda_autocast_float16_implicit_gradient_matches_float64():
         grads.append([g.cpu().double() for g in torch.autograd.grad(z.square().sum(), list(cell.parameters()) + [x])])
     for a, b in zip(*grads):
         assert float((a - b).norm() / b.norm()) < 2e-2  # 8e-4 measured with CPU float16 autocast
+
+
+def test_cuda_variational_dropout_mask_lives_on_the_input_device():
+    drop = deqfast.VariationalDropout(0.5)
+    x = torch.randn(4, 8, device="cuda", dtype=torch.float16)
+    y = drop(x)
+    assert drop.mask.device == x.device and drop.mask.dtype == x.dtype
+    torch.testing.assert_close(y, x * drop.mask)
