@@ -5,9 +5,10 @@
 
 Keywords take torchdeq 0.1.0's meaning and defaults. A keyword passed to ``get_deq`` that torchdeq
 does not know is an error; from a config object (``args``: argparse.Namespace or dict, usually the
-program's whole configuration) only torchdeq's keys are read. torchdeq features deqfast does not
-implement (several sampled states: n_states > 1, indexing, sup_gap, sup_loc; line search) raise
-a clear error rather than being ignored.
+program's whole configuration) only torchdeq's keys are read. Several sampled states (n_states,
+indexing) work with the sliced core, the default. torchdeq features deqfast does not implement
+(sup_gap, sup_loc; several states with core='indexing'; line search) raise a clear error rather
+than being ignored.
 """
 from __future__ import annotations
 
@@ -77,8 +78,9 @@ class DEQCompat(nn.Module):
 
     ``func`` maps z to f(z) (z a tensor, or a list/tuple of tensors when ``z_init`` is one, as
     torchdeq's multi-resolution states). ``z_list`` holds one tensor (or list): f at the solver's
-    best iterate, carrying the gradient the configuration asks for in training mode, found in
-    ``eval_f_max_iter`` iterations and without gradient in eval mode. ``info`` is a dict with torchdeq's keys
+    best iterate, carrying the gradient the configuration asks for in training mode (one per
+    sampled state with n_states/indexing), found in ``eval_f_max_iter`` iterations and without
+    gradient in eval mode. ``info`` is a dict with torchdeq's keys
     ``abs_lowest``, ``rel_lowest``, ``nstep``, ``abs_trace``, ``rel_trace`` (only the final value:
     deqfast keeps no per-iteration trace), ``sradius``; ``info["stats"]`` is deqfast's
     :class:`SolverStats`.
@@ -106,31 +108,57 @@ class DEQCompat(nn.Module):
         _checks.check_real(caller, "b_tol", c["b_tol"])
         _checks.check_real(caller, "eval_factor", c["eval_factor"])
         _checks.check_damping(caller, "tau", c["tau"])
-        grad = c["grad"]
-        if isinstance(grad, (list, tuple)):
-            if len(grad) != 1:
-                raise ValueError(f"deqfast.compat.get_deq: grad with several entries (one per sampled state) is not supported, got {grad!r}")
-            grad = grad[0]
-        if isinstance(grad, bool) or not isinstance(grad, int) or grad < 1:
-            raise ValueError(f"deqfast.compat.get_deq: grad must be an int >= 1, got {grad!r}")
+        grads = list(c["grad"]) if isinstance(c["grad"], (list, tuple)) else [c["grad"]]
+        if not grads or any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in grads):
+            raise ValueError(f"deqfast.compat.get_deq: grad must be an int >= 1 or a list of them, got {c['grad']!r}")
+        n_states = 1 if c["n_states"] is None else c["n_states"]
+        _checks.check_int(caller, "n_states", n_states, 1)
+        indexing = list(c["indexing"] or [])
         unsupported = {
-            "n_states": c["n_states"] not in (None, 1),
-            "indexing": bool(c["indexing"]),
             "sup_gap": c["sup_gap"] not in (None, -1) and c["sup_gap"] > 0,
             "sup_loc": bool(c["sup_loc"]),
+            # torchdeq's 'indexing' core samples states inside one solve; deqfast keeps no trajectory.
+            "n_states": c["core"] == "indexing" and n_states > 1,
+            "indexing": c["core"] == "indexing" and bool(indexing),
         }
         bad = [k for k, v in unsupported.items() if v]
         if bad:
             raise NotImplementedError(
-                f"deqfast.compat.get_deq: {', '.join(bad)} (several sampled trajectory states) is not supported; "
-                f"got {', '.join(f'{k}={c[k]!r}' for k in bad)}"
+                f"deqfast.compat.get_deq: {', '.join(bad)} (phantom states sampled along a phantom trajectory, or "
+                f"several states of one solve with core='indexing') is not supported; got "
+                f"{', '.join(f'{k}={c[k]!r}' for k in bad)} (core={c['core']!r}; core='sliced' takes n_states and indexing)"
             )
-        self.grad_steps = grad
+        self.n_states = n_states
+        self.indexing = indexing
+        self.grads = grads
+        self._segments(c["f_max_iter"])  # checks indexing and the grad list against f_max_iter
         self.ift = bool(c["ift"] or c["hook_ift"])
         self.f_max_iter = c["f_max_iter"]
         self.eval_f_max_iter = c["eval_f_max_iter"] if c["eval_f_max_iter"] > 0 else max(1, int(c["f_max_iter"] * c["eval_factor"]))
 
-    def _options(self, solver_kwargs: dict, training: bool) -> Options:
+    def _segments(self, f_max_iter: int):
+        """Iterations of each solve of the sliced core, and each segment's phantom steps: torchdeq's
+        DEQSliced (n_states equal slices, f_max_iter // n_states each; or the gaps of indexing)."""
+        caller = "deqfast.compat.get_deq"
+        if self.n_states > 1:
+            segments = [f_max_iter // self.n_states] * self.n_states
+            if segments[0] < 1:
+                raise ValueError(f"{caller}: n_states must be <= f_max_iter, got n_states={self.n_states}, f_max_iter={f_max_iter}")
+        else:
+            bounds = [0, *self.indexing, f_max_iter]
+            segments = [b - a for a, b in zip(bounds, bounds[1:])]
+            if any(n < 1 for n in segments):
+                raise ValueError(f"{caller}: indexing must increase strictly within (0, f_max_iter={f_max_iter}), "
+                                 f"got {self.indexing!r}")
+        if len(self.grads) not in (1, len(segments)):
+            raise ValueError(f"{caller}: grad must have 1 entry or one per sampled state ({len(segments)}), got {self.grads!r}")
+        grads = self.grads * len(segments) if len(self.grads) == 1 else self.grads
+        return list(zip(segments, grads))
+
+    def _options(self, solver_kwargs: dict, training: bool, max_iter: Optional[int] = None, grad: Optional[int] = None,
+                 ift: Optional[bool] = None) -> Options:
+        """The options of one solve; ``max_iter``, ``grad`` and ``ift`` override the configuration's
+        (one segment of the sliced core)."""
         c = self.config
         unknown = sorted(set(solver_kwargs) - set(_SOLVER_KWARGS))
         if unknown:
@@ -150,16 +178,19 @@ class DEQCompat(nn.Module):
         if kw["ls"]:
             raise NotImplementedError("deqfast.compat: Broyden line search (ls=True) is not supported, got ls=True")
         f_solver = _SOLVER_NAMES[c["f_solver"]]
-        max_iter = kw["f_max_iter"] if kw["f_max_iter"] is not None else (self.f_max_iter if training else self.eval_f_max_iter)
+        if max_iter is None:
+            max_iter = kw["f_max_iter"] if kw["f_max_iter"] is not None else (self.f_max_iter if training else self.eval_f_max_iter)
+        grad = self.grads[-1] if grad is None else grad
+        ift = self.ift if ift is None else ift
         m = kw["m"]
         if f_solver == "broyden":
             m = kw["LBFGS_thres"] if kw["LBFGS_thres"] is not None else int(max_iter)
-        if self.ift:
+        if ift:
             backward, steps, phantom_tau = "implicit", 1, 1.0
-        elif self.grad_steps == 1 and c["tau"] == 1.0:
+        elif grad == 1 and c["tau"] == 1.0:
             backward, steps, phantom_tau = "jfb", 1, 1.0
         else:
-            backward, steps, phantom_tau = "phantom", self.grad_steps, c["tau"]
+            backward, steps, phantom_tau = "phantom", grad, c["tau"]
         return Options.build(
             "deqfast.compat.get_deq",
             solver=f_solver,
@@ -182,11 +213,21 @@ class DEQCompat(nn.Module):
                 sradius_mode: bool = False, backward_writer: Optional[Callable] = None, **kwargs):
         if kwargs:
             raise TypeError(f"deqfast.compat: unknown keyword(s) {', '.join(map(repr, sorted(kwargs)))} in the DEQ call")
-        options = self._options(dict(solver_kwargs or {}), self.training)
+        solver_kwargs = dict(solver_kwargs or {})
+        options = self._options(solver_kwargs, self.training)
         f, z0, unpack = _pack(func, z_init)
         if self.training:
+            # The sliced core: one solve per sampled state, each from the previous state (detached)
+            # and with its own gradient; IFT (ift=True) for the last one only. One segment by default.
             on_backward = None if backward_writer is None else (lambda b: backward_writer(torchdeq_info(b)))
-            z, stats = solve(f, z0, options, caller="deqfast.compat", on_backward=on_backward)
+            segments = self._segments(options.max_iter)
+            z, z_out = z0, []
+            for i, (iters, grad) in enumerate(segments):
+                last = i == len(segments) - 1
+                seg = self._options(solver_kwargs, True, max_iter=iters, grad=grad, ift=self.ift and last)
+                z, stats = solve(f, z.detach(), seg, caller="deqfast.compat", on_backward=on_backward if last else None)
+                z_out.append(unpack(z))
+            return z_out, torchdeq_info(stats)
         else:
             with torch.no_grad():
                 z_star, stats = _solvers.SOLVERS[options.solver](f, z0, **options.solver_kwargs(options.solver))

@@ -205,12 +205,93 @@ def test_unknown_keyword_is_type_error(keyword):
 
 
 @pytest.mark.parametrize(
-    "keyword,value,shown",
-    [("n_states", 2, "2"), ("indexing", [3], r"\[3\]"), ("sup_gap", 2, "2"), ("sup_loc", [1], r"\[1\]")],
+    "keyword,value,shown,core",
+    [("n_states", 2, "2", "indexing"), ("indexing", [3], r"\[3\]", "indexing"), ("sup_gap", 2, "2", "sliced"),
+     ("sup_loc", [1], r"\[1\]", "sliced")],
 )
-def test_unsupported_keyword_is_not_implemented(keyword, value, shown):
+def test_unsupported_keyword_is_not_implemented(keyword, value, shown, core):
     with pytest.raises(NotImplementedError, match=rf"\b{keyword}\b.*{shown}"):
-        get_deq(**{keyword: value})
+        get_deq(core=core, **{keyword: value})
+
+
+# ---------------------------------------------------------------------------------------------
+# Several sampled states (the sliced core): n_states, indexing, a grad per state
+# ---------------------------------------------------------------------------------------------
+
+def _run_states(deq, params, z0, c):
+    """Every sampled state and the gradient of a loss on all of them (a fixed-point correction loss)."""
+    deq.train(True)
+    z_list, info = deq(_func(params), z0)
+    loss = sum(((i + 1) * z * c).sum() for i, z in enumerate(z_list))
+    return z_list, torch.autograd.grad(loss, params), info
+
+
+STATE_CONFIGS = [
+    pytest.param(dict(n_states=2), id="n_states2"),
+    pytest.param(dict(n_states=3, grad=2, tau=0.7), id="n_states3-grad2"),
+    pytest.param(dict(n_states=3, grad=[1, 3, 2], tau=0.8), id="n_states3-grad-per-state"),
+    pytest.param(dict(n_states=2, ift=True), id="n_states2-ift"),
+    pytest.param(dict(indexing=[100, 200], f_max_iter=300), id="indexing"),
+    pytest.param(dict(indexing=[150], f_max_iter=300, grad=[2, 1], ift=True), id="indexing-ift"),
+]
+
+
+@pytest.mark.parametrize("config", STATE_CONFIGS)
+@pytest.mark.parametrize("f_solver", ["fixed_point_iter", "anderson"])
+def test_sampled_states_match_torchdeq(f_solver, config):
+    """Every slice converges (tight tolerances), so each sampled state is the fixed point plus its
+    own gradient steps in both libraries, which then agree as the single-state tests do."""
+    kw = {**TIGHT, "f_solver": f_solver, **config}
+    params, z0, c = _problem(seed=61)
+    z_ref, g_ref, info_ref = _run_states(torchdeq.get_deq(**kw), params, z0, c)
+    z, g, info = _run_states(get_deq(**kw), params, z0, c)
+    assert len(z) == len(z_ref) > 1
+    for a, b in zip(z, z_ref):
+        torch.testing.assert_close(a, b, atol=Z_ATOL, rtol=0)
+    _assert_grads_close(g, g_ref)
+
+
+@pytest.mark.parametrize(
+    "config,slices",
+    [(dict(n_states=3), [2, 2, 2]), (dict(indexing=[1, 3]), [1, 2, 4]), (dict(n_states=2, grad=[2, 3], tau=0.6), [3, 3])],
+)
+def test_sampled_states_equal_explicit_unrolling(config, slices):
+    """Slices that do not converge (simple_fixed_point_iter: tol 0), against the states unrolled by
+    hand: slice i evaluates f ``slices[i]`` times from the previous state (detached), its best
+    iterate is the last point evaluated (f is a contraction), and the state is f there (grad 1,
+    tau 1: JFB) or ``grad`` damped steps from it; slice lengths as torchdeq's DEQSliced (7 // 3 = 2)."""
+    kw = dict(f_solver="simple_fixed_point_iter", f_max_iter=7, **config)
+    params, z0, c = _problem(seed=62)
+    z, g, _ = _run_states(get_deq(**kw), params, z0, c)
+
+    f = _func(params)
+    grads = config.get("grad", 1)
+    grads = grads if isinstance(grads, list) else [grads] * len(slices)
+    tau = config.get("tau", 1.0)
+    state, expected = z0, []
+    for n, k in zip(slices, grads):
+        with torch.no_grad():
+            x = state
+            for _ in range(n - 1):
+                x = f(x)
+        for _ in range(k):
+            x = (1 - tau) * x + tau * f(x)
+        expected.append(x)
+        state = x.detach()
+    assert len(z) == len(expected)
+    for a, b in zip(z, expected):
+        torch.testing.assert_close(a, b, atol=1e-14, rtol=0)
+    loss = sum(((i + 1) * e * c).sum() for i, e in enumerate(expected))
+    _assert_grads_close(g, torch.autograd.grad(loss, params), rtol=1e-12)
+
+
+def test_sampled_states_bad_configuration():
+    with pytest.raises(ValueError, match=r"indexing must increase strictly within \(0, f_max_iter=10\), got \[5, 3\]"):
+        get_deq(f_max_iter=10, indexing=[5, 3])
+    with pytest.raises(ValueError, match=r"grad must have 1 entry or one per sampled state \(3\), got \[1, 2\]"):
+        get_deq(n_states=3, grad=[1, 2])
+    with pytest.raises(ValueError, match=r"n_states must be <= f_max_iter"):
+        get_deq(n_states=5, f_max_iter=4)
 
 
 @pytest.mark.parametrize("keyword", ["f_solver", "b_solver"])
