@@ -6,16 +6,16 @@ What is measured, for each (B, d, m):
   exactly T evaluations of f; checked by counting them) / T, median over repeats;
 * f time = median time of one call of f alone on a typical iterate f(z0) (|z| <= 1, as in the solve);
 * overhead = iteration time − f time: what the solver itself costs per iteration;
-* floor = (2m + 3)·N·s bytes / copy bandwidth (docs/PERFORMANCE.md: the two passes over memory
+* floor = (2m + 3)·N·s bytes / copy bandwidth (benchmarks/README.md: the two passes over memory
   one Anderson step needs at least), with the bandwidth of a large tensor copy measured in the
   same run (bytes read + written); every ratio is to that floor;
 * host synchronisations per iteration (CUDA only, torch.cuda.set_sync_debug_mode; None on CPU);
 * operators dispatched per iteration, f's own excluded (TorchDispatchMode): each is at least one
-  kernel launch on a GPU, the proxy for PERFORMANCE.md's "<= 3 launches" target.
+  kernel launch on a GPU, the proxy for benchmarks/README.md's "<= 3 launches" target.
 
 f(z) = sin(3z + c) with random c: cheap, elementwise, bounded and expanding (|f'| up to 3), so no
 solver converges within the forced iterations (the final relative residual is reported to show
-it) and the iterates never drift into denormals. (f = 0.5·z + c, PERFORMANCE.md's anchor, is
+it) and the iterates never drift into denormals. (f = 0.5·z + c, benchmarks/README.md's anchor, is
 affine: Anderson solves it in a few steps and then iterates on residuals near zero.)
 
 On CUDA one more row per size, deqfast_fused_graphed: the fused step with the host out of the
@@ -44,7 +44,7 @@ import torch
 
 import common
 
-# (B, d, m): the four sizes of PERFORMANCE.md on CUDA, scaled down on the CPU.
+# (B, d, m): the four sizes of benchmarks/README.md on CUDA, scaled down on the CPU.
 SIZES_CUDA = [(32, 65536, 5), (256, 512, 5), (16, 131072, 5), (8, 1048576, 6)]
 SIZES_CPU = [(8, 4096, 5), (64, 512, 5), (4, 65536, 5)]
 

@@ -3,7 +3,7 @@
 For each cell of cells.py (conv, MLP, transformer-style) at this run's size, one step is
 ``z = layer(x); loss = <z, w>; loss.backward()`` (w random), with T forced forward iterations
 (tol = 0) and, where the backward iterates, T forced adjoint iterations (backward_tol = 0), so
-that every method does the work PERFORMANCE.md's anchor describes ("30 forward iterations and 30
+that every method does the work benchmarks/README.md's anchor describes ("30 forward iterations and 30
 backward iterations"). Methods:
 
 * deqfast, Anderson forward (m = 5), each backward mode: implicit (fixed-point adjoint, T steps),

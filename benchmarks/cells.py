@@ -1,6 +1,6 @@
 """The equilibrium cells f(z, x) -> z the benchmarks train and solve, with contractive weights.
 
-* ``conv``: f(z, x) = GroupNorm(relu(conv(relu(conv(z))) + x)) (the cell of docs/PERFORMANCE.md);
+* ``conv``: f(z, x) = GroupNorm(relu(conv(relu(conv(z))) + x)) (the cell of benchmarks/README.md);
 * ``mlp``: f(z, x) = tanh(W2 relu(W1 z + b1) + x);
 * ``transformer``: h = x + Attn(LN(z)); f(z, x) = LN(h + MLP(LN(h))), one pre-norm block whose
   only path from z goes through attention.
@@ -11,7 +11,7 @@ and the defaults are chosen so that the cell is contractive at its fixed point: 
 radius of ∂f/∂z there is about 0.8 (``spectral_radius`` measures it; the convergence benchmark
 reports it), so plain iteration converges, slowly enough for the solvers to differ. Random inputs
 x ~ N(0, 1) and random z0 (never zeros).
-Sizes: the GPU sizes of PERFORMANCE.md on CUDA, scaled down on the CPU, smaller with --quick.
+Sizes: the GPU sizes of benchmarks/README.md on CUDA, scaled down on the CPU, smaller with --quick.
 """
 from __future__ import annotations
 

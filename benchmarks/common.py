@@ -1,6 +1,6 @@
 """Plumbing shared by the benchmarks: timing, autograd-memory and call accounting, output.
 
-Rules followed everywhere (docs/PERFORMANCE.md, "How to measure"):
+Rules followed everywhere (benchmarks/README.md, "How to measure"):
 
 * warm up first, then report the median of several repeats;
 * on CUDA, time with CUDA events and synchronise before reading them; on the CPU, perf_counter
@@ -47,7 +47,7 @@ class Config:
 
     def pick(self, *, quick, cpu, cuda, cuda_quick=None):
         """The setting for this run. On a GPU: ``cuda`` (with --quick: ``cuda_quick`` when given;
-        sizes stay PERFORMANCE.md's, fewer repeats). On the CPU: ``quick`` or ``cpu``."""
+        sizes stay benchmarks/README.md's, fewer repeats). On the CPU: ``quick`` or ``cpu``."""
         if self.cuda:
             return cuda_quick if self.quick and cuda_quick is not None else cuda
         return quick if self.quick else cpu

@@ -13,7 +13,7 @@ Runs, in order (each a module benchmarks/bench_<name>.py with a ``run(cfg, info)
 
 Each prints a table and writes <name>.json, <name>.md and <name>.png under --out, plus
 machine.json (CPU model, torch version, threads, GPU). --quick on the CPU uses small sizes and
-takes well under 3 minutes on 2 idle cores (~25 s); on CUDA it keeps PERFORMANCE.md's sizes with
+takes well under 3 minutes on 2 idle cores (~25 s); on CUDA it keeps benchmarks/README.md's sizes with
 fewer repeats. Timings are medians after warm-up; nothing here asserts a time. CPU timings need
 an otherwise idle machine: machine.json records the cores other processes kept busy before and
 after the run, and a warning is printed when they were not idle.

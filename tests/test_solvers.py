@@ -254,7 +254,7 @@ def test_nonconverging_samples_report_max_iter_without_warning(recwarn):
 
 
 def test_anderson_float32_with_large_gram_entries():
-    """Gram entries ~1e5 in float32 (PERFORMANCE.md: an absolute ridge gave NaN there)."""
+    """Gram entries ~1e5 in float32 (benchmarks/README.md: an absolute ridge gave NaN there)."""
     g = torch.Generator().manual_seed(12)
     c = 5.0 * torch.randn(3, 8192, generator=g)
     W = 0.9 * torch.randn(8192, generator=g).sign()  # per-element contraction, oscillating signs
@@ -299,7 +299,7 @@ def test_empty_state_per_sample(solver):
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float16, 1e-3)])
 @pytest.mark.parametrize("contraction", [0.9, 0.99])
 def test_half_states_converge_in_at_most_1_2x_the_float32_iterations(dtype, tol, contraction):
-    """PERFORMANCE.md: history in the state dtype, Gram and solve in float32, same tolerance in
+    """benchmarks/README.md: history in the state dtype, Gram and solve in float32, same tolerance in
     <= 1.2x the float32 iterations (per sample, on average over the batch)."""
     cell = TanhCell(d=256, contraction=contraction, seed=1, dtype=torch.float32)
     x = 0.5 * torch.randn(16, 256, generator=torch.Generator().manual_seed(1))
