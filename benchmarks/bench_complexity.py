@@ -152,8 +152,7 @@ def plot(rows_T, rows_P, path, plt, label: str, fixed: dict) -> None:
     axes[0][1].set_title(f"vs P (T={fixed['T']}, k={fixed['k']})", fontsize=9)
     fig.suptitle(f"BPTT vs implicit vs JFB on the MLP cell, B={fixed['B']} ({label})", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def run(cfg, info: dict) -> dict:
@@ -205,3 +204,8 @@ def run(cfg, info: dict) -> dict:
     if plt is not None:
         plot(rows_T, rows_P, cfg.out / "complexity.png", plt, label, fixed)
     return result
+
+
+def replot(result: dict, out, plt) -> None:
+    """Redraw complexity.png from complexity.json's contents (run.py --replot)."""
+    plot(result["rows_T"], result["rows_P"], out / "complexity.png", plt, result["device_label"], result["fixed"])

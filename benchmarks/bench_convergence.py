@@ -120,8 +120,7 @@ def plot(results, path, plt, label: str, tol: float) -> None:
         ax.legend(fontsize=7)
     fig.suptitle(f"Convergence to rel tol {tol:g} ({label})", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def run(cfg, info: dict) -> dict:
@@ -153,3 +152,8 @@ def run(cfg, info: dict) -> dict:
     if plt is not None:
         plot(results, cfg.out / "convergence.png", plt, label, tol)
     return result
+
+
+def replot(result: dict, out, plt) -> None:
+    """Redraw convergence.png from convergence.json's contents (run.py --replot)."""
+    plot(result["cells"], out / "convergence.png", plt, result["device_label"], result["tol"])

@@ -301,8 +301,7 @@ def plot(rows, path, plt, label: str) -> None:
     ax.set_title(f"Anderson overhead per iteration ({label})", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def run(cfg, info: dict) -> dict:
@@ -344,6 +343,11 @@ def run(cfg, info: dict) -> dict:
     if plt is not None:
         plot(rows, cfg.out / "overhead.png", plt, label)
     return result
+
+
+def replot(result: dict, out, plt) -> None:
+    """Redraw overhead.png from overhead.json's contents (run.py --replot)."""
+    plot(result["rows"], out / "overhead.png", plt, result["device_label"])
 
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--reference-worker":

@@ -191,8 +191,7 @@ def plot(results, path, plt, label: str) -> None:
     axes[1].set_yscale("log")
     fig.suptitle(f"Training step, T={results[0]['T']} forward + backward iterations ({label})", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def run(cfg, info: dict) -> dict:
@@ -227,3 +226,8 @@ def run(cfg, info: dict) -> dict:
     if plt is not None:
         plot(results, cfg.out / "training.png", plt, label)
     return result
+
+
+def replot(result: dict, out, plt) -> None:
+    """Redraw training.png from training.json's contents (run.py --replot)."""
+    plot(result["cells"], out / "training.png", plt, result["device_label"])

@@ -431,7 +431,106 @@ def table_section(title: str, headers: Sequence[str], rows: Sequence[Sequence]) 
     return title, format_table(headers, rows, markdown=True)
 
 
+# --------------------------------------------------------------------------------------------
+# Provenance: every results file says how it was made (command, commit, machine, quick or full).
+# run.py and digits_demo.py call start_run once; write_json, write_markdown and save_figure below
+# (the only writers of results files) stamp what it recorded.
+
+_RUN: Optional[dict] = None
+
+
+def command_line(argv: Optional[Sequence[str]] = None) -> str:
+    """The command as typed from the repository root: ``python benchmarks/run.py --quick``."""
+    import shlex
+
+    argv = list(sys.argv if argv is None else argv)
+    script = argv[0] if argv and argv[0] else "?"
+    try:
+        script = os.path.relpath(script, Path(__file__).resolve().parent.parent)
+    except ValueError:  # another drive (Windows)
+        pass
+    return shlex.join(["python", script, *argv[1:]])
+
+
+def git_state() -> dict:
+    """{"git_commit": full hash or None, "git_dirty": whether tracked files differ from it, or None}."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=root, timeout=5).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD") or None
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", "deqfast", "csrc", "benchmarks",
+                         "setup.py")) if commit else None
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    return {"git_commit": commit, "git_dirty": dirty}
+
+
+def start_run(quick: bool, info: dict, argv: Optional[Sequence[str]] = None) -> dict:
+    """Record how this run's files are made: the command line, the commit (and whether tracked
+    files differed from it), quick or full, and ``info`` (machine_info). Returns the record."""
+    global _RUN
+    _RUN = {"command": command_line(argv), "run": "quick" if quick else "full", **git_state(),
+            "date": info.get("date") or datetime.datetime.now().isoformat(timespec="seconds"), "machine": info}
+    return _RUN
+
+
+def replot_run(recorded: Optional[dict], argv: Optional[Sequence[str]] = None) -> dict:
+    """The record for figures redrawn from a results JSON: the run that measured (``recorded``)
+    plus the command and commit that drew the figure."""
+    global _RUN
+    _RUN = dict(recorded or {"command": None, "run": None, "git_commit": None, "machine": None})
+    _RUN["replotted"] = {"command": command_line(argv), **git_state(),
+                         "date": datetime.datetime.now().isoformat(timespec="seconds")}
+    return _RUN
+
+
+def backfill_provenance(json_path: Path, md_path: Optional[Path], recorded: dict) -> None:
+    """Give results written before provenance was recorded the record inferred for them (``recorded``,
+    marked "inferred"): a "provenance" key in the JSON, a "Made by" line under the markdown's title.
+    Files that have theirs are left as they are."""
+    recorded = {**recorded, "inferred": True}
+    obj = json.loads(json_path.read_text())
+    if "provenance" not in obj:
+        json_path.write_text(json.dumps({**obj, "provenance": recorded}, indent=2, default=_json_default) + "\n")
+    if md_path is not None and md_path.exists():
+        lines = md_path.read_text().split("\n")
+        if not any(line.startswith("Made by ") for line in lines):
+            md_path.write_text("\n".join(lines[:1] + ["", provenance_line(recorded)] + lines[1:]))
+
+
+def provenance() -> Optional[dict]:
+    """This run's record (start_run), or None in a script that did not start one."""
+    return _RUN
+
+
+def provenance_line(record: Optional[dict] = None) -> str:
+    """One sentence: how a results file was made."""
+    record = record if record is not None else _RUN
+    if record is None:
+        return "Made outside run.py (no provenance recorded)."
+    commit = (record.get("git_commit") or "unknown")[:12]
+    if record.get("git_dirty"):
+        commit += " + uncommitted changes"
+    machine = record.get("machine")
+    where = (machine_label(machine) + f", torch {machine.get('torch') or machine.get('torch_version')}"
+             if machine else "an unrecorded machine")
+    inferred = " (record reconstructed after the run from its machine record)" if record.get("inferred") else ""
+    text = (f"Made by `{record.get('command')}`{inferred} ({record.get('run') or 'unknown'} run) at commit {commit}, "
+            f"{record.get('date') or 'date unrecorded'}, on {where}.")
+    redrawn = record.get("replotted")
+    if redrawn:
+        text += (f" Figure redrawn from the JSON by `{redrawn['command']}` at commit "
+                 f"{(redrawn.get('git_commit') or 'unknown')[:12]}.")
+    return text
+
+
 def write_json(path: Path, obj) -> None:
+    """JSON file; a dict gets this run's "provenance" record (start_run) unless it has one."""
+    if isinstance(obj, dict) and _RUN is not None and "provenance" not in obj:
+        obj = {**obj, "provenance": _RUN}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
 
@@ -446,13 +545,27 @@ def _json_default(obj):
 
 def write_markdown(path: Path, title: str, sections: Sequence[tuple]) -> None:
     """sections: (heading or None, text) pairs; text is a table or a paragraph."""
-    parts = [f"# {title}", ""]
+    parts = [f"# {title}", "", provenance_line(), ""]
     for heading, text in sections:
         if heading:
             parts += [f"## {heading}", ""]
         parts += [text, ""]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(parts))
+
+
+def save_figure(fig, path: Path, dpi: int = 120) -> None:
+    """Save a matplotlib figure as PNG with this run's provenance in its metadata (text chunks
+    "Description": provenance_line(), "Comment": the record as JSON, machine details left to the
+    JSON beside it), then close it."""
+    record = {k: v for k, v in (_RUN or {}).items() if k != "machine"}
+    if _RUN and _RUN.get("machine"):
+        record["machine"] = machine_label(_RUN["machine"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, metadata={"Description": provenance_line(), "Comment": json.dumps(record),
+                                         "Software": "deqfast benchmarks (matplotlib)"})
+    import matplotlib.pyplot as plt
+    plt.close(fig)
 
 
 def pyplot():
@@ -574,6 +687,9 @@ def load_average() -> Optional[List[float]]:
 
 def device_label(info: dict) -> str:
     """The card (or CPU) the numbers were measured on, for every table title."""
-    if info.get("gpu"):
-        return info["gpu"]["name"]
-    return f"{info['cpu_model']}, {info['torch_threads']} threads"
+    return machine_label(info) + (", QUICK run" if info.get("quick") else "")
+
+
+def machine_label(info: dict) -> str:
+    """The card, or the CPU model and torch's thread count."""
+    return info["gpu"]["name"] if info.get("gpu") else f"{info['cpu_model']}, {info['torch_threads']} threads"
