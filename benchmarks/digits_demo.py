@@ -24,6 +24,10 @@ as a console table, ``<out>/digits_demo.json``, ``<out>/digits_demo.md`` and
 
     python benchmarks/digits_demo.py            # full run: 30 epochs x 3 seeds (~3 min on 2 CPU cores)
     python benchmarks/digits_demo.py --quick    # smoke run: 3 epochs x 1 seed (~10 s)
+    python benchmarks/digits_demo.py --replot   # redraw the PNG from digits_demo.json
+
+--out defaults to benchmarks/results (the committed results), with --quick to
+benchmarks/results/quick (git-ignored). Every file records how it was made (common.start_run).
 
 Timing notes: by default torch runs one thread (--threads): the matrices are tiny, and on a shared
 2-core machine two threads made epochs up to ~10x slower whenever anything else ran. The modes'
@@ -36,11 +40,8 @@ import argparse
 import contextlib
 import json
 import math
-import os
-import platform
 import random
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -53,6 +54,11 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm
 
 import deqfast
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+import common  # noqa: E402  (benchmarks/common.py: saved-tensor meter, machine info, provenance, sync)
 
 MODES = ("implicit", "neumann", "jfb", "phantom", "bptt")
 # "Similar accuracy" for the verdict: |acc(jfb) - acc(neumann-5)| at most this many points.
@@ -126,45 +132,6 @@ def deq_keywords(mode: str, args) -> dict:
 # Measurement helpers
 # --------------------------------------------------------------------------------------------
 
-class SavedTensorMeter:
-    """Bytes of the tensors autograd saves for backward, each storage counted once.
-
-    The storages are held (by reference) until ``reset`` so that an address cannot be freed and
-    reused within one step and counted twice; they are alive until backward anyway.
-    """
-
-    def __init__(self):
-        self._storages = {}
-        self.bytes = 0
-
-    def reset(self) -> None:
-        self._storages.clear()
-        self.bytes = 0
-
-    def pack(self, t: torch.Tensor):
-        try:
-            storage = t.untyped_storage()
-            key = (t.device.type, t.device.index, storage.data_ptr())
-            if storage.data_ptr() != 0 and key not in self._storages:
-                self._storages[key] = storage
-                self.bytes += storage.nbytes()
-        except (RuntimeError, NotImplementedError):  # tensors without a storage (none here)
-            pass
-        return t
-
-    @staticmethod
-    def unpack(t):
-        return t
-
-    def hooks(self):
-        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -222,7 +189,6 @@ class ModeTrainer:
         self.model = DEQClassifier(args.width, args.gamma, 10, **deq_keywords(mode, args)).to(device)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
         self.gen = torch.Generator().manual_seed(seed)
-        self.meter = SavedTensorMeter()
         acc0, loss0, _, _ = evaluate(self.model, self.X_te, self.y_te, args.eval_batch)
         self.history = [dict(epoch=0, wall_time=0.0, test_acc=acc0, test_loss=loss0)]
         self.epoch_times, self.cpu_times, self.fwd_times, self.bwd_times = [], [], [], []
@@ -234,20 +200,22 @@ class ModeTrainer:
         self.epoch = 0
 
     def run_epoch(self) -> None:
-        args, device, model, opt, meter, mode = self.args, self.device, self.model, self.opt, self.meter, self.mode
+        args, device, model, opt, mode = self.args, self.device, self.model, self.opt, self.mode
         n_tr = self.X_tr.shape[0]
         self.epoch += 1
         perm = torch.randperm(n_tr, generator=self.gen).to(device)
         t_fwd = t_bwd = 0.0
         loss_sum, n_seen = 0.0, 0
         e_fwd_nfe, e_bwd_nfe = [], []
-        sync(device)
+        common.synchronize(device)
         t_epoch = time.perf_counter()
         c_epoch = time.process_time()
         for i in range(0, n_tr, args.batch_size):
             idx = perm[i:i + args.batch_size]
             xb, yb = self.X_tr[idx], self.y_tr[idx]
-            meter.reset()
+            # Bytes autograd saves for backward (common.SavedTensorMeter, parameters included: no
+            # exclude list): a quantity no profiler reports directly.
+            meter = common.SavedTensorMeter()
             if i == 0 and device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
                 base = torch.cuda.memory_allocated(device)
@@ -256,15 +224,15 @@ class ModeTrainer:
                 t0 = time.perf_counter()
                 # Saved-tensor accounting costs a Python call per saved tensor (bptt saves
                 # hundreds per step), so only the first step of every epoch is measured.
-                with meter.hooks() if i == 0 else contextlib.nullcontext():
+                with meter.active() if i == 0 else contextlib.nullcontext():
                     logits = model(xb)
                     loss = nn.functional.cross_entropy(logits, yb)
-                sync(device)
+                common.synchronize(device)
                 t1 = time.perf_counter()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                sync(device)
+                common.synchronize(device)
                 t2 = time.perf_counter()
             self.caught.extend(str(x.message) for x in w)
             t_fwd += t1 - t0
@@ -281,14 +249,13 @@ class ModeTrainer:
             if st.backward is not None:
                 self.bwd_conv.append(float(st.backward.converged.double().mean()))
             if i == 0:
-                self.saved_bytes.append(meter.bytes)
+                self.saved_bytes.append(meter.bytes["forward"] + meter.bytes["backward"])
                 if device.type == "cuda":
                     self.cuda_peak_bytes.append(torch.cuda.max_memory_allocated(device) - base)
             del logits, loss
-        sync(device)
+        common.synchronize(device)
         dt = time.perf_counter() - t_epoch
         cpu_dt = time.process_time() - c_epoch
-        meter.reset()
         self.wall += dt
         self.epoch_times.append(dt)
         self.cpu_times.append(cpu_dt)
@@ -373,37 +340,13 @@ def aggregate(mode: str, runs) -> dict:
 # --------------------------------------------------------------------------------------------
 
 def machine_info(device: torch.device) -> dict:
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    info = dict(
-        cpu_model=cpu, logical_cpus=os.cpu_count(), torch_threads=torch.get_num_threads(),
-        torch_interop_threads=torch.get_num_interop_threads(), torch_version=torch.__version__,
-        python=platform.python_version(), platform=platform.platform(), device=str(device),
-        deqfast_version=deqfast.__version__, deqfast_extension=deqfast.extension_info(),
-        numpy_version=np.__version__,
-    )
+    """common.machine_info plus the versions of numpy and scikit-learn (the data set)."""
+    info = common.machine_info(device)
+    info["numpy"] = np.__version__
     try:
         import sklearn
-        info["sklearn_version"] = sklearn.__version__
+        info["sklearn"] = sklearn.__version__
     except ImportError:
-        pass
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    try:
-        root = Path(__file__).resolve().parent.parent
-        info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                                            text=True, timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "deqfast"], cwd=root,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        info["deqfast_dir_dirty"] = bool(dirty)
-    except Exception:  # noqa: BLE001 - informational only
         pass
     return info
 
@@ -555,8 +498,7 @@ def plot(results, args, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def write_markdown(path: Path, results, args, info, ver, expl, cmd, total) -> None:
@@ -565,10 +507,10 @@ def write_markdown(path: Path, results, args, info, ver, expl, cmd, total) -> No
     lines = [
         "# DEQ on scikit-learn digits: backward modes compared",
         "",
-        f"Command: `{cmd}` (total wall time {total:.0f} s)",
+        f"{common.provenance_line()} Total wall time {total:.0f} s.",
         "",
-        f"Machine: {info['cpu_model']}, {info['logical_cpus']} logical CPUs, torch {info['torch_version']} "
-        f"({info['torch_threads']} threads), device `{info['device']}`, deqfast {info['deqfast_version']} "
+        f"Machine: {info['cpu_model']}, {info['cpu_count']} logical CPUs, torch {info['torch']} "
+        f"({info['torch_threads']} threads), device `{info['device']}`, deqfast {info['deqfast']} "
         f"(compiled extension: {info['deqfast_extension'].get('compiled')}).",
         "",
         f"Model: Linear(64->{args.width}) -> DEQ[z = tanh({args.gamma} W z + x), ||W||_2 = 1 by spectral norm] "
@@ -633,7 +575,10 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke run: few epochs (well under 2 minutes on 2 cores)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per mode and seed (default 30, --quick 3)")
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results", help="output directory")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output directory (default benchmarks/results, with --quick benchmarks/results/quick)")
+    p.add_argument("--replot", action="store_true",
+                   help="only redraw digits_accuracy_vs_time.png from digits_demo.json in --out (no training)")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:0, ...)")
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ",".join(MODES))
     p.add_argument("--seed", type=int, default=0, help="data split seed, and first model/batch-order seed")
@@ -659,6 +604,8 @@ def parse_args(argv=None):
     p.add_argument("--phantom-steps", type=int, default=5)
     p.add_argument("--phantom-tau", type=float, default=0.5)
     args = p.parse_args(argv)
+    if args.out is None:
+        args.out = HERE / "results" / "quick" if args.quick else HERE / "results"
     if args.epochs is None:
         args.epochs = 3 if args.quick else 30
     if args.seeds is None:
@@ -674,8 +621,26 @@ def parse_args(argv=None):
     return args
 
 
+def replot(args, argv=None) -> int:
+    """Redraw the PNG from digits_demo.json (its config stands in for the command's arguments)."""
+    path = args.out / "digits_demo.json"
+    payload = json.loads(path.read_text())
+    recorded = payload.get("provenance")
+    if recorded is None:  # written before provenance was recorded: what the file itself says
+        machine = payload.get("machine") or {}
+        recorded = {"command": payload.get("command"), "run": "quick" if payload["config"].get("quick") else "full",
+                    "git_commit": machine.get("git_commit"), "date": machine.get("date"), "machine": machine}
+        common.backfill_provenance(path, args.out / "digits_demo.md", recorded)
+    common.replot_run(recorded, [sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
+    plot(payload["results"], argparse.Namespace(**payload["config"]), args.out / "digits_accuracy_vs_time.png")
+    print(f"redrew {args.out / 'digits_accuracy_vs_time.png'}")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.replot:
+        return replot(args, argv)
     torch.set_flush_denormal(True)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -683,11 +648,12 @@ def main(argv=None) -> int:
     seed_everything(args.seed)
     data = load_data(args.seed, args.test_size)
     info = machine_info(device)
-    script = os.path.relpath(sys.argv[0]) if sys.argv and sys.argv[0] else "benchmarks/digits_demo.py"
-    cmd = " ".join(["python", script] + sys.argv[1:])
+    info["quick"] = args.quick
+    record = common.start_run(args.quick, info, [sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
+    cmd = record["command"]
     print(f"digits DEQ demo: {data[0].shape[0]} train / {data[2].shape[0]} test, width {args.width}, "
           f"gamma {args.gamma}, {args.epochs} epochs x {args.seeds} seed(s), modes {','.join(args.modes)}")
-    print(f"machine: {info['cpu_model']} | torch {info['torch_version']} | {info['torch_threads']} threads | {device}")
+    print(f"machine: {info['cpu_model']} | torch {info['torch']} | {info['torch_threads']} threads | {device}")
 
     t_all = time.perf_counter()
     runs = {mode: [] for mode in args.modes}
@@ -720,7 +686,7 @@ def main(argv=None) -> int:
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     payload = dict(benchmark="digits_demo", command=cmd, config=config, machine=info,
                    total_wall_time_s=total, results=results, verdict=ver, explanation=expl)
-    (args.out / "digits_demo.json").write_text(json.dumps(payload, indent=2))
+    common.write_json(args.out / "digits_demo.json", payload)
     write_markdown(args.out / "digits_demo.md", results, args, info, ver, expl, cmd, total)
     plot(results, args, args.out / "digits_accuracy_vs_time.png")
     print(f"\nwrote {args.out / 'digits_demo.json'}, {args.out / 'digits_demo.md'}, "
