@@ -120,22 +120,36 @@ def exponent_table(summary_T, summary_P):
     return headers, rows
 
 
+# Per method: marker, colour, marker size, fill. implicit's large hollow squares stay visible around
+# JFB's small filled triangles where both save the same bytes (the memory panels).
+STYLE = {"BPTT": ("o", "C0", 6, True), "implicit": ("s", "C1", 9, False), "JFB": ("^", "C2", 5, True)}
+
+
 def plot(rows_T, rows_P, path, plt, label: str, fixed: dict) -> None:
     fig, axes = plt.subplots(2, 2, figsize=(10, 7.5))
     for col, (rows, key, xlabel) in enumerate([(rows_T, "T", "forward iterations T"),
                                                (rows_P, "params", "parameters P")]):
-        for method, marker, color in zip(METHODS, "os^", ["C0", "C1", "C2"]):
+        saved = {m: [r["saved_bytes"] for r in sorted((r for r in rows if r["method"] == m), key=lambda r: r[key])]
+                 for m in METHODS}
+        for method in METHODS:
+            marker, color, size, filled = STYLE[method]
             rs = sorted((r for r in rows if r["method"] == method), key=lambda r: r[key])
             xs = [r[key] for r in rs]
-            axes[0][col].plot(xs, [r["time_ms"] for r in rs], marker + "-", color=color, label=f"{method} fwd+bwd")
-            axes[0][col].plot(xs, [r["backward_ms"] for r in rs], marker + "--", color=color, mfc="none",
-                              label=f"{method} bwd", alpha=0.7)
-            # implicit and JFB save the same bytes: JFB drawn dotted on top so both stay visible
-            axes[1][col].plot(xs, [r["saved_bytes"] / 2 ** 20 for r in rs], marker + ("-" if method != "JFB" else ":"),
-                              color=color, mfc="none" if method == "JFB" else color, label=method)
-        if key == "params":
+            face = color if filled else "none"
+            axes[0][col].plot(xs, [r["time_ms"] for r in rs], marker + "-", color=color, ms=size, mfc=face,
+                              label=f"{method} fwd+bwd")
+            axes[0][col].plot(xs, [r["backward_ms"] for r in rs], marker + "--", color=color, ms=size, mfc="none",
+                              alpha=0.7, label=f"{method} bwd")
+            name = method
+            if method == "JFB" and saved["JFB"] == saved["implicit"]:
+                name = "JFB (the same bytes as implicit)"
+            axes[1][col].plot(xs, [r["saved_bytes"] / 2 ** 20 for r in rs], marker + ("--" if method == "JFB" else "-"),
+                              color=color, ms=size, mfc=face, lw=1.2 if method == "JFB" else 2.0,
+                              zorder=3 if method == "JFB" else 2, label=name)
+        if key == "params":  # for scale: what the weights themselves take (not in the autograd bytes)
             rs = sorted((r for r in rows if r["method"] == "BPTT"), key=lambda r: r[key])
-            axes[1][col].plot([r[key] for r in rs], [r["param_bytes"] / 2 ** 20 for r in rs], "k:", label="parameters")
+            axes[1][col].plot([r[key] for r in rs], [r["param_bytes"] / 2 ** 20 for r in rs], "k:",
+                              label="the parameters' own size\n(for scale; not counted above)")
         for row, ylabel in enumerate(["time per step, ms", "autograd memory, MiB"]):
             ax = axes[row][col]
             ax.set_xscale("log")

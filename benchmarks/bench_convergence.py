@@ -111,7 +111,7 @@ def plot(results, path, plt, label: str, tol: float) -> None:
                 continue
             style = "-" if name.startswith("deqfast") else "--"
             ax.plot(range(1, len(r["trace"]) + 1), r["trace"], style, label=name)
-        ax.axhline(tol, color="k", lw=0.8, ls=":")
+        ax.axhline(tol, color="k", lw=0.8, ls=":", label=f"tol {tol:g}")
         ax.set_yscale("log")
         ax.set_xlabel("evaluations of f")
         ax.set_ylabel("worst relative residual in the batch")

@@ -285,21 +285,32 @@ def table_rows(rows):
 
 
 def plot(rows, path, plt, label: str) -> None:
+    """Bars of overhead / floor per size and implementation, each labelled with its value (the
+    log axis spans two decades; ticks at 1, 2 and 5 of each)."""
+    ticker = plt.matplotlib.ticker
     names = [n for n in IMPLS if any(r.get(n) for r in rows)]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
     width = 0.8 / max(len(names), 1)
     for i, name in enumerate(names):
-        ys = [r[name]["overhead_over_floor"] if r.get(name) else 0 for r in rows]
-        ax.bar([j + i * width for j in range(len(rows))], ys, width, label=name)
-    ax.axhline(1.0, color="k", lw=0.8, ls="--", label="floor")
+        xs = [j + i * width for j in range(len(rows))]
+        ys = [r[name]["overhead_over_floor"] if r.get(name) else float("nan") for r in rows]
+        bars = ax.bar(xs, ys, width, label=name)
+        ax.bar_label(bars, labels=[f"{y:.2g}×" if y == y else "" for y in ys], fontsize=7, padding=2)
+    ax.axhline(1.0, color="k", lw=0.8, ls="--", label="floor (overhead = floor)")
     ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(rows))])
     ax.set_xticklabels([f"B{r['B']} d{r['d']} m{r['m']}" for r in rows])
     ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
-    ax.yaxis.set_minor_formatter(plt.matplotlib.ticker.NullFormatter())
-    ax.set_ylabel("overhead per iteration / byte floor")
+    ax.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_locator(ticker.LogLocator(base=10, subs=tuple(range(1, 10))))
+    ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+    ax.grid(True, axis="y", which="major", alpha=0.3)
+    top = max((r[n]["overhead_over_floor"] for r in rows for n in names if r.get(n)), default=1.0)
+    bottom = min((r[n]["overhead_over_floor"] for r in rows for n in names if r.get(n)), default=1.0)
+    ax.set_ylim(min(bottom, 1.0) / 1.5, max(top, 1.0) * 2.0)  # room for the value labels
+    ax.set_ylabel("overhead per iteration / byte floor (log)")
     ax.set_title(f"Anderson overhead per iteration ({label})", fontsize=9)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", ncol=2)
     fig.tight_layout()
     common.save_figure(fig, path)
 

@@ -172,6 +172,13 @@ def table_rows(cell_result):
     return rows
 
 
+def plot_label(name: str) -> str:
+    """Axis label of a method: deqfast's modes by name; the two BPTTs told apart (deqfast's mode
+    differentiates through the solver's iterations, the baseline through a plain loop)."""
+    return {"deqfast bptt": "bptt (deqfast solver)", "BPTT (unrolled)": "bptt (plain unrolled loop)",
+            "torchdeq anderson+ift": "torchdeq anderson+ift"}.get(name, name.replace("deqfast ", ""))
+
+
 def plot(results, path, plt, label: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     names = [n for n in results[0]["methods"] if not n.endswith("(no grad)")]
@@ -181,10 +188,9 @@ def plot(results, path, plt, label: str) -> None:
         xs = [j + i * width for j in range(len(names))]
         axes[0].bar(xs, [ms[n]["time_over_floor"] if ms[n] else 0 for n in names], width, label=res["cell"])
         axes[1].bar(xs, [ms[n]["saved_over_bptt"] or 0 if ms[n] else 0 for n in names], width, label=res["cell"])
-    for ax, ylabel in zip(axes, ["step time / compute floor", "autograd memory / BPTT"]):
+    for ax, ylabel in zip(axes, ["step time / compute floor", "autograd memory / unrolled bptt"]):
         ax.set_xticks([j + width * (len(results) - 1) / 2 for j in range(len(names))])
-        ax.set_xticklabels([n.replace("deqfast ", "").replace(" (unrolled)", "") for n in names], rotation=35,
-                           ha="right", fontsize=8)
+        ax.set_xticklabels([plot_label(n) for n in names], rotation=35, ha="right", fontsize=8)
         ax.set_ylabel(ylabel)
         ax.axhline(1.0, color="k", lw=0.8, ls="--")
         ax.legend(fontsize=8)
