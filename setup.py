@@ -4,16 +4,22 @@ Build against the torch you already have (an isolated build env would pull anoth
 
     pip install torch && pip install --no-build-isolation -e .
 
-What is compiled, printed at build time:
+What is compiled, said in one line at build time (pip shows it with -v, or when the build fails):
 - the C++ ops (csrc/ops.cpp, csrc/cpu/): always;
 - the CUDA kernels (csrc/cuda/): when torch has CUDA and nvcc is found, or DEQFAST_FORCE_CUDA=1
-  (an error on a CPU-only torch); DEQFAST_CPU_ONLY=1 skips them.
+  (an error on a CPU-only torch); DEQFAST_CPU_ONLY=1 skips them. An nvcc whose major version differs
+  from torch's CUDA stops the build with a message that says both versions and the two ways out.
 MAX_JOBS and TORCH_CUDA_ARCH_LIST are honoured (default archs "8.0;9.0+PTX" when no GPU is visible,
 since torch cannot guess them then).
+
+The compiled extension is tied to the torch it was built against: a wheel (or an install) requires
+torch==<that torch's major.minor>.*; only a source distribution keeps the loose torch>=2.1.
 """
 import glob
 import os
+import re
 import shutil
+import subprocess
 import sys
 
 from setuptools import setup
@@ -36,6 +42,32 @@ def _find_cuda_home():
     return os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None
 
 
+def _nvcc_version(cuda_home):
+    """(path, (major, minor)) of <cuda_home>/bin/nvcc (else nvcc on PATH); the version is None when
+    nvcc cannot be run or says none; (None, None) without an nvcc."""
+    nvcc = os.path.join(cuda_home, "bin", "nvcc") if cuda_home else None
+    nvcc = nvcc if nvcc and os.path.exists(nvcc) else shutil.which("nvcc")
+    if not nvcc:
+        return None, None
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return nvcc, None
+    match = re.search(r"release (\d+)\.(\d+)", out)
+    return nvcc, ((int(match.group(1)), int(match.group(2))) if match else None)
+
+
+def _torch_requirement():
+    """torch==<major.minor>.* of the torch this build compiles against (the extension's ABI is
+    that torch's); torch>=2.1 for a source distribution, which is compiled where it is installed."""
+    if "sdist" in sys.argv:
+        return "torch>=2.1"
+    import torch
+
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return "torch==%s.%s.*" % (major, minor)
+
+
 def extensions():
     cuda_home = _find_cuda_home()
     if cuda_home:
@@ -55,6 +87,14 @@ def extensions():
             "deqfast: DEQFAST_FORCE_CUDA=1 but this torch (%s) is a CPU-only build" % torch.__version__
         )
     with_cuda = not cpu_only and torch.version.cuda is not None and (force_cuda or cuda_home is not None)
+    nvcc_path, nvcc_version = _nvcc_version(cuda_home) if with_cuda else (None, None)
+    if with_cuda and nvcc_version is not None and str(nvcc_version[0]) != torch.version.cuda.split(".")[0]:
+        sys.exit(
+            "deqfast setup: %s is CUDA %d.%d but torch %s was built with CUDA %s: the major versions must match "
+            "to compile the CUDA kernels. Either install the CUDA %s.x toolkit (and point CUDA_HOME at it), or "
+            "build the CPU ops only: DEQFAST_CPU_ONLY=1 pip install --no-build-isolation ."
+            % (nvcc_path, nvcc_version[0], nvcc_version[1], torch.__version__, torch.version.cuda,
+               torch.version.cuda.split(".")[0]))
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3"]
     link = []
@@ -70,14 +110,20 @@ def extensions():
         nvcc.append("-DDEQFAST_WITH_CUDA")
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
-    reason = (
-        "DEQFAST_CPU_ONLY=1" if cpu_only else
-        "torch %s has no CUDA" % torch.__version__ if torch.version.cuda is None else
-        "nvcc not found (set CUDA_HOME)" if not with_cuda else
-        "CUDA %s at %s, archs %s" % (torch.version.cuda, os.environ.get("CUDA_HOME"), os.environ.get("TORCH_CUDA_ARCH_LIST", "auto"))
-    )
-    print("deqfast setup: building deqfast._C with CPU%s (%s), MAX_JOBS=%s"
-          % (" + CUDA" if with_cuda else " only", reason, os.environ.get("MAX_JOBS", "auto")))
+    if cpu_only:
+        what = "CPU ops only, because DEQFAST_CPU_ONLY=1"
+    elif torch.version.cuda is None:
+        what = "CPU ops only, because torch %s has no CUDA" % torch.__version__
+    elif not with_cuda:
+        what = ("CPU ops only, because torch %s has CUDA %s but no nvcc was found (install the CUDA %s.x toolkit "
+                "and set CUDA_HOME for the GPU kernels; DEQFAST_CPU_ONLY=1 to choose CPU only)"
+                % (torch.__version__, torch.version.cuda, torch.version.cuda.split(".")[0]))
+    else:
+        what = "CPU ops + CUDA kernels for archs %s, because torch %s has CUDA %s and nvcc %s was found at %s" % (
+            os.environ.get("TORCH_CUDA_ARCH_LIST", "of the visible GPUs"), torch.__version__, torch.version.cuda,
+            "%d.%d" % nvcc_version if nvcc_version else "(version unknown)", nvcc_path or os.environ.get("CUDA_HOME"))
+    print("deqfast setup: building deqfast._C with %s; MAX_JOBS=%s" % (what, os.environ.get("MAX_JOBS", "auto")),
+          flush=True)
     kind = CUDAExtension if with_cuda else CppExtension
     ext = kind(
         name="deqfast._C",
@@ -90,4 +136,4 @@ def extensions():
 
 
 ext_modules, cmdclass = extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(ext_modules=ext_modules, cmdclass=cmdclass, install_requires=[_torch_requirement()])
