@@ -103,6 +103,10 @@ def time_repeats(step: Callable[[Clock], None], device: torch.device, *, repeats
                  budget_s: Optional[float] = None) -> Dict[str, dict]:
     """Median seconds per phase of ``step(clock)`` over ``repeats`` timed calls after ``warmup``.
 
+    Ours rather than torch.utils.benchmark's Timer (which time_function uses): a training step is
+    timed whole and split into its phases (forward, backward) within the same call, by CUDA events
+    on a GPU; Timer times a statement as a whole.
+
     ``step`` must call ``clock.lap(name)`` at the end of each phase (at least once). With
     ``budget_s``, stops after 3 repeats once the timed calls have used that much wall time.
     Returns {phase: {"median_s", "min_s", "samples"}}.
@@ -128,15 +132,31 @@ def time_repeats(step: Callable[[Clock], None], device: torch.device, *, repeats
 
 def time_function(fn: Callable[[], object], device: torch.device, *, repeats: int, warmup: int = 1,
                   inner: int = 1, budget_s: Optional[float] = None) -> Dict[str, float]:
-    """{"median_s", "min_s"}: seconds of one call of ``fn`` (each timed sample runs it ``inner`` times)."""
+    """{"median_s", "min_s", "samples"}: seconds of one call of ``fn``, by torch.utils.benchmark.
 
-    def step(clock: Clock):
-        for _ in range(inner):
-            fn()
-        clock.lap("call")
+    ``Timer.blocked_autorange`` picks how many calls each timed block runs (so the timer's own
+    overhead is negligible), synchronises the device around each block and runs at torch's current
+    thread count (set here; the Timer's default is 1). Medians and minima are over blocks.
+    ``warmup`` calls come first; the last one's time sizes the run: about ``repeats`` calls' worth
+    (at least 50 ms), capped at ``budget_s``; ``inner`` multiplies that (Timer itself picks the
+    calls per block).
+    Phases inside one call (forward, backward) are what time_repeats is for: Timer has no laps.
+    """
+    from torch.utils.benchmark import Timer
 
-    total = time_repeats(step, device, repeats=repeats, warmup=warmup, budget_s=budget_s)["total"]
-    return {"median_s": total["median_s"] / inner, "min_s": total["min_s"] / inner}
+    per_call = 0.0
+    for _ in range(max(warmup, 1)):
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        per_call = time.perf_counter() - t0
+    min_run_time = max(0.05, repeats * max(inner, 1) * per_call)
+    if budget_s is not None:
+        min_run_time = min(min_run_time, budget_s)
+    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    measurement = timer.blocked_autorange(min_run_time=min_run_time)
+    return {"median_s": measurement.median, "min_s": min(measurement.times), "samples": len(measurement.times)}
 
 
 def fix_malloc_thresholds(mmap_threshold: int = 32 * 2 ** 20) -> bool:
@@ -357,38 +377,30 @@ def count_host_syncs(fn: Callable[[], object], device: torch.device) -> Optional
 
 
 class Progress:
-    """A one-line progress bar on stderr (redrawn in place on a terminal, sparse lines otherwise)."""
+    """A progress bar on stderr (tqdm; the bench extra installs it): ``advance(note)`` after each
+    item, ``close()`` at the end. Without tqdm, one line at the start and one at the end."""
 
-    def __init__(self, total: int, label: str, width: int = 24):
-        self.total, self.label, self.width = max(total, 1), label, width
-        self.done = 0
-        self.began = time.perf_counter()
-        self.tty = sys.stderr.isatty()
-        self._last_pct = -1
-        self._draw("")
-
-    def _draw(self, note: str) -> None:
-        frac = self.done / self.total
-        pct = int(100 * frac)
-        if not self.tty and self.done not in (0, self.total) and pct < self._last_pct + 25:
-            return
-        self._last_pct = pct
-        bar = "#" * int(self.width * frac) + "." * (self.width - int(self.width * frac))
-        line = f"{self.label:<12} [{bar}] {self.done}/{self.total} {time.perf_counter() - self.began:6.1f}s {note}"
-        if self.tty:
-            sys.stderr.write("\r" + line[:110].ljust(110))
-        else:
-            sys.stderr.write(line + "\n")
-        sys.stderr.flush()
+    def __init__(self, total: int, label: str):
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            tqdm = None
+        self.label, self.began = label, time.perf_counter()
+        self.bar = None if tqdm is None else tqdm(total=total, desc=f"{label:<12}", file=sys.stderr, leave=True,
+                                                  dynamic_ncols=True, mininterval=0.5)
+        if self.bar is None:
+            print(f"{label}: {total} items", file=sys.stderr, flush=True)
 
     def advance(self, note: str = "") -> None:
-        self.done += 1
-        self._draw(note)
+        if self.bar is not None:
+            self.bar.set_postfix_str(note, refresh=False)
+            self.bar.update(1)
 
     def close(self) -> None:
-        if self.tty:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+        if self.bar is not None:
+            self.bar.close()
+        else:
+            print(f"{self.label}: done in {time.perf_counter() - self.began:.1f}s", file=sys.stderr, flush=True)
 
 
 def fmt(value, digits: int = 3) -> str:
@@ -409,6 +421,8 @@ def fmt(value, digits: int = 3) -> str:
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence], markdown: bool = False) -> str:
+    """Rows as aligned text (console) or a markdown table. Kept ours rather than a table library
+    (tabulate, rich): ten lines, one more dependency saved, and the cells are ``fmt``'s numbers."""
     cells = [[fmt(c) for c in row] for row in rows]
     if markdown:
         lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
