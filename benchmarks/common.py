@@ -191,7 +191,11 @@ def copy_bandwidth(device: torch.device, nbytes: int, repeats: int = 7) -> float
 
 
 # --------------------------------------------------------------------------------------------
-# Autograd memory, f calls and VJPs
+# Autograd memory, f calls and VJPs, host syncs and dispatched ops. Ours: no library measures
+# these. torch.profiler and torch.cuda.memory_stats report allocations, not the bytes autograd keeps
+# for backward (which is what a backward mode costs, on any device); f calls and VJPs are counted
+# by wrapping f; host syncs and ops are counted with torch's own hooks (set_sync_debug_mode,
+# TorchDispatchMode).
 
 
 def storage_key(t: torch.Tensor) -> Optional[int]:
