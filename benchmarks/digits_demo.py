@@ -512,9 +512,7 @@ def write_markdown(path: Path, results, args, info, ver, expl, cmd, total) -> No
     seeds = (f"seeds {args.seed}..{args.seed + args.seeds - 1} (one run per mode each; table: mean ± std over seeds)"
              if args.seeds > 1 else f"seed {args.seed}")
     lines = [
-        "# DEQ on scikit-learn digits: backward modes compared",
-        "",
-        f"{common.provenance_line()} Total wall time {total:.0f} s.",
+        f"Total wall time {total:.0f} s.",
         "",
         f"Machine: {info['cpu_model']}, {info['cpu_count']} logical CPUs, torch {info['torch']} "
         f"({info['torch_threads']} threads), device `{info['device']}`, deqfast {info['deqfast']} "
@@ -572,7 +570,7 @@ def write_markdown(path: Path, results, args, info, ver, expl, cmd, total) -> No
         f"{100 / results[0]['n_test']:.2f} accuracy point.",
         "",
     ]
-    path.write_text("\n".join(lines))
+    common.write_markdown(path, "DEQ on scikit-learn digits: backward modes compared", [(None, "\n".join(lines))])
 
 
 # --------------------------------------------------------------------------------------------
