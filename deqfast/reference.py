@@ -173,8 +173,9 @@ class SampleState:
         dev = x0.device
         self.tol = tol
         self.rel = stop_mode == "rel"
-        # A copy: the fused ops update the state in place.
-        self.best_x = x0 if torch.is_grad_enabled() and x0.requires_grad else x0.detach().clone()
+        # A contiguous copy: the fused ops update the state in place.
+        self.best_x = (x0 if torch.is_grad_enabled() and x0.requires_grad
+                       else x0.detach().clone(memory_format=torch.contiguous_format))
         self.residual = torch.full((B,), float("inf"), dtype=acc, device=dev)
         self.rel_residual = torch.full((B,), float("inf"), dtype=acc, device=dev)
         self.nstep = torch.zeros(B, dtype=torch.int64, device=dev)

@@ -22,7 +22,16 @@ class FlatProblem:
         self.z0 = z0
         self.shape = z0.shape
         self.batch = z0.shape[0]
-        self.x0 = z0.reshape(self.batch, -1)
+        x0 = z0.reshape(self.batch, -1)
+        # The solvers and fused ops work on a contiguous (B, d) state: a transposed, sliced,
+        # permuted, channels_last or expanded (stride 0) z0 is copied once here, never written into.
+        if not x0.is_contiguous():
+            x0 = x0.contiguous()
+        # An inference tensor (a warm start made under torch.inference_mode) cannot be saved for
+        # backward; outside inference mode the solve starts from a normal copy.
+        if x0.is_inference() and not torch.is_inference_mode_enabled():
+            x0 = x0.clone()
+        self.x0 = x0
         # A (B, d) state needs no reshaping on the way in and out (a few µs per call, which is
         # most of the solver's host time per iteration at small sizes).
         self.flat = z0.dim() == 2
