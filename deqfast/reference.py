@@ -141,7 +141,10 @@ def anderson_weights(gram, n_filled: int, slot: int, lam: float):
 def _weight_constants(m: int, n_filled: int, slot: int, lam: float, dtype: torch.dtype, device: torch.device):
     """Per-(history fill, slot) constants of the weight solve, built once per solve shape."""
     filled = torch.arange(m, device=device) < n_filled
-    ridge = torch.diag_embed(torch.where(filled, lam, 1.0).to(dtype)).unsqueeze(0)  # (1, m, m)
+    # Built in ``dtype`` from the start: a Python float passed through torch's default dtype
+    # (float32, or float16 where a user set it) would round λ first.
+    ridge_diag = torch.full((m,), 1.0, dtype=dtype, device=device).masked_fill_(filled, lam)
+    ridge = torch.diag_embed(ridge_diag).unsqueeze(0)  # (1, m, m)
     fallback = torch.zeros((1, m), dtype=dtype, device=device)
     fallback[0, slot] = 1.0
     return filled, ridge, fallback
