@@ -126,7 +126,13 @@ def anderson_weights(gram, n_filled: int, slot: int, lam: float):
     constants = _weight_constants.__wrapped__ if torch.compiler.is_compiling() else _weight_constants
     filled, ridge, fallback = constants(m, n_filled, slot, float(lam), gram.dtype, gram.device)
     diag = gram.diagonal(dim1=1, dim2=2)
-    inv_sqrt = torch.where(filled, diag.clamp_min(torch.finfo(gram.dtype).tiny).rsqrt(), 0.0)
+    # rsqrt only of safe values (1 for empty slots, a diagonal below tiny stands at tiny):
+    # masking an infinite derivative afterwards would give 0 · inf = NaN gradients under bptt,
+    # which torch.autograd.detect_anomaly reports. tiny ** -0.5 = 2^63 (float32), 2^511 (float64): exact.
+    tiny = torch.finfo(gram.dtype).tiny
+    small = diag < tiny
+    safe = torch.where(filled & ~small, diag, 1.0)
+    inv_sqrt = torch.where(filled, torch.where(small, tiny ** -0.5, safe.rsqrt()), 0.0)
     # Entries of empty slots are 0 in the Gram matrix and in inv_sqrt, so C is 0 there too.
     system = gram * (inv_sqrt.unsqueeze(2) * inv_sqrt.unsqueeze(1)) + ridge
     beta, info = torch.linalg.solve_ex(system, inv_sqrt.unsqueeze(2), check_errors=False)

@@ -49,3 +49,32 @@ def test_fused_equals_reference_in_float64_with_a_small_ridge(default, monkeypat
         torch.set_default_dtype(previous)
         reference._weight_constants.cache_clear()
     torch.testing.assert_close(z_ref, z_fused, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("cell", ["tanh", "affine"])
+@pytest.mark.parametrize("solver", ["anderson", "fixed_point", "broyden"])
+def test_bptt_under_detect_anomaly_raises_no_false_alarm(solver, cell):
+    """Masked-out values (empty history slots, frozen samples) must not produce NaN gradients that
+    torch.where then discards: detect_anomaly sees those. The gradient equals the one without it."""
+    g = torch.Generator().manual_seed(4)
+    W = torch.randn(5, 5, generator=g, dtype=torch.float64)
+    W = (0.5 * W / torch.linalg.matrix_norm(W, 2)).requires_grad_()
+    x = torch.randn(3, 5, generator=g, dtype=torch.float64).requires_grad_()
+    if cell == "tanh":
+        f = lambda z: torch.tanh(z @ W.T + x)  # noqa: E731
+    else:  # Anderson and Broyden solve it exactly: zero residuals in the history
+        f = lambda z: z @ W.T + x  # noqa: E731
+    kw = dict(solver=solver, backward="bptt", max_iter=30, tol=1e-8, m=5)
+
+    def grads():
+        z, stats = deqfast.fixed_point(f, torch.zeros(3, 5, dtype=torch.float64), **kw)
+        return torch.autograd.grad(z.square().sum(), [W, x])
+
+    expected = grads()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # detect_anomaly's own "enabled" warning
+        with torch.autograd.detect_anomaly():
+            got = grads()
+    for a, b in zip(got, expected):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
