@@ -33,6 +33,13 @@ def check_real(caller: str, name: str, value, *, minimum: float = 0.0) -> None:
         raise ValueError(f"{caller}: {name} must be >= {minimum}, got {value}")
 
 
+def check_positive(caller: str, name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
+        raise TypeError(f"{caller}: {name} must be a real number > 0, got {value!r}")
+    if not value > 0:
+        raise ValueError(f"{caller}: {name} must be > 0, got {value}")
+
+
 def check_damping(caller: str, name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (0.0 < value <= 1.0):
         raise ValueError(f"{caller}: {name} must be in (0, 1], got {value!r}")

@@ -231,6 +231,8 @@ NUMERIC = [
     ("m", 2.5, TypeError),
     ("tol", -0.001, ValueError),
     ("lam", -0.5, ValueError),
+    ("lam", 0, ValueError),  # a singular Gram would have no defined weights
+    ("lam", float("nan"), TypeError),
     ("tau", 0, ValueError),
     ("tau", 1.5, ValueError),
     ("tau", -1, ValueError),

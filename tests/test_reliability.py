@@ -78,3 +78,23 @@ def test_bptt_under_detect_anomaly_raises_no_false_alarm(solver, cell):
     for a, b in zip(got, expected):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("path", ["fused", "reference"])
+def test_anderson_history_is_sized_by_what_the_solve_can_fill(path, monkeypatch):
+    """m = 4000 with max_iter = 3 allocates 3 slots, and decides exactly as m = 3."""
+    if path == "fused" and not COMPILED:
+        pytest.skip("deqfast._C is not compiled")
+    if path == "reference":
+        monkeypatch.setattr(ops, "use_fused", lambda *a, **k: False)
+    slots = []
+    real = ops.anderson_history
+    monkeypatch.setattr(ops, "anderson_history", lambda x, fx, F, G, slot, fused=None: (
+        slots.append(F.shape[1]) or real(x, fx, F, G, slot, fused=fused)))
+    g = torch.Generator().manual_seed(6)
+    c = torch.randn(2, 7, generator=g, dtype=torch.float64)
+    f = lambda z: torch.tanh(0.7 * z.flip(1) + c)  # noqa: E731
+    z_big, s_big = deqfast.solvers.anderson(f, torch.zeros(2, 7, dtype=torch.float64), m=4000, max_iter=3, tol=0.0)
+    assert slots == [3, 3, 3]
+    z_small, s_small = deqfast.solvers.anderson(f, torch.zeros(2, 7, dtype=torch.float64), m=3, max_iter=3, tol=0.0)
+    assert torch.equal(z_big, z_small) and torch.equal(s_big.residual, s_small.residual)
