@@ -113,4 +113,30 @@ def solve(f: Callable, z0: torch.Tensor, options: Options, *, caller: str,
 
     z_leaf = z_star.detach().requires_grad_()
     fz = f(z_leaf)
+    if not _needs_grad_besides(fz, z_leaf):
+        # Nothing f closes over requires grad (a frozen DEQ): z does not either, and no adjoint runs.
+        return fz.detach(), stats
     return AdjointFunction.apply(fz, z_leaf, options, stats, on_backward), stats
+
+
+def _needs_grad_besides(out: torch.Tensor, leaf: torch.Tensor) -> bool:
+    """Whether ``out``'s autograd graph reaches a tensor requiring grad other than ``leaf``.
+
+    A depth-first walk of the graph f built, which stops at the first leaf (parameter, input)
+    other than ``leaf``: a few nodes for a cell with parameters; the whole graph of f (no more)
+    when nothing but ``leaf`` requires grad. Every graph ends in leaves (AccumulateGrad nodes)."""
+    if out.grad_fn is None:
+        return False
+    seen, stack = set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # AccumulateGrad: the leaf it accumulates into
+        if variable is not None:
+            if variable is not leaf:
+                return True
+            continue
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return False
