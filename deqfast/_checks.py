@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import sys
+import warnings
 from typing import Iterable
 
 import torch
@@ -103,3 +106,18 @@ def call_f(caller: str, f, z: torch.Tensor, like: torch.Tensor, like_name: str =
 def check_callable(caller: str, name: str, f) -> None:
     if not callable(f):
         raise TypeError(f"{caller}: {name} must be callable, got {type(f).__name__}")
+
+
+_INTERNAL_DIRS = (os.path.dirname(os.path.abspath(__file__)) + os.sep,
+                  os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
+
+
+def warn(message: str, category=RuntimeWarning) -> None:
+    """warnings.warn attributed to the user's line: the first frame outside deqfast and torch
+    (DEQ runs under nn.Module.__call__, the adjoint under autograd's engine). Python 3.12's
+    skip_file_prefixes does this; on 3.11 the stacklevel is counted here. Where no user frame
+    exists (a backward on another thread), the warning points at its deqfast line."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_INTERNAL_DIRS):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level if frame is not None else 2)

@@ -95,10 +95,11 @@ def solve(f: Callable, z0: torch.Tensor, options: Options, *, caller: str,
     kwargs = options.solver_kwargs(options.solver)
 
     if options.backward == "bptt":
-        z, stats = solver(f, z0, **kwargs)
+        with _solvers._common.entry(caller):
+            z, stats = solver(f, z0, **kwargs)
         return z, stats
 
-    with torch.no_grad():
+    with torch.no_grad(), _solvers._common.entry(caller):
         z_star, stats = solver(f, z0.detach(), **kwargs)
 
     if options.backward == "phantom":
@@ -116,7 +117,7 @@ def solve(f: Callable, z0: torch.Tensor, options: Options, *, caller: str,
     if not _needs_grad_besides(fz, z_leaf):
         # Nothing f closes over requires grad (a frozen DEQ): z does not either, and no adjoint runs.
         return fz.detach(), stats
-    return AdjointFunction.apply(fz, z_leaf, options, stats, on_backward), stats
+    return AdjointFunction.apply(fz, z_leaf, options, stats, on_backward, caller), stats
 
 
 def _needs_grad_besides(out: torch.Tensor, leaf: torch.Tensor) -> bool:

@@ -138,6 +138,18 @@ def test_deq_x_not_tensor_without_z0():
         layer([1.0, 2.0])
 
 
+@pytest.mark.parametrize("entry", FULL)
+@pytest.mark.parametrize("backward,backward_solver", [("implicit", "fixed_point"), ("implicit", "anderson"),
+                                                      ("implicit", "broyden"), ("neumann", "fixed_point")])
+def test_f_not_depending_on_z_is_named_in_backward(entry, backward, backward_solver):
+    """f uses z.detach(): ∂f/∂z is not in the graph, which the implicit/neumann backward needs."""
+    b = torch.ones(B, D, requires_grad=True)
+    out = ENTRIES[entry](lambda z: 0.5 * z.detach() + b, _z0(), backward=backward, backward_solver=backward_solver)
+    z = out[0] if isinstance(out, tuple) else out
+    with pytest.raises(RuntimeError, match=F_NAMED + r".*does not depend on z.*detach"):
+        z.sum().backward()
+
+
 # ---------------------------------------------------------------------------------------------
 # z0
 # ---------------------------------------------------------------------------------------------

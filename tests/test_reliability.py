@@ -98,3 +98,85 @@ def test_anderson_history_is_sized_by_what_the_solve_can_fill(path, monkeypatch)
     assert slots == [3, 3, 3]
     z_small, s_small = deqfast.solvers.anderson(f, torch.zeros(2, 7, dtype=torch.float64), m=3, max_iter=3, tol=0.0)
     assert torch.equal(z_big, z_small) and torch.equal(s_big.residual, s_small.residual)
+
+
+def _runtime_warnings(records):
+    return [r for r in records if issubclass(r.category, RuntimeWarning)]
+
+
+def test_an_adjoint_stopped_far_from_tol_warns_how_far_and_what_to_change():
+    """f = 0.999 z + b: the exact gradient of sum(z*) wrt b is 1 / (1 - 0.999) = 1000 per element;
+    5 adjoint iterations give 1 + ... + 0.999^5 ~ 5.99. The warning says so, at the user's line."""
+    b = torch.ones(3, 4, dtype=torch.float64, requires_grad=True)
+    z, stats = deqfast.fixed_point(lambda z: 0.999 * z + b, torch.zeros(3, 4, dtype=torch.float64),
+                                   max_iter=200, tol=1e-12, backward_max_iter=5)
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        z.sum().backward(); line = __import__("inspect").currentframe().f_lineno  # noqa: E702
+    (w,) = _runtime_warnings(records)
+    message = str(w.message)
+    assert w.filename == __file__ and w.lineno == line
+    assert "deqfast.fixed_point" in message and "backward_max_iter=5" in message
+    assert "backward_tol=1e-06" in message and "3 of 3 samples" in message
+    assert "backward_solver='anderson'" in message
+    residual = float(stats.backward.rel_residual.max())
+    assert f"{residual:.3g}" in message and residual > 1e-3
+    assert float(b.grad.max()) < 10  # the inexact gradient the warning is about (exact: 1000)
+
+
+@pytest.mark.parametrize("backward_solver", ["fixed_point", "anderson", "broyden"])
+def test_a_converged_or_nearly_converged_adjoint_is_quiet(backward_solver):
+    b = torch.ones(3, 4, dtype=torch.float64, requires_grad=True)
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        z, _ = deqfast.fixed_point(lambda z: 0.5 * z + b, torch.zeros(3, 4, dtype=torch.float64), tol=1e-12,
+                                   backward_solver=backward_solver)
+        z.sum().backward()
+        # A modest miss: 0.5^k after k steps, stopped within 10x of backward_tol.
+        z, stats = deqfast.fixed_point(lambda z: 0.5 * z + b, torch.zeros(3, 4, dtype=torch.float64), tol=1e-12,
+                                       backward_max_iter=17, backward_tol=2e-6)
+        z.sum().backward()
+    assert not _runtime_warnings(records), [str(r.message) for r in records]
+    if backward_solver == "fixed_point":
+        assert not stats.backward.converged.any()  # the second solve did miss backward_tol
+    torch.testing.assert_close(b.grad[0, 0].item(), 4.0, rtol=1e-4, atol=0)
+
+
+def _nan_cell(z):
+    return torch.where(torch.tensor([True, False])[:, None], torch.full_like(z, float("nan")), 0.5 * z + 1)
+
+
+@pytest.mark.parametrize("entry,expected", [
+    ("fixed_point", "deqfast.fixed_point"),
+    ("DEQ", "deqfast.DEQ"),
+    ("DEQ_in_sequential", "deqfast.DEQ"),
+    ("anderson", "deqfast.solvers.anderson"),
+    ("fixed_point_iteration", "deqfast.solvers.fixed_point_iteration"),
+    ("broyden", "deqfast.solvers.broyden"),
+])
+@pytest.mark.parametrize("solver", ["anderson", "fixed_point", "broyden"])
+def test_warnings_point_at_the_user_line_and_name_the_entry(entry, expected, solver):
+    if entry in ("anderson", "fixed_point_iteration", "broyden") and solver != "anderson":
+        pytest.skip("one run per solver entry")
+    z0 = torch.zeros(2, 3)
+    layer = deqfast.DEQ(lambda z, x: _nan_cell(z), solver=solver)
+    model = torch.nn.Sequential(torch.nn.Identity(), layer)
+    import inspect
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        here = inspect.currentframe
+        if entry == "fixed_point":
+            line = here().f_lineno + 1
+            deqfast.fixed_point(_nan_cell, z0, solver=solver)
+        elif entry == "DEQ":
+            line = here().f_lineno + 1
+            layer(z0)
+        elif entry == "DEQ_in_sequential":
+            line = here().f_lineno + 1
+            model(z0)
+        else:
+            line = here().f_lineno + 1
+            getattr(deqfast.solvers, entry)(_nan_cell, z0)
+    (w,) = _runtime_warnings(records)
+    assert w.filename == __file__ and w.lineno == line, (w.filename, w.lineno, line)
+    assert str(w.message).startswith(expected + " ("), str(w.message)

@@ -1,7 +1,8 @@
 """Plumbing every solver shares: flattening, calling f safely, the loop's host check, the result."""
 from __future__ import annotations
 
-import warnings
+import contextlib
+import contextvars
 from typing import Callable, Optional
 
 import torch
@@ -11,13 +12,28 @@ from ..reference import SampleState
 from ..stats import SolverStats
 
 
+# The public entry a solver runs under (deqfast.fixed_point, deqfast.DEQ, ...), so that its
+# warnings name what the user called rather than the internal solver.
+_ENTRY: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("deqfast_entry", default=None)
+
+
+@contextlib.contextmanager
+def entry(caller: str):
+    """Solvers run inside this block report their warnings as ``caller``."""
+    token = _ENTRY.set(caller)
+    try:
+        yield
+    finally:
+        _ENTRY.reset(token)
+
+
 class FlatProblem:
     """f on the flattened state: (B, d) -> (B, d), checking what f returns against z0."""
 
     def __init__(self, caller: str, f: Callable, z0: torch.Tensor):
         _checks.check_callable(caller, "f", f)
         _checks.check_z0(caller, z0)
-        self.caller = caller
+        self.caller = _ENTRY.get() or caller
         self.f = f
         self.z0 = z0
         self.shape = z0.shape
@@ -81,11 +97,10 @@ def finish(problem: FlatProblem, state: SampleState, solver: str, warn: bool = T
 def warn_failed(caller: str, solver: str, stats: SolverStats) -> None:
     n_failed = int(stats.failed.sum())
     if n_failed:
-        warnings.warn(
+        _checks.warn(
             f"{caller} ({solver}): {n_failed} of {stats.batch_size} samples produced NaN/Inf and were "
             f"frozen at their best finite iterate (stats.failed marks them; stats.converged is False)",
             RuntimeWarning,
-            stacklevel=4,
         )
 
 
