@@ -92,10 +92,18 @@ def f_output(caller: str, out, like: torch.Tensor, what: str = "f(z)", like_name
 
 def call_f(caller: str, f, z: torch.Tensor, like: torch.Tensor, like_name: str = "z0") -> torch.Tensor:
     """f(z) checked by :func:`f_output`, and checked not to have written into z: the solver's
-    iterate (and its history) would silently change under it."""
-    version = None if z.is_inference() else z._version  # inference tensors keep no version
+    iterate (and its history) would silently change under it.
+
+    The check is z's version counter. Inference tensors (a solve under torch.inference_mode) keep
+    none, so f then gets a normal copy of z made outside inference mode, whose counter in-place ops
+    still bump: one copy of z (B·d elements) per f call, no host synchronisation, exact (any
+    in-place write is caught, and the solver's own iterate is never the tensor written)."""
+    if z.is_inference():
+        with torch.inference_mode(False):
+            z = z.clone()
+    version = z._version
     out = f(z)
-    if version is not None and z._version != version:
+    if z._version != version:
         raise RuntimeError(
             f"{caller}: f modified its argument z in place (e.g. torch.relu_ or nn.ReLU(inplace=True) "
             f"applied to z), which would corrupt the solver's iterate; use out-of-place operations on z"

@@ -90,13 +90,15 @@ def test_f_returns_other_dtype(entry):
         ENTRIES[entry](lambda z: 0.5 * z.double(), _z0())
 
 
+@pytest.mark.parametrize("mode", ["grad", "inference"])
 @pytest.mark.parametrize("entry", ALL)
 @pytest.mark.parametrize("shape", [(B, D), (B, 1, D)], ids=["flat", "3d"])
-def test_f_writing_into_its_argument_is_an_error(entry, shape):
-    """An in-place op on z (relu_, ReLU(inplace=True)) would change the solver's iterate under it."""
-    z0 = _z0().reshape(shape)
+def test_f_writing_into_its_argument_is_an_error(entry, shape, mode):
+    """An in-place op on z (relu_, ReLU(inplace=True)) would change the solver's iterate under it;
+    under torch.inference_mode too, where z has no version counter of its own."""
     with pytest.raises(RuntimeError, match=F_NAMED + r".*modified its argument z in place"):
-        ENTRIES[entry](lambda z: 0.5 * torch.relu_(z) + 1.0, z0)
+        with torch.inference_mode(mode == "inference"):
+            ENTRIES[entry](lambda z: 0.5 * torch.relu_(z) + 1.0, _z0().reshape(shape))
 
 
 @pytest.mark.parametrize("entry", ALL)
