@@ -60,8 +60,6 @@ def check_z0(caller: str, z0, name: str = "z0") -> None:
         raise TypeError(f"{caller}: {name} must be floating point, got {z0.dtype}")
     if z0.dim() < 1:
         raise ValueError(f"{caller}: {name} must have a batch dimension (dim 0), got a 0-dim tensor")
-    if z0.shape[0] == 0:
-        raise ValueError(f"{caller}: {name} must have a non-empty batch, got shape {tuple(z0.shape)}")
 
 
 def _autocast_on(device: torch.device) -> bool:

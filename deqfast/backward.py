@@ -34,7 +34,7 @@ def neumann_series(vjp: Callable[[torch.Tensor], torch.Tensor], g: torch.Tensor,
 
 def _neumann_stats(u: torch.Tensor, last_term: torch.Tensor, terms: int, tol: float, stop_mode: str) -> SolverStats:
     B = u.shape[0]
-    u_flat, last_flat = u.reshape(B, -1), last_term.reshape(B, -1)
+    u_flat, last_flat = u.reshape(B, u[0].numel() if B else 0), last_term.reshape(B, u[0].numel() if B else 0)
     # The last term added is the step, hence the residual, of the equivalent adjoint iteration.
     acc = accumulation_dtype(u.dtype)
     residual = torch.linalg.vector_norm(last_flat, dim=1, dtype=acc)

@@ -94,7 +94,7 @@ def solve(f: Callable, z0: torch.Tensor, options: Options, *, caller: str,
     solver = _solvers.SOLVERS[options.solver]
     kwargs = options.solver_kwargs(options.solver)
 
-    if options.backward == "bptt":
+    if options.backward == "bptt" and z0.shape[0] > 0:
         with _solvers._common.entry(caller):
             z, stats = solver(f, z0, **kwargs)
         return z, stats
@@ -107,6 +107,9 @@ def solve(f: Callable, z0: torch.Tensor, options: Options, *, caller: str,
         for _ in range(options.phantom_steps):
             z = torch.lerp(z, f(z), options.phantom_tau)
         return z, stats
+
+    if z0.shape[0] == 0:  # an empty batch: an empty result whose graph gives empty gradients
+        return f(z_star), stats
 
     jacobian_free = options.backward == "jfb" or (options.backward == "neumann" and options.neumann_terms == 1)
     if jacobian_free or not torch.is_grad_enabled():

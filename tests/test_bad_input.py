@@ -171,12 +171,6 @@ def test_z0_not_a_tensor(entry):
 
 
 @pytest.mark.parametrize("entry", ALL)
-def test_z0_empty_batch(entry):
-    with pytest.raises(ValueError, match=r"\bz0\b.*batch.*\(0, 3\)"):
-        ENTRIES[entry](_contraction, torch.ones(0, D))
-
-
-@pytest.mark.parametrize("entry", ALL)
 def test_z0_zero_dim(entry):
     with pytest.raises(ValueError, match=r"\bz0\b.*batch.*0-dim"):
         ENTRIES[entry](_contraction, torch.tensor(1.5))

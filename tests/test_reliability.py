@@ -180,3 +180,38 @@ def test_warnings_point_at_the_user_line_and_name_the_entry(entry, expected, sol
     (w,) = _runtime_warnings(records)
     assert w.filename == __file__ and w.lineno == line, (w.filename, w.lineno, line)
     assert str(w.message).startswith(expected + " ("), str(w.message)
+
+
+@pytest.mark.parametrize("path", ["fused", "reference"])
+@pytest.mark.parametrize("solver", ["anderson", "fixed_point_iteration", "broyden"])
+@pytest.mark.parametrize("shape", [(0, 4), (0, 2, 3)])
+def test_solvers_on_an_empty_batch_return_empty_results(solver, shape, path, monkeypatch):
+    if path == "fused" and not COMPILED:
+        pytest.skip("deqfast._C is not compiled")
+    if path == "reference":
+        monkeypatch.setattr(ops, "use_fused", lambda *a, **k: False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        z, stats = getattr(deqfast.solvers, solver)(lambda z: 0.5 * z + 1, torch.zeros(shape), max_iter=5)
+    assert z.shape == shape
+    for name in ("nstep", "residual", "rel_residual", "converged", "failed"):
+        assert getattr(stats, name).shape == (0,), name
+
+
+@pytest.mark.parametrize("backward", ["implicit", "neumann", "jfb", "phantom", "bptt"])
+@pytest.mark.parametrize("solver", ["anderson", "fixed_point", "broyden"])
+def test_an_empty_batch_gives_an_empty_result_and_empty_gradients(solver, backward):
+    """As torch layers do: B = 0 in, B = 0 out, and the gradient of the empty result is empty
+    (zero for parameters)."""
+    x = torch.randn(0, 2, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    layer = deqfast.DEQ(lambda z, x: torch.tanh(w * z + x), solver=solver, backward=backward)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        z = layer(x)
+        z.sum().backward()
+    assert z.shape == (0, 2, 3) and z.requires_grad
+    assert layer.stats.batch_size == 0 and layer.stats.converged.shape == (0,)
+    assert layer.stats.summary().startswith("0/0 converged")
+    assert x.grad.shape == (0, 2, 3)
+    assert w.grad is not None and w.grad.item() == 0.0

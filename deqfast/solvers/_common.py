@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import contextvars
 from typing import Callable, Optional
 
@@ -38,7 +39,8 @@ class FlatProblem:
         self.z0 = z0
         self.shape = z0.shape
         self.batch = z0.shape[0]
-        x0 = z0.reshape(self.batch, -1)
+        self.width = math.prod(z0.shape[1:])  # d; reshape(B, -1) is ambiguous for an empty batch
+        x0 = z0.reshape(self.batch, self.width)
         # The solvers and fused ops work on a contiguous (B, d) state: a transposed, sliced,
         # permuted, channels_last or expanded (stride 0) z0 is copied once here, never written into.
         if not x0.is_contiguous():
@@ -56,7 +58,7 @@ class FlatProblem:
         if self.flat:
             return _checks.call_f(self.caller, self.f, x, self.z0)
         z = x.view(self.shape) if x.is_contiguous() else x.reshape(self.shape)
-        return _checks.call_f(self.caller, self.f, z, self.z0).reshape(self.batch, -1)
+        return _checks.call_f(self.caller, self.f, z, self.z0).reshape(self.batch, self.width)
 
     def unflatten(self, x: torch.Tensor) -> torch.Tensor:
         return x.reshape(self.shape)
