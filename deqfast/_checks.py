@@ -53,11 +53,40 @@ def check_check_every(caller: str, value) -> None:
         check_int(caller, "check_every", value, 1)
 
 
+STATE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def in_func_transform(t: torch.Tensor) -> bool:
+    """Whether t is a tensor of a torch.func transform (vmap's BatchedTensor; grad, jacrev, jvp's
+    GradTrackingTensor): the solvers' in-place buffers and fused ops have no batching rules."""
+    functorch = torch._C._functorch
+    return bool(functorch.is_batchedtensor(t) or functorch.is_gradtrackingtensor(t))
+
+
+def check_not_in_func_transform(caller: str, name: str, t: torch.Tensor) -> None:
+    if in_func_transform(t):
+        raise RuntimeError(
+            f"{caller}: {name} is a tensor of a torch.func transform (vmap, grad, jacrev, jvp, ...), which "
+            f"deqfast does not support; call deqfast outside the transform (it already solves a whole batch "
+            f"along dim 0, and its backward modes give the gradients)"
+        )
+
+
 def check_z0(caller: str, z0, name: str = "z0") -> None:
     if not isinstance(z0, torch.Tensor):
         raise TypeError(f"{caller}: {name} must be a torch.Tensor, got {type(z0).__name__}")
+    check_not_in_func_transform(caller, name, z0)
+    if z0.layout != torch.strided:
+        raise TypeError(f"{caller}: {name} must be a dense (strided) tensor, got layout {z0.layout}; "
+                        f"convert it with {name}.to_dense()")
     if not z0.is_floating_point():
         raise TypeError(f"{caller}: {name} must be floating point, got {z0.dtype}")
+    if z0.dtype not in STATE_DTYPES:
+        raise TypeError(f"{caller}: {name} must be float16, bfloat16, float32 or float64, got {z0.dtype} "
+                        f"(the solver's arithmetic is not defined for it); cast {name} and f's output")
+    if z0.device.type == "meta":
+        raise ValueError(f"{caller}: {name} must be on a device with data (cpu, cuda, ...), got a meta tensor, "
+                         f"which has a shape but no values to iterate on")
     if z0.dim() < 1:
         raise ValueError(f"{caller}: {name} must have a batch dimension (dim 0), got a 0-dim tensor")
 
@@ -77,6 +106,7 @@ def f_output(caller: str, out, like: torch.Tensor, what: str = "f(z)", like_name
     differentiable cast. Outside autocast a different dtype is an error."""
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"{caller}: {what} must return a torch.Tensor, got {type(out).__name__}")
+    check_not_in_func_transform(caller, f"{what}'s output", out)
     if out.shape != like.shape:
         raise ValueError(f"{caller}: {what} must return shape {tuple(like.shape)} (the shape of {like_name}), got {tuple(out.shape)}")
     if out.device != like.device:

@@ -170,6 +170,53 @@ def test_z0_not_a_tensor(entry):
         ENTRIES[entry](_contraction, [[1.0, 2.0], [3.0, 4.0]])
 
 
+Z0_UNSUPPORTED = [
+    # (name, make z0, exception, pattern after "z0")
+    ("float8", lambda: torch.zeros(B, D).to(torch.float8_e4m3fn), TypeError,
+     r".*float16, bfloat16, float32 or float64.*float8_e4m3fn"),
+    ("sparse_coo", lambda: torch.ones(B, D).to_sparse(), TypeError, r".*dense.*sparse_coo"),
+    ("sparse_csr", lambda: torch.ones(B, D).to_sparse_csr(), TypeError, r".*dense.*sparse_csr"),
+    ("meta", lambda: torch.zeros(B, D, device="meta"), ValueError, r".*device.*\bmeta\b"),
+]
+
+
+@pytest.mark.parametrize("entry", ALL)
+@pytest.mark.parametrize("kind,make,exc,pattern", Z0_UNSUPPORTED, ids=[c[0] for c in Z0_UNSUPPORTED])
+def test_z0_unsupported_tensor(entry, kind, make, exc, pattern):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+        z0 = make()
+    with pytest.raises(exc, match=r"\bz0\b" + pattern):
+        ENTRIES[entry](_contraction, z0)
+
+
+FUNC_TRANSFORMS = {
+    "vmap_z0": lambda call: torch.func.vmap(lambda z0: call(_contraction, z0))(torch.zeros(2, B, D)),
+    "vmap_closure": lambda call: torch.func.vmap(lambda b: call(lambda z: 0.5 * z + b, torch.zeros(B, D)))(
+        torch.ones(2, B, D)),
+    "grad": lambda call: torch.func.grad(lambda b: call(lambda z: 0.5 * z + b, torch.zeros(B, D)).sum())(
+        torch.ones(B, D)),
+}
+
+
+@pytest.mark.parametrize("entry", ALL)
+@pytest.mark.parametrize("transform", list(FUNC_TRANSFORMS))
+def test_torch_func_transforms_are_named(entry, transform):
+    """vmap/grad wrap the tensors: the solvers' buffers and fused ops cannot run on them."""
+    def call(f, z0):
+        out = ENTRIES[entry](f, z0)
+        return out[0] if isinstance(out, tuple) else out
+
+    with pytest.raises(RuntimeError, match=r"(\bz0\b|\bf\b|\bcell\b).*torch\.func transform.*vmap.*grad"):
+        FUNC_TRANSFORMS[transform](call)
+
+
+@pytest.mark.parametrize("args", ["anderson", 3, ["anderson"]])
+def test_compat_get_deq_args_of_the_wrong_type(args):
+    with pytest.raises(TypeError, match=r"\bargs\b.*dict.*Namespace.*" + type(args).__name__):
+        deqfast.compat.get_deq(args)
+
+
 @pytest.mark.parametrize("entry", ALL)
 def test_z0_zero_dim(entry):
     with pytest.raises(ValueError, match=r"\bz0\b.*batch.*0-dim"):
