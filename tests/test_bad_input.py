@@ -2,7 +2,10 @@
 
 Errors: the exception type (TypeError for a wrong type, ValueError for a wrong value) and a message that
 names the argument and what came (and, for a choice, lists the valid ones), for deqfast.fixed_point,
-deqfast.DEQ and the three solvers.
+deqfast.DEQ and the three solvers. Over 40 kinds of bad input: what f returns (shape, dtype, device,
+not a tensor, written into z, under inference mode too, not depending on z), f/cell/x, z0 (not a
+tensor, not floating, 0-dim, float8, sparse COO/CSR, meta, inside vmap/grad), every choice, unknown
+keywords, every numeric keyword out of range or of the wrong type, compat's get_deq arguments.
 
 Failing samples: f(z) = where(bad, NaN or a diverging value, good cell) must give exactly one
 RuntimeWarning that counts the failed samples, stats.failed / stats.converged that mark them, a finite
@@ -152,6 +155,12 @@ def test_f_not_depending_on_z_is_named_in_backward(entry, backward, backward_sol
         z.sum().backward()
 
 
+def test_deq_x_not_floating_without_z0():
+    layer = deqfast.DEQ(lambda z, x: 0.5 * z + x)
+    with pytest.raises(TypeError, match=r"\bx\b.*floating.*int64"):
+        layer(torch.ones(B, D, dtype=torch.int64))
+
+
 # ---------------------------------------------------------------------------------------------
 # z0
 # ---------------------------------------------------------------------------------------------
@@ -285,6 +294,8 @@ NUMERIC = [
     ("m", 0, ValueError),
     ("m", 2.5, TypeError),
     ("tol", -0.001, ValueError),
+    ("tol", float("nan"), TypeError),
+    ("tol", "1e-4", TypeError),
     ("lam", -0.5, ValueError),
     ("lam", 0, ValueError),  # a singular Gram would have no defined weights
     ("lam", float("nan"), TypeError),
