@@ -41,7 +41,8 @@ def fixed_point(
 
     Args:
         f: z -> f(z), same shape, dtype and device as z0.
-        z0: (B, ...) initial iterate, floating point; or a list/tuple of such tensors (one batch
+        z0: (B, ...) initial iterate, floating point, of any layout (it is never written into;
+            B = 0 gives an empty result and empty stats); or a list/tuple of such tensors (one batch
             size, dtype and device), for a state of several parts: then f maps such a list/tuple
             to one of the same shapes, and z comes back as one. Stats are per sample, over all parts.
         solver: "anderson" | "fixed_point" | "broyden".

@@ -31,7 +31,8 @@ def anderson(
 
     Args:
         f, z0, max_iter, tol, stop_mode, tau, check_every: as :func:`fixed_point_iteration`.
-        m: history length (>= 1; m = 1 is damped fixed-point iteration).
+        m: history length (>= 1; m = 1 is damped fixed-point iteration); min(m, max_iter) slots
+            are allocated, all a solve can fill.
         lam: ridge regulariser (> 0); each weight is penalised relative to its residual's squared norm.
 
     Returns:
