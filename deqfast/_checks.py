@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import sys
+import warnings
 from typing import Iterable
 
 import torch
@@ -33,6 +36,13 @@ def check_real(caller: str, name: str, value, *, minimum: float = 0.0) -> None:
         raise ValueError(f"{caller}: {name} must be >= {minimum}, got {value}")
 
 
+def check_positive(caller: str, name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
+        raise TypeError(f"{caller}: {name} must be a real number > 0, got {value!r}")
+    if not value > 0:
+        raise ValueError(f"{caller}: {name} must be > 0, got {value}")
+
+
 def check_damping(caller: str, name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (0.0 < value <= 1.0):
         raise ValueError(f"{caller}: {name} must be in (0, 1], got {value!r}")
@@ -43,15 +53,42 @@ def check_check_every(caller: str, value) -> None:
         check_int(caller, "check_every", value, 1)
 
 
+STATE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def in_func_transform(t: torch.Tensor) -> bool:
+    """Whether t is a tensor of a torch.func transform (vmap's BatchedTensor; grad, jacrev, jvp's
+    GradTrackingTensor): the solvers' in-place buffers and fused ops have no batching rules."""
+    functorch = torch._C._functorch
+    return bool(functorch.is_batchedtensor(t) or functorch.is_gradtrackingtensor(t))
+
+
+def check_not_in_func_transform(caller: str, name: str, t: torch.Tensor) -> None:
+    if in_func_transform(t):
+        raise RuntimeError(
+            f"{caller}: {name} is a tensor of a torch.func transform (vmap, grad, jacrev, jvp, ...), which "
+            f"deqfast does not support; call deqfast outside the transform (it already solves a whole batch "
+            f"along dim 0, and its backward modes give the gradients)"
+        )
+
+
 def check_z0(caller: str, z0, name: str = "z0") -> None:
     if not isinstance(z0, torch.Tensor):
         raise TypeError(f"{caller}: {name} must be a torch.Tensor, got {type(z0).__name__}")
+    check_not_in_func_transform(caller, name, z0)
+    if z0.layout != torch.strided:
+        raise TypeError(f"{caller}: {name} must be a dense (strided) tensor, got layout {z0.layout}; "
+                        f"convert it with {name}.to_dense()")
     if not z0.is_floating_point():
         raise TypeError(f"{caller}: {name} must be floating point, got {z0.dtype}")
+    if z0.dtype not in STATE_DTYPES:
+        raise TypeError(f"{caller}: {name} must be float16, bfloat16, float32 or float64, got {z0.dtype} "
+                        f"(the solver's arithmetic is not defined for it); cast {name} and f's output")
+    if z0.device.type == "meta":
+        raise ValueError(f"{caller}: {name} must be on a device with data (cpu, cuda, ...), got a meta tensor, "
+                         f"which has a shape but no values to iterate on")
     if z0.dim() < 1:
         raise ValueError(f"{caller}: {name} must have a batch dimension (dim 0), got a 0-dim tensor")
-    if z0.shape[0] == 0:
-        raise ValueError(f"{caller}: {name} must have a non-empty batch, got shape {tuple(z0.shape)}")
 
 
 def _autocast_on(device: torch.device) -> bool:
@@ -69,6 +106,7 @@ def f_output(caller: str, out, like: torch.Tensor, what: str = "f(z)", like_name
     differentiable cast. Outside autocast a different dtype is an error."""
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"{caller}: {what} must return a torch.Tensor, got {type(out).__name__}")
+    check_not_in_func_transform(caller, f"{what}'s output", out)
     if out.shape != like.shape:
         raise ValueError(f"{caller}: {what} must return shape {tuple(like.shape)} (the shape of {like_name}), got {tuple(out.shape)}")
     if out.device != like.device:
@@ -82,10 +120,18 @@ def f_output(caller: str, out, like: torch.Tensor, what: str = "f(z)", like_name
 
 def call_f(caller: str, f, z: torch.Tensor, like: torch.Tensor, like_name: str = "z0") -> torch.Tensor:
     """f(z) checked by :func:`f_output`, and checked not to have written into z: the solver's
-    iterate (and its history) would silently change under it."""
-    version = None if z.is_inference() else z._version  # inference tensors keep no version
+    iterate (and its history) would silently change under it.
+
+    The check is z's version counter. Inference tensors (a solve under torch.inference_mode) keep
+    none, so f then gets a normal copy of z made outside inference mode, whose counter in-place ops
+    still bump: one copy of z (B·d elements) per f call, no host synchronisation, exact (any
+    in-place write is caught, and the solver's own iterate is never the tensor written)."""
+    if z.is_inference():
+        with torch.inference_mode(False):
+            z = z.clone()
+    version = z._version
     out = f(z)
-    if version is not None and z._version != version:
+    if z._version != version:
         raise RuntimeError(
             f"{caller}: f modified its argument z in place (e.g. torch.relu_ or nn.ReLU(inplace=True) "
             f"applied to z), which would corrupt the solver's iterate; use out-of-place operations on z"
@@ -96,3 +142,18 @@ def call_f(caller: str, f, z: torch.Tensor, like: torch.Tensor, like_name: str =
 def check_callable(caller: str, name: str, f) -> None:
     if not callable(f):
         raise TypeError(f"{caller}: {name} must be callable, got {type(f).__name__}")
+
+
+_INTERNAL_DIRS = (os.path.dirname(os.path.abspath(__file__)) + os.sep,
+                  os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
+
+
+def warn(message: str, category=RuntimeWarning) -> None:
+    """warnings.warn attributed to the user's line: the first frame outside deqfast and torch
+    (DEQ runs under nn.Module.__call__, the adjoint under autograd's engine). Python 3.12's
+    skip_file_prefixes does this; on 3.11 the stacklevel is counted here. Where no user frame
+    exists (a backward on another thread), the warning points at its deqfast line."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_INTERNAL_DIRS):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level if frame is not None else 2)

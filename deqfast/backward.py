@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from . import _checks
 from . import solvers as _solvers
 from .solvers.fixed_point import adjoint_iteration
 from .options import Options
@@ -33,7 +34,7 @@ def neumann_series(vjp: Callable[[torch.Tensor], torch.Tensor], g: torch.Tensor,
 
 def _neumann_stats(u: torch.Tensor, last_term: torch.Tensor, terms: int, tol: float, stop_mode: str) -> SolverStats:
     B = u.shape[0]
-    u_flat, last_flat = u.reshape(B, -1), last_term.reshape(B, -1)
+    u_flat, last_flat = u.reshape(B, u[0].numel() if B else 0), last_term.reshape(B, u[0].numel() if B else 0)
     # The last term added is the step, hence the residual, of the equivalent adjoint iteration.
     acc = accumulation_dtype(u.dtype)
     residual = torch.linalg.vector_norm(last_flat, dim=1, dtype=acc)
@@ -47,6 +48,35 @@ def _neumann_stats(u: torch.Tensor, last_term: torch.Tensor, terms: int, tol: fl
         rel_residual=rel,
         converged=finite & (crit < tol),
         failed=~finite,
+    )
+
+
+# An adjoint that stopped within this factor of backward_tol is a modest miss: no warning.
+INEXACT_ADJOINT_FACTOR = 10.0
+
+
+def _warn_inexact_adjoint(caller: str, options: Options, stats: SolverStats) -> None:
+    """Warn when the implicit adjoint stopped (at backward_max_iter) with some sample's residual
+    above INEXACT_ADJOINT_FACTOR x backward_tol: its gradient is then inexact. Costs one host
+    synchronisation per backward (the adjoint loop already makes one every check_every steps).
+    Samples that failed (NaN/Inf) are warned about by the solver; backward_tol = 0 asks for exactly
+    backward_max_iter steps and is not warned about."""
+    tol = options.backward_tol
+    if tol <= 0:
+        return
+    stop_mode = options.backward_stop_mode or options.stop_mode
+    criterion = stats.rel_residual if stop_mode == "rel" else stats.residual
+    far = ~stats.converged & ~stats.failed & (criterion > INEXACT_ADJOINT_FACTOR * tol)
+    n_far = int(far.sum())
+    if not n_far:
+        return
+    worst = float(criterion[far].max())
+    _checks.warn(
+        f"{caller} backward (implicit): the adjoint solve stopped at backward_max_iter={options.backward_max_iter} "
+        f"with a {stop_mode} residual up to {worst:.3g}, more than {INEXACT_ADJOINT_FACTOR:g}x backward_tol={tol:g}, "
+        f"for {n_far} of {stats.batch_size} samples: their gradients are inexact. Raise backward_max_iter, use "
+        f"backward_solver='anderson' (or 'broyden'), or loosen backward_tol; stats.backward has the per-sample residuals",
+        RuntimeWarning,
     )
 
 
@@ -77,8 +107,9 @@ class AdjointFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, fz, z_leaf, options: Options, stats: SolverStats, on_backward):
+    def forward(ctx, fz, z_leaf, options: Options, stats: SolverStats, on_backward, caller: str = "deqfast.fixed_point"):
         ctx.save_for_backward(fz, z_leaf)
+        ctx.caller = caller
         ctx.options = options
         ctx.stats = stats
         ctx.on_backward = on_backward
@@ -91,10 +122,19 @@ class AdjointFunction(torch.autograd.Function):
         options: Options = ctx.options
         grad = grad.detach()
 
-        def vjp(v):
-            return torch.autograd.grad(fz, z_leaf, v, retain_graph=True)[0]
+        caller = ctx.caller
 
-        with torch.enable_grad():
+        def vjp(v):
+            jtv = torch.autograd.grad(fz, z_leaf, v, retain_graph=True, allow_unused=True)[0]
+            if jtv is None:
+                raise RuntimeError(
+                    f"{caller}: f(z) does not depend on z (e.g. it uses z.detach() or z.data, or ignores z), "
+                    f"so backward={options.backward!r} has no Jacobian df/dz to solve with; make f use z "
+                    f"differentiably, or use backward='jfb' if f is meant to be constant in z"
+                )
+            return jtv
+
+        with torch.enable_grad(), _solvers._common.entry(f"{caller} backward"):
             if options.backward == "neumann":
                 u, last = neumann_series(vjp, grad, options.neumann_terms)
                 stats = _neumann_stats(u, last, options.neumann_terms, options.backward_tol,
@@ -108,9 +148,11 @@ class AdjointFunction(torch.autograd.Function):
                     else:
                         solver = _solvers.SOLVERS[options.backward_solver]
                         u, stats = solver(lambda v: grad + vjp(v), torch.zeros_like(grad), **kwargs)
+            if options.backward == "implicit":
+                _warn_inexact_adjoint(caller, options, stats)
         ctx.stats.backward = stats
         if ctx.on_backward is not None:
             ctx.on_backward(stats)
         if create_graph:
             u = _not_differentiable_again(u)
-        return u, None, None, None, None
+        return u, None, None, None, None, None

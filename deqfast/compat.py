@@ -70,6 +70,12 @@ def _config_dict(args) -> dict:
         return vars(args)
     if isinstance(args, DEQCompat):
         return dict(args.config)
+    if isinstance(args, (str, bytes)) or not hasattr(args, "__dict__"):
+        raise TypeError(
+            f"deqfast.compat.get_deq: args must be None, a dict, an argparse.Namespace or an object with the "
+            f"options as attributes, got {type(args).__name__} {args!r}; pass single options as keywords, "
+            f"e.g. get_deq(f_solver='anderson')"
+        )
     return dict(vars(args))
 
 

@@ -41,7 +41,8 @@ def fixed_point(
 
     Args:
         f: z -> f(z), same shape, dtype and device as z0.
-        z0: (B, ...) initial iterate, floating point; or a list/tuple of such tensors (one batch
+        z0: (B, ...) initial iterate, floating point, of any layout (it is never written into;
+            B = 0 gives an empty result and empty stats); or a list/tuple of such tensors (one batch
             size, dtype and device), for a state of several parts: then f maps such a list/tuple
             to one of the same shapes, and z comes back as one. Stats are per sample, over all parts.
         solver: "anderson" | "fixed_point" | "broyden".
@@ -94,11 +95,12 @@ def solve(f: Callable, z0: torch.Tensor, options: Options, *, caller: str,
     solver = _solvers.SOLVERS[options.solver]
     kwargs = options.solver_kwargs(options.solver)
 
-    if options.backward == "bptt":
-        z, stats = solver(f, z0, **kwargs)
+    if options.backward == "bptt" and z0.shape[0] > 0:
+        with _solvers._common.entry(caller):
+            z, stats = solver(f, z0, **kwargs)
         return z, stats
 
-    with torch.no_grad():
+    with torch.no_grad(), _solvers._common.entry(caller):
         z_star, stats = solver(f, z0.detach(), **kwargs)
 
     if options.backward == "phantom":
@@ -107,10 +109,39 @@ def solve(f: Callable, z0: torch.Tensor, options: Options, *, caller: str,
             z = torch.lerp(z, f(z), options.phantom_tau)
         return z, stats
 
+    if z0.shape[0] == 0:  # an empty batch: an empty result whose graph gives empty gradients
+        return f(z_star), stats
+
     jacobian_free = options.backward == "jfb" or (options.backward == "neumann" and options.neumann_terms == 1)
     if jacobian_free or not torch.is_grad_enabled():
         return f(z_star), stats
 
     z_leaf = z_star.detach().requires_grad_()
     fz = f(z_leaf)
-    return AdjointFunction.apply(fz, z_leaf, options, stats, on_backward), stats
+    if not _needs_grad_besides(fz, z_leaf):
+        # Nothing f closes over requires grad (a frozen DEQ): z does not either, and no adjoint runs.
+        return fz.detach(), stats
+    return AdjointFunction.apply(fz, z_leaf, options, stats, on_backward, caller), stats
+
+
+def _needs_grad_besides(out: torch.Tensor, leaf: torch.Tensor) -> bool:
+    """Whether ``out``'s autograd graph reaches a tensor requiring grad other than ``leaf``.
+
+    A depth-first walk of the graph f built, which stops at the first leaf (parameter, input)
+    other than ``leaf``: a few nodes for a cell with parameters; the whole graph of f (no more)
+    when nothing but ``leaf`` requires grad. Every graph ends in leaves (AccumulateGrad nodes)."""
+    if out.grad_fn is None:
+        return False
+    seen, stack = set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # AccumulateGrad: the leaf it accumulates into
+        if variable is not None:
+            if variable is not leaf:
+                return True
+            continue
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return False

@@ -46,7 +46,7 @@ class Options:
         c.check_real(caller, "tol", self.tol)
         c.check_choice(caller, "stop_mode", self.stop_mode, c.STOP_MODES)
         c.check_int(caller, "m", self.m, 1)
-        c.check_real(caller, "lam", self.lam)
+        c.check_positive(caller, "lam", self.lam)  # lam = 0: a singular Gram has no defined weights
         c.check_damping(caller, "tau", self.tau)
         c.check_choice(caller, "backward", self.backward, c.BACKWARDS)
         c.check_choice(caller, "backward_solver", self.backward_solver, c.BACKWARD_SOLVERS)

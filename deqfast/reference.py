@@ -126,7 +126,13 @@ def anderson_weights(gram, n_filled: int, slot: int, lam: float):
     constants = _weight_constants.__wrapped__ if torch.compiler.is_compiling() else _weight_constants
     filled, ridge, fallback = constants(m, n_filled, slot, float(lam), gram.dtype, gram.device)
     diag = gram.diagonal(dim1=1, dim2=2)
-    inv_sqrt = torch.where(filled, diag.clamp_min(torch.finfo(gram.dtype).tiny).rsqrt(), 0.0)
+    # rsqrt only of safe values (1 for empty slots, a diagonal below tiny stands at tiny):
+    # masking an infinite derivative afterwards would give 0 · inf = NaN gradients under bptt,
+    # which torch.autograd.detect_anomaly reports. tiny ** -0.5 = 2^63 (float32), 2^511 (float64): exact.
+    tiny = torch.finfo(gram.dtype).tiny
+    small = diag < tiny
+    safe = torch.where(filled & ~small, diag, 1.0)
+    inv_sqrt = torch.where(filled, torch.where(small, tiny ** -0.5, safe.rsqrt()), 0.0)
     # Entries of empty slots are 0 in the Gram matrix and in inv_sqrt, so C is 0 there too.
     system = gram * (inv_sqrt.unsqueeze(2) * inv_sqrt.unsqueeze(1)) + ridge
     beta, info = torch.linalg.solve_ex(system, inv_sqrt.unsqueeze(2), check_errors=False)
@@ -141,7 +147,10 @@ def anderson_weights(gram, n_filled: int, slot: int, lam: float):
 def _weight_constants(m: int, n_filled: int, slot: int, lam: float, dtype: torch.dtype, device: torch.device):
     """Per-(history fill, slot) constants of the weight solve, built once per solve shape."""
     filled = torch.arange(m, device=device) < n_filled
-    ridge = torch.diag_embed(torch.where(filled, lam, 1.0).to(dtype)).unsqueeze(0)  # (1, m, m)
+    # Built in ``dtype`` from the start: a Python float passed through torch's default dtype
+    # (float32, or float16 where a user set it) would round λ first.
+    ridge_diag = torch.full((m,), 1.0, dtype=dtype, device=device).masked_fill_(filled, lam)
+    ridge = torch.diag_embed(ridge_diag).unsqueeze(0)  # (1, m, m)
     fallback = torch.zeros((1, m), dtype=dtype, device=device)
     fallback[0, slot] = 1.0
     return filled, ridge, fallback
@@ -173,8 +182,9 @@ class SampleState:
         dev = x0.device
         self.tol = tol
         self.rel = stop_mode == "rel"
-        # A copy: the fused ops update the state in place.
-        self.best_x = x0 if torch.is_grad_enabled() and x0.requires_grad else x0.detach().clone()
+        # A contiguous copy: the fused ops update the state in place.
+        self.best_x = (x0 if torch.is_grad_enabled() and x0.requires_grad
+                       else x0.detach().clone(memory_format=torch.contiguous_format))
         self.residual = torch.full((B,), float("inf"), dtype=acc, device=dev)
         self.rel_residual = torch.full((B,), float("inf"), dtype=acc, device=dev)
         self.nstep = torch.zeros(B, dtype=torch.int64, device=dev)

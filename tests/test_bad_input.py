@@ -2,7 +2,10 @@
 
 Errors: the exception type (TypeError for a wrong type, ValueError for a wrong value) and a message that
 names the argument and what came (and, for a choice, lists the valid ones), for deqfast.fixed_point,
-deqfast.DEQ and the three solvers.
+deqfast.DEQ and the three solvers. Over 40 kinds of bad input: what f returns (shape, dtype, device,
+not a tensor, written into z, under inference mode too, not depending on z), f/cell/x, z0 (not a
+tensor, not floating, 0-dim, float8, sparse COO/CSR, meta, inside vmap/grad), every choice, unknown
+keywords, every numeric keyword out of range or of the wrong type, compat's get_deq arguments.
 
 Failing samples: f(z) = where(bad, NaN or a diverging value, good cell) must give exactly one
 RuntimeWarning that counts the failed samples, stats.failed / stats.converged that mark them, a finite
@@ -90,13 +93,15 @@ def test_f_returns_other_dtype(entry):
         ENTRIES[entry](lambda z: 0.5 * z.double(), _z0())
 
 
+@pytest.mark.parametrize("mode", ["grad", "inference"])
 @pytest.mark.parametrize("entry", ALL)
 @pytest.mark.parametrize("shape", [(B, D), (B, 1, D)], ids=["flat", "3d"])
-def test_f_writing_into_its_argument_is_an_error(entry, shape):
-    """An in-place op on z (relu_, ReLU(inplace=True)) would change the solver's iterate under it."""
-    z0 = _z0().reshape(shape)
+def test_f_writing_into_its_argument_is_an_error(entry, shape, mode):
+    """An in-place op on z (relu_, ReLU(inplace=True)) would change the solver's iterate under it;
+    under torch.inference_mode too, where z has no version counter of its own."""
     with pytest.raises(RuntimeError, match=F_NAMED + r".*modified its argument z in place"):
-        ENTRIES[entry](lambda z: 0.5 * torch.relu_(z) + 1.0, z0)
+        with torch.inference_mode(mode == "inference"):
+            ENTRIES[entry](lambda z: 0.5 * torch.relu_(z) + 1.0, _z0().reshape(shape))
 
 
 @pytest.mark.parametrize("entry", ALL)
@@ -138,6 +143,24 @@ def test_deq_x_not_tensor_without_z0():
         layer([1.0, 2.0])
 
 
+@pytest.mark.parametrize("entry", FULL)
+@pytest.mark.parametrize("backward,backward_solver", [("implicit", "fixed_point"), ("implicit", "anderson"),
+                                                      ("implicit", "broyden"), ("neumann", "fixed_point")])
+def test_f_not_depending_on_z_is_named_in_backward(entry, backward, backward_solver):
+    """f uses z.detach(): ∂f/∂z is not in the graph, which the implicit/neumann backward needs."""
+    b = torch.ones(B, D, requires_grad=True)
+    out = ENTRIES[entry](lambda z: 0.5 * z.detach() + b, _z0(), backward=backward, backward_solver=backward_solver)
+    z = out[0] if isinstance(out, tuple) else out
+    with pytest.raises(RuntimeError, match=F_NAMED + r".*does not depend on z.*detach"):
+        z.sum().backward()
+
+
+def test_deq_x_not_floating_without_z0():
+    layer = deqfast.DEQ(lambda z, x: 0.5 * z + x)
+    with pytest.raises(TypeError, match=r"\bx\b.*floating.*int64"):
+        layer(torch.ones(B, D, dtype=torch.int64))
+
+
 # ---------------------------------------------------------------------------------------------
 # z0
 # ---------------------------------------------------------------------------------------------
@@ -156,10 +179,51 @@ def test_z0_not_a_tensor(entry):
         ENTRIES[entry](_contraction, [[1.0, 2.0], [3.0, 4.0]])
 
 
+Z0_UNSUPPORTED = [
+    # (name, make z0, exception, pattern after "z0")
+    ("float8", lambda: torch.zeros(B, D).to(torch.float8_e4m3fn), TypeError,
+     r".*float16, bfloat16, float32 or float64.*float8_e4m3fn"),
+    ("sparse_coo", lambda: torch.ones(B, D).to_sparse(), TypeError, r".*dense.*sparse_coo"),
+    ("sparse_csr", lambda: torch.ones(B, D).to_sparse_csr(), TypeError, r".*dense.*sparse_csr"),
+    ("meta", lambda: torch.zeros(B, D, device="meta"), ValueError, r".*device.*\bmeta\b"),
+]
+
+
 @pytest.mark.parametrize("entry", ALL)
-def test_z0_empty_batch(entry):
-    with pytest.raises(ValueError, match=r"\bz0\b.*batch.*\(0, 3\)"):
-        ENTRIES[entry](_contraction, torch.ones(0, D))
+@pytest.mark.parametrize("kind,make,exc,pattern", Z0_UNSUPPORTED, ids=[c[0] for c in Z0_UNSUPPORTED])
+def test_z0_unsupported_tensor(entry, kind, make, exc, pattern):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+        z0 = make()
+    with pytest.raises(exc, match=r"\bz0\b" + pattern):
+        ENTRIES[entry](_contraction, z0)
+
+
+FUNC_TRANSFORMS = {
+    "vmap_z0": lambda call: torch.func.vmap(lambda z0: call(_contraction, z0))(torch.zeros(2, B, D)),
+    "vmap_closure": lambda call: torch.func.vmap(lambda b: call(lambda z: 0.5 * z + b, torch.zeros(B, D)))(
+        torch.ones(2, B, D)),
+    "grad": lambda call: torch.func.grad(lambda b: call(lambda z: 0.5 * z + b, torch.zeros(B, D)).sum())(
+        torch.ones(B, D)),
+}
+
+
+@pytest.mark.parametrize("entry", ALL)
+@pytest.mark.parametrize("transform", list(FUNC_TRANSFORMS))
+def test_torch_func_transforms_are_named(entry, transform):
+    """vmap/grad wrap the tensors: the solvers' buffers and fused ops cannot run on them."""
+    def call(f, z0):
+        out = ENTRIES[entry](f, z0)
+        return out[0] if isinstance(out, tuple) else out
+
+    with pytest.raises(RuntimeError, match=r"(\bz0\b|\bf\b|\bcell\b).*torch\.func transform.*vmap.*grad"):
+        FUNC_TRANSFORMS[transform](call)
+
+
+@pytest.mark.parametrize("args", ["anderson", 3, ["anderson"]])
+def test_compat_get_deq_args_of_the_wrong_type(args):
+    with pytest.raises(TypeError, match=r"\bargs\b.*dict.*Namespace.*" + type(args).__name__):
+        deqfast.compat.get_deq(args)
 
 
 @pytest.mark.parametrize("entry", ALL)
@@ -230,7 +294,11 @@ NUMERIC = [
     ("m", 0, ValueError),
     ("m", 2.5, TypeError),
     ("tol", -0.001, ValueError),
+    ("tol", float("nan"), TypeError),
+    ("tol", "1e-4", TypeError),
     ("lam", -0.5, ValueError),
+    ("lam", 0, ValueError),  # a singular Gram would have no defined weights
+    ("lam", float("nan"), TypeError),
     ("tau", 0, ValueError),
     ("tau", 1.5, ValueError),
     ("tau", -1, ValueError),

@@ -273,3 +273,30 @@ def test_bptt_gradient_stays_finite_while_samples_sit_frozen(solver):
     assert all(bool(torch.isfinite(gr).all()) for gr in grads)
     out_ift, _ = deqfast.fixed_point(f, z0, solver=solver, **TIGHT)
     _assert_rel(grads, torch.autograd.grad(out_ift.square().sum(), (W, c)), 1e-6)
+
+
+@pytest.mark.parametrize("backward", ["implicit", "neumann", "jfb", "phantom", "bptt"])
+@pytest.mark.parametrize("solver", ["anderson", "fixed_point", "broyden"])
+def test_nothing_requires_grad_then_z_does_not_and_no_adjoint_runs(solver, backward):
+    """A frozen DEQ (parameters requires_grad=False, x not requiring grad) under grad mode feeding
+    a trainable head: z is the no_grad solution, does not require grad, and backward of the head
+    runs no adjoint solve (stats.backward stays None)."""
+    cell, x, z0, c = _problem("tanh", seed=21)
+    cell.requires_grad_(False)
+    x = x.detach()
+    layer = deqfast.DEQ(cell, solver=solver, backward=backward, max_iter=60, tol=1e-10)
+    z = layer(x, z0=z0)
+    assert not z.requires_grad
+    with torch.no_grad():
+        z_nograd = layer(x, z0=z0)
+    torch.testing.assert_close(z, z_nograd, rtol=0, atol=0)
+    head = torch.nn.Linear(7, 1, dtype=torch.float64)
+    head(z).sum().backward()
+    assert head.weight.grad is not None
+    assert layer.stats.backward is None
+    # With one parameter trainable again, the gradient flows (the check is not a blanket detach).
+    cell.b.requires_grad_(True)
+    z = layer(x, z0=z0)
+    assert z.requires_grad
+    grad_b, = torch.autograd.grad((z * c).sum(), [cell.b])
+    assert torch.isfinite(grad_b).all() and grad_b.abs().sum() > 0

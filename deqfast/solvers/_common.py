@@ -1,7 +1,9 @@
 """Plumbing every solver shares: flattening, calling f safely, the loop's host check, the result."""
 from __future__ import annotations
 
-import warnings
+import contextlib
+import math
+import contextvars
 from typing import Callable, Optional
 
 import torch
@@ -11,18 +13,43 @@ from ..reference import SampleState
 from ..stats import SolverStats
 
 
+# The public entry a solver runs under (deqfast.fixed_point, deqfast.DEQ, ...), so that its
+# warnings name what the user called rather than the internal solver.
+_ENTRY: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("deqfast_entry", default=None)
+
+
+@contextlib.contextmanager
+def entry(caller: str):
+    """Solvers run inside this block report their warnings as ``caller``."""
+    token = _ENTRY.set(caller)
+    try:
+        yield
+    finally:
+        _ENTRY.reset(token)
+
+
 class FlatProblem:
     """f on the flattened state: (B, d) -> (B, d), checking what f returns against z0."""
 
     def __init__(self, caller: str, f: Callable, z0: torch.Tensor):
         _checks.check_callable(caller, "f", f)
         _checks.check_z0(caller, z0)
-        self.caller = caller
+        self.caller = _ENTRY.get() or caller
         self.f = f
         self.z0 = z0
         self.shape = z0.shape
         self.batch = z0.shape[0]
-        self.x0 = z0.reshape(self.batch, -1)
+        self.width = math.prod(z0.shape[1:])  # d; reshape(B, -1) is ambiguous for an empty batch
+        x0 = z0.reshape(self.batch, self.width)
+        # The solvers and fused ops work on a contiguous (B, d) state: a transposed, sliced,
+        # permuted, channels_last or expanded (stride 0) z0 is copied once here, never written into.
+        if not x0.is_contiguous():
+            x0 = x0.contiguous()
+        # An inference tensor (a warm start made under torch.inference_mode) cannot be saved for
+        # backward; outside inference mode the solve starts from a normal copy.
+        if x0.is_inference() and not torch.is_inference_mode_enabled():
+            x0 = x0.clone()
+        self.x0 = x0
         # A (B, d) state needs no reshaping on the way in and out (a few µs per call, which is
         # most of the solver's host time per iteration at small sizes).
         self.flat = z0.dim() == 2
@@ -31,7 +58,7 @@ class FlatProblem:
         if self.flat:
             return _checks.call_f(self.caller, self.f, x, self.z0)
         z = x.view(self.shape) if x.is_contiguous() else x.reshape(self.shape)
-        return _checks.call_f(self.caller, self.f, z, self.z0).reshape(self.batch, -1)
+        return _checks.call_f(self.caller, self.f, z, self.z0).reshape(self.batch, self.width)
 
     def unflatten(self, x: torch.Tensor) -> torch.Tensor:
         return x.reshape(self.shape)
@@ -72,11 +99,10 @@ def finish(problem: FlatProblem, state: SampleState, solver: str, warn: bool = T
 def warn_failed(caller: str, solver: str, stats: SolverStats) -> None:
     n_failed = int(stats.failed.sum())
     if n_failed:
-        warnings.warn(
+        _checks.warn(
             f"{caller} ({solver}): {n_failed} of {stats.batch_size} samples produced NaN/Inf and were "
             f"frozen at their best finite iterate (stats.failed marks them; stats.converged is False)",
             RuntimeWarning,
-            stacklevel=4,
         )
 
 

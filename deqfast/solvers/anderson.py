@@ -31,8 +31,9 @@ def anderson(
 
     Args:
         f, z0, max_iter, tol, stop_mode, tau, check_every: as :func:`fixed_point_iteration`.
-        m: history length (>= 1; m = 1 is damped fixed-point iteration).
-        lam: ridge regulariser; each weight is penalised relative to its residual's squared norm.
+        m: history length (>= 1; m = 1 is damped fixed-point iteration); min(m, max_iter) slots
+            are allocated, all a solve can fill.
+        lam: ridge regulariser (> 0); each weight is penalised relative to its residual's squared norm.
 
     Returns:
         (z, stats): each sample's best iterate (shape of z0) and its :class:`SolverStats`.
@@ -40,12 +41,15 @@ def anderson(
     caller = "deqfast.solvers.anderson"
     _common.validate_common(caller, max_iter, tol, stop_mode, check_every)
     _checks.check_int(caller, "m", m, 1)
-    _checks.check_real(caller, "lam", lam)
+    _checks.check_positive(caller, "lam", lam)  # lam = 0: a singular Gram has no defined weights
     _checks.check_damping(caller, "tau", tau)
     problem = _common.FlatProblem(caller, f, z0)
     x = problem.x0
     check_every = _common.resolve_check_every(check_every, x)
     B, d = x.shape
+    # A solve of max_iter evaluations fills at most max_iter slots: with m >= max_iter, slot = k and
+    # n_filled = k + 1 whether the ring has m or max_iter slots, so the smaller one decides the same.
+    m = min(m, max_iter)
     gram = torch.zeros(B, m, m, dtype=accumulation_dtype(x.dtype), device=x.device)
     state = SampleState(x, tol, stop_mode)
     F = G = None
