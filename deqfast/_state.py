@@ -6,6 +6,7 @@ so gradients reach each part.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence, Union
 
 import torch
@@ -33,11 +34,11 @@ class PackedState:
         self.container = type(parts) if type(parts) in (list, tuple) else tuple
         self.batch = first.shape[0]
         self.shapes = [part.shape for part in parts]
-        self.widths = [part[0].numel() for part in parts]
+        self.widths = [math.prod(part.shape[1:]) for part in parts]  # also for an empty batch
 
     def pack(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
         """(B, D): the parts flattened per sample and concatenated."""
-        return torch.cat([part.reshape(self.batch, -1) for part in parts], dim=1)
+        return torch.cat([part.reshape(self.batch, w) for part, w in zip(parts, self.widths)], dim=1)
 
     def unpack(self, z: torch.Tensor) -> Parts:
         """The parts of a packed (B, D) tensor, as views, in the container type of z0."""

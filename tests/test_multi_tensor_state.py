@@ -85,3 +85,15 @@ def test_parts_bad_input_names_the_part():
         deqfast.fixed_point(lambda parts: parts[1], (a, b))
     with pytest.raises(ValueError, match=r"f\(z\)\[1\] must return shape \(3, 5\) \(the shape of z0\[1\]\), got \(3, 4\)"):
         deqfast.fixed_point(lambda parts: (parts[0], parts[1][:, :4]), (a, b))
+
+
+@pytest.mark.parametrize("backward", ["implicit", "neumann", "jfb", "phantom", "bptt"])
+def test_empty_batch_of_a_multi_tensor_state(backward):
+    """B = 0 with a list state: empty parts, empty stats, an empty gradient (as torch layers do)."""
+    w = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    z0 = [torch.zeros(0, 3, 2, dtype=torch.float64), torch.zeros(0, 4, dtype=torch.float64)]
+    (a, c), stats = deqfast.fixed_point(lambda z: [torch.tanh(w * z[0]), w * z[1] + 1], z0, backward=backward)
+    assert a.shape == (0, 3, 2) and c.shape == (0, 4)
+    assert stats.nstep.shape == (0,) and stats.converged.shape == (0,)
+    (a.sum() + c.sum()).backward()
+    assert w.grad is None or float(w.grad) == 0.0
