@@ -35,6 +35,7 @@ class FlatProblem:
                  stop_mode: str = "rel"):
         _checks.check_callable(caller, "f", f)
         _checks.check_z0(caller, z0)
+        check_per_sample(caller, per_sample)
         self.caller = caller
         self.f = f
         self.z0 = z0
@@ -119,6 +120,47 @@ def _safe_exponents(acc: torch.dtype, d: int):
     hi = math.floor((max_exp - 1 - 16 - math.log2(max(d, 1))) / 2)
     lo = math.ceil(min_exp / 2 + mant + 8)
     return lo, hi
+
+
+def check_per_sample(caller: str, per_sample) -> None:
+    if not isinstance(per_sample, bool):
+        raise TypeError(
+            f"{caller}: per_sample must be a bool (True: dim 0 is a batch of independent samples; False: "
+            f"the whole state is one sample), got {type(per_sample).__name__}"
+        )
+
+
+def row_norms(v: torch.Tensor) -> torch.Tensor:
+    """‖v_i‖₂ of each row of v (R, d), in the accumulation dtype, without overflow or underflow:
+    each row is multiplied by a power of two near 1/max|v_i| first (exactly) and the norm by its
+    inverse after. For the stats measured once per solve (not per iteration)."""
+    acc = accumulation_dtype(v.dtype)
+    v = v.detach().to(acc)
+    amax = v.abs().amax(dim=1, keepdim=True)
+    limit = math.floor(math.log2(torch.finfo(acc).max)) - 1
+    exponent = torch.frexp(amax).exponent.clamp(-limit, limit)
+    usable = torch.isfinite(amax) & (amax > 0)
+    scale = torch.where(usable, torch.ldexp(torch.ones_like(amax), -exponent), torch.ones_like(amax))
+    return torch.linalg.vector_norm(v * scale, dim=1) / scale.squeeze(1)
+
+
+def measure_at(stats: SolverStats, z: torch.Tensor, fz: torch.Tensor, tol: float, stop_mode: str,
+               per_sample: bool) -> None:
+    """Replace ``stats``' residuals by those measured at an evaluation fz = f(z) of the returned
+    iterate z (in place), and ``converged`` by the criterion there; no host synchronisation."""
+    B = z.shape[0]
+    rows = B if per_sample else 1
+    z, fz = z.detach().reshape(rows, -1), fz.detach().reshape(rows, -1)
+    residual = row_norms(fz - z)
+    f_norm = row_norms(fz)
+    rel = residual / f_norm.clamp_min(torch.finfo(f_norm.dtype).tiny)
+    finite = torch.isfinite(residual) & torch.isfinite(f_norm)
+    converged = finite & ((rel if stop_mode == "rel" else residual) < tol)
+    if not per_sample:
+        residual, rel, converged = residual.expand(B), rel.expand(B), converged.expand(B)
+    stats.residual = residual.clone()
+    stats.rel_residual = rel.clone()
+    stats.converged = converged & ~stats.failed
 
 
 def validate_common(caller: str, max_iter, tol, stop_mode, check_every) -> None:
