@@ -42,7 +42,7 @@ class FlatProblem:
         self.shape = z0.shape
         self.batch = z0.shape[0]
         self.per_sample = per_sample
-        self.rows = self.batch if per_sample else 1
+        self.rows = self.batch if per_sample or self.batch == 0 else 1
         self.x0 = z0.reshape(self.rows, -1)
         # A (B, d) state needs no reshaping on the way in and out (a few µs per call, which is
         # most of the solver's host time per iteration at small sizes).
@@ -75,8 +75,8 @@ class FlatProblem:
         acc = accumulation_dtype(x0.dtype)
         lo, hi = _safe_exponents(acc, x0.shape[1])
         with torch.no_grad():
-            amax = torch.maximum(x0.detach().abs().amax(dim=1), fx0.detach().abs().amax(dim=1)).double()
-            exponent = torch.frexp(amax).exponent.double()  # amax in [2^(e-1), 2^e)
+            amax = torch.maximum(x0.detach().abs().amax(dim=1), fx0.detach().abs().amax(dim=1)).to(acc)
+            exponent = torch.frexp(amax).exponent.to(acc)  # amax in [2^(e-1), 2^e)
             outside = torch.isfinite(amax) & (amax > 0) & ((exponent <= lo) | (exponent > hi))
             if not bool(outside.any()):  # the one host sync of the decision
                 return
