@@ -18,7 +18,7 @@ from . import _checks
 from . import solvers as _solvers
 from .solvers.fixed_point import adjoint_iteration
 from .options import Options
-from .reference import accumulation_dtype
+from .solvers._common import broadcast_stats, row_norms
 from .stats import SolverStats
 
 
@@ -32,23 +32,26 @@ def neumann_series(vjp: Callable[[torch.Tensor], torch.Tensor], g: torch.Tensor,
     return u, v
 
 
-def _neumann_stats(u: torch.Tensor, last_term: torch.Tensor, terms: int, tol: float, stop_mode: str) -> SolverStats:
+def _neumann_stats(u: torch.Tensor, last_term: torch.Tensor, terms: int, tol: float, stop_mode: str,
+                   per_sample: bool = True) -> SolverStats:
     B = u.shape[0]
-    u_flat, last_flat = u.reshape(B, u[0].numel() if B else 0), last_term.reshape(B, u[0].numel() if B else 0)
+    rows = B if per_sample else 1
+    width = u[0].numel() if B else 0
+    u_flat, last_flat = (u.reshape(B, width), last_term.reshape(B, width)) if per_sample else (u.reshape(1, -1), last_term.reshape(1, -1))
     # The last term added is the step, hence the residual, of the equivalent adjoint iteration.
-    acc = accumulation_dtype(u.dtype)
-    residual = torch.linalg.vector_norm(last_flat, dim=1, dtype=acc)
-    u_norm = torch.linalg.vector_norm(u_flat, dim=1, dtype=acc)
+    residual = row_norms(last_flat)
+    u_norm = row_norms(u_flat)
     rel = residual / u_norm.clamp_min(torch.finfo(residual.dtype).tiny)
     finite = torch.isfinite(residual) & torch.isfinite(u_norm)
     crit = rel if stop_mode == "rel" else residual
-    return SolverStats(
-        nstep=torch.full((B,), terms, dtype=torch.int64, device=u.device),
+    stats = SolverStats(
+        nstep=torch.full((rows,), terms, dtype=torch.int64, device=u.device),
         residual=residual,
         rel_residual=rel,
         converged=finite & (crit < tol),
         failed=~finite,
     )
+    return stats if per_sample else broadcast_stats(stats, B)
 
 
 # An adjoint that stopped within this factor of backward_tol is a modest miss: no warning.
@@ -138,7 +141,7 @@ class AdjointFunction(torch.autograd.Function):
             if options.backward == "neumann":
                 u, last = neumann_series(vjp, grad, options.neumann_terms)
                 stats = _neumann_stats(u, last, options.neumann_terms, options.backward_tol,
-                                       options.backward_stop_mode or options.stop_mode)
+                                       options.backward_stop_mode or options.stop_mode, options.per_sample)
             else:
                 kwargs = options.solver_kwargs(options.backward_solver, backward=True)
                 with torch.no_grad():

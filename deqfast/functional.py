@@ -10,6 +10,7 @@ from . import solvers as _solvers
 from ._state import PackedState
 from .backward import AdjointFunction
 from .options import Options
+from .solvers._common import measure_at
 from .stats import SolverStats
 
 
@@ -33,6 +34,7 @@ def fixed_point(
     phantom_steps: int = 5,
     phantom_tau: float = 0.5,
     check_every: Optional[int] = None,
+    per_sample: bool = True,
 ):
     """Solve z* = f(z*) (batch dim 0, every decision per sample) and make it differentiable.
 
@@ -57,11 +59,21 @@ def fixed_point(
         phantom_steps, phantom_tau: "phantom" backprops through this many damped steps from z*.
         check_every: evaluations between host-side convergence checks (default 1 on the CPU,
             4 on accelerators); samples are frozen on the device regardless.
+        per_sample: True (default): dim 0 is a batch of independent samples, each tested, frozen
+            and returned at its own best iterate. False, when f couples the rows of dim 0 (graph
+            nodes, a sequence, diffusion timesteps sharing one state): one convergence test over
+            the whole state (‖f(z) − z‖ and ‖f(z)‖ over all of it), nothing frozen row by row,
+            one best iterate; stats keep shape (B,), every row holding that one value. The
+            adjoint solve of "implicit" (and "neumann"'s stats) follow the same choice.
 
     Returns:
         (z, stats): f(z*) at each sample's best iterate z* (one differentiable step) for
         implicit, neumann and jfb; the last damped step for phantom; the solver's output for
         bptt. ``stats`` is a :class:`SolverStats`; ``stats.backward`` is filled in by backward.
+        For implicit, neumann and jfb its residuals are measured at that final evaluation f(z*)
+        (‖f(z*) − z*‖, ‖f(z*)‖) and ``converged`` is the criterion there, so they hold for the
+        rows returned together even where f couples them; for phantom and bptt they are the
+        solver's, at z*.
     """
     options = Options.build(
         "deqfast.fixed_point", solver=solver, max_iter=max_iter, tol=tol, stop_mode=stop_mode, m=m,
@@ -69,12 +81,18 @@ def fixed_point(
         backward_max_iter=backward_max_iter, backward_tol=backward_tol,
         backward_stop_mode=backward_stop_mode, neumann_terms=neumann_terms,
         phantom_steps=phantom_steps, phantom_tau=phantom_tau, check_every=check_every,
+        per_sample=per_sample,
     )
     return solve(f, z0, options, caller="deqfast.fixed_point")
 
 
 def _apply_f(caller: str, f: Callable, z: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return _checks.call_f(caller, f, z, like)
+
+
+def _measure(stats: SolverStats, z_star: torch.Tensor, fz: torch.Tensor, options: Options) -> None:
+    """The stats of the returned f(z*), measured at that evaluation (see SolverStats)."""
+    measure_at(stats, z_star, fz, options.tol, options.stop_mode, options.per_sample)
 
 
 def solve(f: Callable, z0: torch.Tensor, options: Options, *, caller: str,
@@ -114,10 +132,13 @@ def solve(f: Callable, z0: torch.Tensor, options: Options, *, caller: str,
 
     jacobian_free = options.backward == "jfb" or (options.backward == "neumann" and options.neumann_terms == 1)
     if jacobian_free or not torch.is_grad_enabled():
-        return f(z_star), stats
+        fz = f(z_star)
+        _measure(stats, z_star, fz, options)
+        return fz, stats
 
     z_leaf = z_star.detach().requires_grad_()
     fz = f(z_leaf)
+    _measure(stats, z_star, fz, options)
     if not _needs_grad_besides(fz, z_leaf):
         # Nothing f closes over requires grad (a frozen DEQ): z does not either, and no adjoint runs.
         return fz.detach(), stats

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from . import _checks
+from .solvers._common import check_per_sample
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class Options:
     phantom_steps: int = 5
     phantom_tau: float = 0.5
     check_every: Optional[int] = None
+    per_sample: bool = True
 
     @classmethod
     def build(cls, caller: str, **kwargs) -> "Options":
@@ -58,15 +60,17 @@ class Options:
         c.check_int(caller, "phantom_steps", self.phantom_steps, 1)
         c.check_damping(caller, "phantom_tau", self.phantom_tau)
         c.check_check_every(caller, self.check_every)
+        check_per_sample(caller, self.per_sample)
 
     def solver_kwargs(self, solver: str, *, backward: bool = False) -> dict:
         """The keywords ``solver`` takes, for the forward solve or (backward=True) the adjoint solve."""
         if backward:
             common = dict(max_iter=self.backward_max_iter, tol=self.backward_tol,
-                          stop_mode=self.backward_stop_mode or self.stop_mode, check_every=self.check_every)
+                          stop_mode=self.backward_stop_mode or self.stop_mode, check_every=self.check_every,
+                          per_sample=self.per_sample)
         else:
             common = dict(max_iter=self.max_iter, tol=self.tol, stop_mode=self.stop_mode,
-                          check_every=self.check_every)
+                          check_every=self.check_every, per_sample=self.per_sample)
         # The adjoint solve is undamped: its plain iteration is then exactly the Neumann series.
         tau = 1.0 if backward else self.tau
         if solver == "anderson":

@@ -11,11 +11,23 @@ import torch
 class SolverStats:
     """Statistics of one fixed-point solve, one entry per sample (batch dim 0).
 
+    Which state they describe: from a solver (``deqfast.solvers.*``), and for ``backward``
+    "phantom" and "bptt", the best iterate z* the solver returns, as measured when the solver
+    evaluated f there. For ``backward`` "implicit", "neumann" and "jfb", :func:`deqfast.fixed_point`
+    and :class:`deqfast.DEQ` return f(z*), which they evaluate once more at the final z* of all
+    samples together: residual, rel_residual and converged are measured at that evaluation
+    (‖f(z*) − z*‖, ‖f(z*)‖), so they stay true when f couples the samples (a row frozen early may
+    have drifted off its fixed point as the others moved; it then shows converged False). The
+    norms are computed without overflow or underflow at any magnitude the dtype holds.
+
+    With ``per_sample=False`` the whole state is one sample: every field still has shape (B,)
+    and each row holds the one whole-state value (residual = ‖f(z) − z‖ over all of z).
+
     Attributes:
         nstep: (B,) int64, evaluations of f the sample consumed (it stops counting once frozen).
         residual: (B,) ‖f(z) − z‖₂ at the returned iterate z (inf if no finite iterate was seen).
         rel_residual: (B,) ‖f(z) − z‖₂ / ‖f(z)‖₂ at the returned iterate.
-        converged: (B,) bool, the sample met ``tol`` under ``stop_mode``.
+        converged: (B,) bool, the sample met ``tol`` under ``stop_mode`` (where measured, see above).
         failed: (B,) bool, f produced NaN/Inf for the sample; it was frozen at its best finite iterate.
         backward: statistics of the adjoint solve, filled in when the backward pass runs
             (``implicit``/``neumann`` modes), else None.

@@ -468,12 +468,6 @@ def test_fixed_point_implicit_failing_samples(solver, kind, dtype):
     torch.testing.assert_close(grad_W, grad_W_alone, rtol=rtol, atol=rtol * float(grad_W_alone.abs().max()))
 
 
-@pytest.mark.xfail(
-    reason="deqfast bug: for float32 states the residual norms, Anderson's Gram matrix and Broyden's "
-    "inner products are accumulated in float32 without scaling, so a finite f with |values| >~ 1.8e19 "
-    "overflows them to inf and the sample is reported failed ('produced NaN/Inf') though f returned none",
-    strict=True,
-)
 @pytest.mark.parametrize("solver", list(SOLVER_FUNCS))
 def test_large_finite_values_are_not_a_failure(solver):
     """f(z) = 0.5 z + 1e20 in float32: every value is finite (the fixed point 2e20 is far below the

@@ -22,6 +22,7 @@ def anderson(
     lam: float = 1e-4,
     tau: float = 1.0,
     check_every: Optional[int] = None,
+    per_sample: bool = True,
 ):
     """Solve z = f(z) by Anderson acceleration; batch dim 0, every decision per sample.
 
@@ -30,7 +31,7 @@ def anderson(
     and does one fixed-shape (m×m) solve per sample with no host synchronisation.
 
     Args:
-        f, z0, max_iter, tol, stop_mode, tau, check_every: as :func:`fixed_point_iteration`.
+        f, z0, max_iter, tol, stop_mode, tau, check_every, per_sample: as :func:`fixed_point_iteration`.
         m: history length (>= 1; m = 1 is damped fixed-point iteration); min(m, max_iter) slots
             are allocated, all a solve can fill.
         lam: ridge regulariser (> 0); each weight is penalised relative to its residual's squared norm.
@@ -43,7 +44,7 @@ def anderson(
     _checks.check_int(caller, "m", m, 1)
     _checks.check_positive(caller, "lam", lam)  # lam = 0: a singular Gram has no defined weights
     _checks.check_damping(caller, "tau", tau)
-    problem = _common.FlatProblem(caller, f, z0)
+    problem = _common.FlatProblem(caller, f, z0, per_sample, stop_mode)
     x = problem.x0
     check_every = _common.resolve_check_every(check_every, x)
     B, d = x.shape
@@ -51,7 +52,7 @@ def anderson(
     # n_filled = k + 1 whether the ring has m or max_iter slots, so the smaller one decides the same.
     m = min(m, max_iter)
     gram = torch.zeros(B, m, m, dtype=accumulation_dtype(x.dtype), device=x.device)
-    state = SampleState(x, tol, stop_mode)
+    state = SampleState(x, problem.tol_for(tol, stop_mode), stop_mode)
     F = G = None
     recording = fused = False
     for k in range(max_iter):

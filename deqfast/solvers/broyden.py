@@ -19,6 +19,7 @@ def broyden(
     stop_mode: str = "rel",
     m: int = 30,
     check_every: Optional[int] = None,
+    per_sample: bool = True,
 ):
     """Solve z = f(z) by Broyden's method on g(z) = f(z) − z, as in locuslab/deq and torchdeq.
 
@@ -28,7 +29,7 @@ def broyden(
     (B, m, d): the oldest is overwritten.
 
     Args:
-        f, z0, max_iter, tol, stop_mode, check_every: as :func:`fixed_point_iteration`.
+        f, z0, max_iter, tol, stop_mode, check_every, per_sample: as :func:`fixed_point_iteration`.
         m: rank-1 updates kept (>= 1).
 
     Returns:
@@ -37,12 +38,12 @@ def broyden(
     caller = "deqfast.solvers.broyden"
     _common.validate_common(caller, max_iter, tol, stop_mode, check_every)
     _checks.check_int(caller, "m", m, 1)
-    problem = _common.FlatProblem(caller, f, z0)
+    problem = _common.FlatProblem(caller, f, z0, per_sample, stop_mode)
     x = problem.x0
     check_every = _common.resolve_check_every(check_every, x)
     B, d = x.shape
     memory = min(m, max_iter)
-    state = SampleState(x, tol, stop_mode)
+    state = SampleState(x, problem.tol_for(tol, stop_mode), stop_mode)
     fx = problem(x)
     gx = fx - x
     state.update(x, *squared_norms(x, fx))

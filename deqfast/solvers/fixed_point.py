@@ -20,6 +20,7 @@ def fixed_point_iteration(
     stop_mode: str = "rel",
     tau: float = 1.0,
     check_every: Optional[int] = None,
+    per_sample: bool = True,
 ):
     """Solve z = f(z) by damped iteration; batch dim 0, every decision per sample.
 
@@ -32,6 +33,11 @@ def fixed_point_iteration(
         tau: damping in (0, 1].
         check_every: evaluations between the host checks that end the loop once every sample is
             done (default 1 on the CPU, 4 on accelerators). It never changes a result.
+        per_sample: True (default): dim 0 is a batch of independent samples, each tested, frozen
+            and returned at its own best iterate. False: the rows of dim 0 are coupled through f
+            (graph nodes, a sequence): one test of the whole state's norms (‖f(z) − z‖ over all
+            of it), nothing frozen row by row, one best iterate for all; the stats (each (B,))
+            then repeat that one value for every row.
 
     Returns:
         (z, stats): each sample's best iterate (shape of z0) and its :class:`SolverStats`.
@@ -39,10 +45,10 @@ def fixed_point_iteration(
     caller = "deqfast.solvers.fixed_point_iteration"
     _common.validate_common(caller, max_iter, tol, stop_mode, check_every)
     _checks.check_damping(caller, "tau", tau)
-    problem = _common.FlatProblem(caller, f, z0)
+    problem = _common.FlatProblem(caller, f, z0, per_sample, stop_mode)
     x = problem.x0
     check_every = _common.resolve_check_every(check_every, x)
-    state = SampleState(x, tol, stop_mode)
+    state = SampleState(x, problem.tol_for(tol, stop_mode), stop_mode)
     fused = None
     for k in range(max_iter):
         fx = problem(x)
@@ -62,6 +68,7 @@ def adjoint_iteration(
     tol: float,
     stop_mode: str,
     check_every: Optional[int] = None,
+    per_sample: bool = True,
 ):
     """Solve u = g + Jᵀu by the iteration u ← g + Jᵀu (``vjp(u) = Jᵀu``), per sample.
 
@@ -71,11 +78,11 @@ def adjoint_iteration(
     into the step (one pass) instead of done by the map.
     """
     caller = "deqfast backward (implicit, fixed_point adjoint)"
-    problem = _common.FlatProblem(caller, vjp, g.contiguous())
+    problem = _common.FlatProblem(caller, vjp, g.contiguous(), per_sample, stop_mode)
     u = problem.x0
     offset = u
     check_every = _common.resolve_check_every(check_every, u)
-    state = SampleState(u, tol, stop_mode)
+    state = SampleState(u, problem.tol_for(tol, stop_mode), stop_mode)
     fused = None
     for k in range(max_iter):
         v = problem(u)

@@ -1,0 +1,135 @@
+"""Stats are true of the returned state at any magnitude the dtype holds.
+
+The solvers' norms and Gram entries are sums of squares: unscaled, float32 states of magnitude
+~1e-20 underflowed them (converged with rel_residual 0 after one step) and states above ~1e19
+(float64 ~1e154) overflowed them (reported failed though f is finite). The problem is now solved
+exactly rescaled by a power of two when z0, f(z0) lie outside the safe range; these tests check
+the stats against a float64 oracle recomputed from the returned state, and (magnitudes that are
+powers of two) that the solve is bitwise the unit-magnitude solve times the magnitude.
+"""
+import math
+import warnings
+
+import pytest
+import torch
+
+import deqfast
+from deqfast import ops
+from deqfast._extension import fused_available
+
+SOLVERS = {"anderson": deqfast.solvers.anderson, "fixed_point": deqfast.solvers.fixed_point_iteration,
+           "broyden": deqfast.solvers.broyden}
+MAGNITUDES = [(torch.float32, m) for m in (1e-20, 1e-30, 1e19, 1e30)] + [(torch.float64, m) for m in (1e-160, 1e160)]
+B, D = 4, 24
+
+
+def _path(path, solver, monkeypatch):
+    if path == "fused":
+        if solver == "broyden":
+            pytest.skip("Broyden has no fused op")
+        if not fused_available(torch.device("cpu")):
+            pytest.skip("deqfast._C not compiled")
+    else:
+        monkeypatch.setattr(ops, "use_fused", lambda *a, **k: False)
+
+
+def _unit_map(dtype):
+    """h(z) = tanh(z A + b) with ‖A‖₂ = 0.6, per sample; values of magnitude ~1."""
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(D, D, generator=g, dtype=torch.float64)
+    A = (0.6 * A / torch.linalg.matrix_norm(A, 2)).to(dtype)
+    b = (2 * torch.randn(B, D, generator=g, dtype=torch.float64)).to(dtype)
+    return lambda z: torch.tanh(z @ A + b)
+
+
+def _norm64(v: torch.Tensor, mag: float) -> torch.Tensor:
+    """Per-row 2-norm of v in float64 without overflow/underflow (v divided by a power of two near mag)."""
+    k = math.frexp(mag)[1]
+    return torch.linalg.vector_norm(v.double() * 2.0 ** -k, dim=1) * 2.0 ** k
+
+
+def _oracle(f, z, mag):
+    fz = f(z)
+    residual = _norm64(fz - z, mag)
+    return residual, residual / _norm64(fz, mag)
+
+
+@pytest.mark.parametrize("stop_mode", ["rel", "abs"])
+@pytest.mark.parametrize("path", ["fused", "reference"])
+@pytest.mark.parametrize("solver", list(SOLVERS))
+@pytest.mark.parametrize("dtype, mag", MAGNITUDES)
+def test_stats_true_at_any_magnitude(dtype, mag, solver, path, stop_mode, monkeypatch):
+    _path(path, solver, monkeypatch)
+    h = _unit_map(dtype)
+    f = lambda z: mag * h(z / mag)
+    tol = 1e-5 if stop_mode == "rel" else 1e-5 * mag
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        z, stats = SOLVERS[solver](f, torch.zeros(B, D, dtype=dtype), max_iter=60, tol=tol, stop_mode=stop_mode)
+    assert not records, [str(r.message) for r in records]
+    assert not stats.failed.any()
+    assert stats.converged.all()
+    assert (stats.nstep > 2).all()  # no false convergence after a step or two
+    residual, rel = _oracle(f, z, mag)
+    rtol = 1e-4 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(stats.residual.double(), residual, rtol=rtol, atol=0)
+    torch.testing.assert_close(stats.rel_residual.double(), rel, rtol=rtol, atol=0)
+    criterion = rel if stop_mode == "rel" else residual
+    assert (criterion < tol).all()
+    # The same solve as at magnitude 1, scaled (values within the dtype's rounding).
+    z_unit, _ = SOLVERS[solver](h, torch.zeros(B, D, dtype=dtype), max_iter=60, tol=tol / (1 if stop_mode == "rel" else mag),
+                                stop_mode=stop_mode)
+    torch.testing.assert_close((z.double() / mag), z_unit.double(), rtol=1e-4 if dtype == torch.float32 else 1e-9, atol=1e-5 if dtype == torch.float32 else 1e-12)
+
+
+@pytest.mark.parametrize("stop_mode", ["rel", "abs"])
+@pytest.mark.parametrize("path", ["fused", "reference"])
+@pytest.mark.parametrize("solver", list(SOLVERS))
+@pytest.mark.parametrize("dtype, k", [(torch.float32, k) for k in (-100, -66, 64, 100)] + [(torch.float64, k) for k in (-532, 532)])
+def test_power_of_two_magnitude_is_the_unit_solve_exactly(dtype, k, solver, path, stop_mode, monkeypatch):
+    """f(z) = 2^k h(z / 2^k): every iterate, and the stats, are exactly 2^k times those of h's solve."""
+    _path(path, solver, monkeypatch)
+    h = _unit_map(dtype)
+    mag = 2.0 ** k
+    tol = 1e-5 if stop_mode == "rel" else 1e-5
+    z_unit, s_unit = SOLVERS[solver](h, torch.zeros(B, D, dtype=dtype), max_iter=40, tol=tol, stop_mode=stop_mode)
+    z, s = SOLVERS[solver](lambda z: mag * h(z / mag), torch.zeros(B, D, dtype=dtype), max_iter=40,
+                           tol=tol * (mag if stop_mode == "abs" else 1), stop_mode=stop_mode)
+    assert torch.equal(z, z_unit * mag)
+    assert torch.equal(s.residual, s_unit.residual * mag)
+    assert torch.equal(s.rel_residual, s_unit.rel_residual)
+    assert torch.equal(s.nstep, s_unit.nstep) and torch.equal(s.converged, s_unit.converged)
+
+
+def test_mixed_magnitudes_rel_mode_each_row_its_own_scale():
+    """stop_mode "rel": a row of magnitude 1e30 next to rows of 1e-25 and 1 (float32): every row
+    converges with true stats, and each row's result is that of the row solved alone."""
+    h = _unit_map(torch.float32)
+    mags = torch.tensor([1e30, 1e-25, 1.0, 1e10]).unsqueeze(1)
+    f = lambda z: mags * h(z / mags)
+    z, stats = deqfast.solvers.anderson(f, torch.zeros(B, D), max_iter=60, tol=1e-5)
+    assert stats.converged.all() and not stats.failed.any()
+    fz = f(z)
+    residual = torch.linalg.vector_norm((fz - z).double(), dim=1)
+    torch.testing.assert_close(stats.residual.double(), residual, rtol=1e-4, atol=0)
+    for i in range(B):
+        hi = lambda zz: mags[i] * h(torch.cat([torch.zeros(i, D), zz / mags[i], torch.zeros(B - i - 1, D)]))[i:i + 1]
+        z_alone, _ = deqfast.solvers.anderson(hi, torch.zeros(1, D), max_iter=60, tol=1e-5)
+        torch.testing.assert_close(z_alone[0].double(), z[i].double(), rtol=1e-5, atol=0)
+
+
+def test_adjoint_of_a_tiny_gradient():
+    """A float32 loss scaled by 1e-30: the adjoint solve is rescaled too, so the gradient is 1e-30
+    times the unscaled one (unscaled, the adjoint's norms underflow and it stops at once)."""
+    g = torch.Generator().manual_seed(1)
+    W = (0.9 * torch.randn(D, D, generator=g) / D ** 0.5)
+    x = torch.randn(B, D, generator=g, requires_grad=True)
+    w = torch.randn(B, D, generator=g)
+    kw = dict(max_iter=80, tol=1e-6, backward_tol=1e-6, backward_max_iter=200)
+    grads = []
+    for scale in (1.0, 1e-30):
+        z, stats = deqfast.fixed_point(lambda z: torch.tanh(z @ W + x), torch.zeros(B, D), **kw)
+        (gx,) = torch.autograd.grad(scale * (z * w).sum(), x)
+        assert stats.backward.converged.all() and (stats.backward.nstep > 3).all()
+        grads.append(gx.double() / scale)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
