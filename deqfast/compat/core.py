@@ -275,39 +275,51 @@ class _GradMixin:
         return grad_func
 
     def _ift(self, deq_func, z_pred, writer=None):
-        """torchdeq's IFT gradient: f(z_pred), whose backward solves u = g + Jᵀu at z_pred (deqfast's
-        adjoint solve; hook_ift gives the same gradient through the same function)."""
-        z_leaf = z_pred.detach().requires_grad_()
-        if self.b_solver not in _solver.OWN_SOLVERS:
-            return [_CustomIFT.apply(deq_func, deq_func(z_pred.detach()), z_pred.detach(), self, writer)]
-        with torch.enable_grad():
-            fz = deq_func(z_leaf)
+        """torchdeq's IFT gradient: the state f(z_pred); its backward replaces the incoming g by the
+        solution u = g + Jᵀu of the adjoint equation (deqfast's adjoint solve, b_solver's algorithm).
+        As in torchdeq, J is taken at f(z_pred) with ift (f re-run in backward) and at z_pred with
+        hook_ift (deqfast's autograd Function there instead of a hook: the same gradient)."""
         on_backward = None if writer is None else (lambda stats: writer(_backward_info(stats)))
-        return [AdjointFunction.apply(fz, z_leaf, self._b_options, types.SimpleNamespace(backward=None), on_backward)]
+        z_pred = z_pred.detach()
+        own = self.b_solver in _solver.OWN_SOLVERS
+        if self.hook_ift and own:
+            z_leaf = z_pred.requires_grad_()
+            with torch.enable_grad():
+                fz = deq_func(z_leaf)
+            return [AdjointFunction.apply(fz, z_leaf, self._b_options, types.SimpleNamespace(backward=None), on_backward)]
+        new_z = deq_func(z_pred)
+        at = z_pred if self.hook_ift else new_z.detach()
+        return [_IFTGrad.apply(new_z, at, deq_func, self, writer if not own else on_backward)]
 
 
-class _CustomIFT(autograd.Function):
-    """IFT with a user-registered b_solver, called as torchdeq calls it."""
+class _IFTGrad(autograd.Function):
+    """Identity on new_z = f(z_pred); backward solves the adjoint equation with J at ``at``."""
 
     @staticmethod
-    def forward(ctx, func, new_z, z_pred, deq, writer):
-        ctx.func, ctx.deq, ctx.writer = func, deq, writer
-        ctx.save_for_backward(z_pred)
-        return new_z.view_as(new_z)
+    def forward(ctx, new_z, at, deq_func, deq, writer):
+        ctx.deq_func, ctx.deq, ctx.writer = deq_func, deq, writer
+        ctx.save_for_backward(at)
+        return new_z.detach().clone()
 
     @staticmethod
     def backward(ctx, grad):
-        z_pred, = ctx.saved_tensors
+        at, = ctx.saved_tensors
         deq = ctx.deq
-        h = z_pred.detach().requires_grad_()
+        h = at.detach().requires_grad_()
         with torch.enable_grad():
-            f = ctx.func(h)
-        grad_f = lambda y: autograd.grad(f, h, y, retain_graph=True)[0] + grad
-        grad_star, _, info = deq.b_solver(grad_f, torch.zeros_like(grad), max_iter=deq.b_max_iter, tol=deq.b_tol,
-                                          stop_mode=deq.b_stop_mode)
-        if ctx.writer:
-            ctx.writer(info)
-        return None, grad_star, None, None, None
+            fh = ctx.deq_func(h)
+        if deq.b_solver in _solver.OWN_SOLVERS:
+            # deqfast's adjoint solve, as AdjointFunction runs it on the graph of f at h.
+            fake = types.SimpleNamespace(saved_tensors=(fh, h), options=deq._b_options,
+                                         stats=types.SimpleNamespace(backward=None), on_backward=ctx.writer)
+            u = AdjointFunction.backward(fake, grad)[0]
+        else:  # a registered b_solver, called as torchdeq calls it
+            grad_f = lambda y: autograd.grad(fh, h, y, retain_graph=True)[0] + grad
+            u, _, info = deq.b_solver(grad_f, torch.zeros_like(grad), max_iter=deq.b_max_iter, tol=deq.b_tol,
+                                      stop_mode=deq.b_stop_mode)
+            if ctx.writer:
+                ctx.writer(info)
+        return u, None, None, None, None
 
 
 class DEQIndexing(_GradMixin, DEQBase):
