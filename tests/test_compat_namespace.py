@@ -453,3 +453,29 @@ def test_call_keywords_torchdeq_ignores_warn_once():
     # deqfast's own API stays strict.
     with pytest.raises(TypeError, match="writer"):
         deqfast.fixed_point(f, z0, writer=print)
+
+
+def test_coupling_decision():
+    """Independent rows: per sample. Rows coupled through f: one sample, forward and adjoint.
+    per_sample fixes the choice; the probe leaves the global RNG alone."""
+    f, z0 = _cell(15)
+    deq = compat.get_deq(f_solver="anderson")
+    torch.manual_seed(0)
+    deq(f, z0)
+    after = torch.rand(1)
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.rand(1))  # no global draws by the probe
+    assert deq._coupled is False
+    mix = torch.full((4, 4), 0.1, dtype=F64)
+    coupled = lambda z: f(z) + 0.1 * (mix @ z)
+    deq = compat.get_deq(f_solver="anderson", f_tol=1e-10, f_max_iter=80)
+    deq.eval()
+    z, info = deq(coupled, z0)
+    assert deq._coupled is True
+    # One best iterate for the whole state: one nstep, the stats those of that iterate.
+    assert info["nstep"].unique().numel() == 1
+    assert info["abs_lowest"].norm() < 1e-10
+    assert compat.get_deq(per_sample=False)._coupled is True
+    assert compat.get_deq(per_sample=True)._coupled is False
+    with pytest.raises(ValueError, match="per_sample"):
+        compat.get_deq(per_sample="yes")

@@ -10,12 +10,13 @@ configuration object (``args``: argparse.Namespace, dict, ...) only torchdeq's k
 
 Batch or not. deqfast treats dim 0 as a batch of independent samples and freezes each sample once
 it converges. A state whose rows are coupled (graph nodes, diffusion timesteps, batch norm in f) must
-be solved as one sample. compat decides per DEQ module, from what the solver sees: while undecided it
-watches the rows the solver froze; if f changed at a frozen row although the row did not change, the
-rows are coupled, that solve is redone with the whole state as one sample (reshaped to (1, B·d): one
-convergence test, nothing frozen, one best iterate) and so are all later solves of the module. After a
-solve in which rows froze and none changed, or after three undecided solves, the rows count as
-independent. ``per_sample=True/False`` in the configuration (a deqfast extension) fixes the choice.
+be solved as one sample, forward and adjoint (a frozen row would go stale when the others move).
+compat decides once per DEQ module, at its first solve: it calls f at z0 and at z0 with one random
+half of the rows perturbed, then the other half (three f calls, a fixed generator); if f changed at
+a row that was not perturbed, the rows are coupled and every solve of the module, forward and
+adjoint, treats the whole state as one sample (reshaped to (1, B·d): one convergence test, nothing
+frozen, one best iterate); else each row is a sample. ``per_sample=True/False`` in the configuration (a deqfast
+extension) fixes the choice without the probe.
 """
 from __future__ import annotations
 
@@ -69,7 +70,6 @@ SOLVER_KWARGS = ("f_max_iter", "m", "lam", "tau", "LBFGS_thres", "ls", "return_f
 
 _ADJOINT_SOLVERS = {"anderson": "anderson", "broyden": "broyden", "fixed_point_iter": "fixed_point",
                     "simple_fixed_point_iter": "fixed_point"}
-_UNDECIDED_LIMIT = 3
 
 
 class _DEQFunc:
@@ -164,7 +164,6 @@ class DEQBase(nn.Module):
             raise ValueError(f"{caller}: per_sample must be None (decide), True or False, got {per_sample!r}")
         # None: undecided; True: rows coupled (solve the state as one sample); False: independent rows.
         self._coupled: Optional[bool] = None if per_sample is None else not per_sample
-        self._undecided_solves = 0
         self.hook = None
         # The adjoint solve of the implicit gradient (deqfast's, b_solver's algorithm).
         self._b_options = Options.build(
@@ -199,29 +198,40 @@ class DEQBase(nn.Module):
         if indexing is not None:
             kw["indexing"] = indexing
         own = self.f_solver in _solver.OWN_SOLVERS and self.f_solver is not _solver.simple_fixed_point_iter
-
-        def run(whole, detect):
-            extra = dict(_compat=dict(whole=whole, detect=detect)) if own else {}
-            with torch.no_grad():
-                return self.f_solver(deq_func, x0=z_init, max_iter=f_max_iter, tol=self.f_tol,
-                                     stop_mode=self.f_stop_mode, **kw, **extra)
-
-        detect = own and self._coupled is None
-        z_star, trajectory, info = run(bool(self._coupled), detect)
-        if detect:
-            if info.coupled:
-                self._coupled = True
-                z_star, trajectory, info = run(True, False)
-            elif info.decided:
-                self._coupled = False
-            else:
-                self._undecided_solves += 1
-                if self._undecided_solves >= _UNDECIDED_LIMIT:
-                    self._coupled = False
+        if self._coupled is None:
+            self._coupled = _probe_coupling(deq_func, z_init)
+        extra = dict(_compat=dict(whole=bool(self._coupled))) if own else {}
+        with torch.no_grad():
+            z_star, trajectory, info = self.f_solver(deq_func, x0=z_init, max_iter=f_max_iter, tol=self.f_tol,
+                                                     stop_mode=self.f_stop_mode, **kw, **extra)
         return z_star, trajectory, info
 
     def forward(self, func, z_init, solver_kwargs=None, sradius_mode=False, backward_writer=None, **kwargs):
         raise NotImplementedError
+
+
+def _probe_coupling(deq_func, z) -> Optional[bool]:
+    """Whether f's rows (dim 0) are coupled: f at z, and at z with one random half of the rows
+    perturbed, then the other half; coupled if f changed at a row that was not perturbed. Three f
+    calls, once per DEQ module (a fixed generator: the global RNG is not touched). A single row is
+    one sample either way: False, without a call."""
+    rows = z.reshape(z.shape[0], -1) if z.dim() >= 2 else z.reshape(-1, 1)
+    B = rows.shape[0]
+    if B < 2:
+        return False
+    g = torch.Generator().manual_seed(0)
+    half = torch.zeros(B, dtype=torch.bool)
+    half[torch.randperm(B, generator=g)[: B // 2]] = True
+    half = half.to(z.device)
+    with torch.no_grad():
+        f0 = deq_func(z).reshape(B, -1)
+        scale = 1e-3 * (1.0 + rows.abs().max())
+        for part in (half, ~half):
+            bumped = rows + scale * part.unsqueeze(1).to(rows.dtype)
+            f1 = deq_func(bumped.view(z.shape)).reshape(B, -1)
+            if bool(((f1 != f0).any(dim=1) & ~part).any()):
+                return True
+    return False
 
 
 class _GradMixin:
@@ -283,10 +293,13 @@ class _GradMixin:
         z_pred = z_pred.detach()
         own = self.b_solver in _solver.OWN_SOLVERS
         if self.hook_ift and own:
-            z_leaf = z_pred.requires_grad_()
+            # Coupled rows: the adjoint solve too treats the whole state as one sample.
+            shape, whole = z_pred.shape, bool(self._coupled)
+            z_leaf = (z_pred.reshape(1, -1) if whole else z_pred).requires_grad_()
             with torch.enable_grad():
-                fz = deq_func(z_leaf)
-            return [AdjointFunction.apply(fz, z_leaf, self._b_options, types.SimpleNamespace(backward=None), on_backward)]
+                fz = deq_func(z_leaf.view(shape)).reshape(z_leaf.shape)
+            out = AdjointFunction.apply(fz, z_leaf, self._b_options, types.SimpleNamespace(backward=None), on_backward)
+            return [out.view(shape)]
         new_z = deq_func(z_pred)
         at = z_pred if self.hook_ift else new_z.detach()
         return [_IFTGrad.apply(new_z, at, deq_func, self, writer if not own else on_backward)]
@@ -305,15 +318,20 @@ class _IFTGrad(autograd.Function):
     def backward(ctx, grad):
         at, = ctx.saved_tensors
         deq = ctx.deq
-        h = at.detach().requires_grad_()
-        with torch.enable_grad():
-            fh = ctx.deq_func(h)
         if deq.b_solver in _solver.OWN_SOLVERS:
-            # deqfast's adjoint solve, as AdjointFunction runs it on the graph of f at h.
+            # deqfast's adjoint solve, as AdjointFunction runs it on the graph of f at h; coupled rows
+            # (see the module docstring) are one sample here too: nothing frozen, one test.
+            shape, whole = at.shape, bool(deq._coupled)
+            h = (at.detach().reshape(1, -1) if whole else at.detach()).requires_grad_()
+            with torch.enable_grad():
+                fh = ctx.deq_func(h.view(shape)).reshape(h.shape)
             fake = types.SimpleNamespace(saved_tensors=(fh, h), options=deq._b_options,
                                          stats=types.SimpleNamespace(backward=None), on_backward=ctx.writer)
-            u = AdjointFunction.backward(fake, grad)[0]
+            u = AdjointFunction.backward(fake, grad.reshape(h.shape))[0].view(shape)
         else:  # a registered b_solver, called as torchdeq calls it
+            h = at.detach().requires_grad_()
+            with torch.enable_grad():
+                fh = ctx.deq_func(h)
             grad_f = lambda y: autograd.grad(fh, h, y, retain_graph=True)[0] + grad
             u, _, info = deq.b_solver(grad_f, torch.zeros_like(grad), max_iter=deq.b_max_iter, tol=deq.b_tol,
                                       stop_mode=deq.b_stop_mode)

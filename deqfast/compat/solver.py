@@ -42,7 +42,6 @@ class SolverStat(dict):
                              ("rel_trace", [[-1.0]]), ("nstep", [-1.0]), ("sradius", [-1.0])):
             self[key] = self.get(key, torch.tensor(default))
         self.deqfast_stats = None
-        self.coupled = False
 
     @classmethod
     def from_final_step(cls, z, fz, nstep=0):
@@ -69,13 +68,12 @@ class _Tracker:
     per mode the lowest residual and its step, f at the best iterate (under ``stop_mode``), traces.
 
     ``whole``: the state is one sample (rows are coupled): one best iterate for the whole state,
-    chosen by the whole state's residual; the per-row statistics are those of that iterate.
-    ``detect``: watch for coupling: a row the solver left unchanged (frozen) whose f changed."""
+    chosen by the whole state's residual; the per-row statistics are those of that iterate."""
 
-    def __init__(self, f: Callable, x0: torch.Tensor, stop_mode: str, whole: bool, return_final: bool, detect: bool):
+    def __init__(self, f: Callable, x0: torch.Tensor, stop_mode: str, whole: bool, return_final: bool):
         B = x0.shape[0]
         full = lambda v: torch.full((B,), v, dtype=x0.dtype, device=x0.device)
-        self.f, self.stop_mode, self.whole, self.return_final, self.detect = f, stop_mode, whole, return_final, detect
+        self.f, self.stop_mode, self.whole, self.return_final = f, stop_mode, whole, return_final
         self.lowest = {"abs": full(_INIT), "rel": full(_INIT)}
         self.step = {"abs": torch.zeros(B, device=x0.device), "rel": torch.zeros(B, device=x0.device)}
         self.trace = {"abs": [full(_INIT)], "rel": [full(_INIT)]}
@@ -83,9 +81,6 @@ class _Tracker:
         self.best_f = x0
         self.last_fx = x0
         self.n = 0
-        self.prev = None
-        self.coupled = torch.zeros((), dtype=torch.bool, device=x0.device)
-        self.saw_frozen = torch.zeros((), dtype=torch.bool, device=x0.device)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         fx = self.f(x)
@@ -112,13 +107,6 @@ class _Tracker:
                 self.step[mode] = torch.where(is_lowest, torch.full_like(self.step[mode], float(self.n)), self.step[mode])
         for mode in ("abs", "rel"):
             self.trace[mode].append(values[mode])
-        if self.detect:
-            if self.prev is not None:
-                px, pfx = self.prev
-                frozen = (x == px).all(dim=1)
-                self.saw_frozen |= frozen.any()
-                self.coupled |= (frozen & (fx != pfx).any(dim=1)).any()
-            self.prev = (x.detach().clone(), fx.detach().clone())
         self.last_fx = fx
         return fx
 
@@ -130,13 +118,11 @@ class _Tracker:
             traces[mode] = torch.stack(trace, dim=1)
         stat = SolverStat(abs_lowest=self.lowest["abs"], rel_lowest=self.lowest["rel"], abs_trace=traces["abs"],
                           rel_trace=traces["rel"], nstep=self.step[self.stop_mode].clone())
-        stat.coupled = bool(self.coupled)
-        stat.decided = bool(self.coupled | self.saw_frozen)
         return stat
 
 
 def _solve(kind: str, func: Callable, x0: torch.Tensor, max_iter, tol, stop_mode, indexing, return_final,
-           params: dict, whole: bool = False, detect: bool = False):
+           params: dict, whole: bool = False):
     """torchdeq's (z, trajectory, info) with deqfast's ``kind`` solver underneath."""
     shape = x0.shape
     rows = _batch_flatten(x0)
@@ -147,7 +133,7 @@ def _solve(kind: str, func: Callable, x0: torch.Tensor, max_iter, tol, stop_mode
         return _batch_flatten(func(z)).reshape(B, -1)
 
     max_iter = int(max_iter)
-    tracker = _Tracker(f_rows, rows, stop_mode, whole, return_final, detect)
+    tracker = _Tracker(f_rows, rows, stop_mode, whole, return_final)
     positions = sorted({int(p) for p in (indexing or ()) if 1 <= p <= max_iter})
     trajectory = []
     # torchdeq's Anderson records nothing before its third evaluation: with max_iter <= 2 it returns x0.
