@@ -115,7 +115,7 @@ def test_implicit_graph_network():
 # ---------------------------------------------------------------------------------------------
 
 class _INR(nn.Module):
-    def __init__(self, lib, args, width=16):
+    def __init__(self, lib, args, width=8):
         super().__init__()
         self.inp = nn.Linear(2, width).double()
         self.hidden = nn.Linear(width, width).double()
@@ -133,11 +133,11 @@ class _INR(nn.Module):
 
 
 def test_implicit_neural_representation():
-    argv = ["--f_solver", "anderson", "--f_max_iter", "100", "--f_tol", "1e-10", "--ift", "--b_max_iter", "80",
+    argv = ["--f_solver", "anderson", "--f_max_iter", "60", "--f_tol", "1e-10", "--ift", "--b_max_iter", "60",
             "--b_tol", "1e-11", "--norm_type", "weight_norm", "--norm_target_norm", "0.8", "--norm_no_scale"]
     g = torch.Generator().manual_seed(4)
-    coords = torch.rand(32, 2, generator=g, dtype=F64) * 2 - 1
-    rgb = torch.rand(32, 3, generator=g, dtype=F64)
+    coords = torch.rand(16, 2, generator=g, dtype=F64) * 2 - 1
+    rgb = torch.rand(16, 3, generator=g, dtype=F64)
     runs = {}
     for name, lib in LIBS.items():
         parser = argparse.ArgumentParser()
