@@ -133,7 +133,7 @@ class _INR(nn.Module):
 
 
 def test_implicit_neural_representation():
-    argv = ["--f_solver", "anderson", "--f_max_iter", "60", "--f_tol", "1e-10", "--ift", "--b_max_iter", "60",
+    argv = ["--f_solver", "anderson", "--f_max_iter", "100", "--f_tol", "1e-9", "--ift", "--b_max_iter", "80",
             "--b_tol", "1e-11", "--norm_type", "weight_norm", "--norm_target_norm", "0.8", "--norm_no_scale"]
     g = torch.Generator().manual_seed(4)
     coords = torch.rand(16, 2, generator=g, dtype=F64) * 2 - 1
@@ -155,7 +155,7 @@ def test_implicit_neural_representation():
             loss.backward()
             opt.step()
             losses.append(loss.detach())
-            assert (info["abs_lowest"] < 1e-10).all()
+            assert (info["abs_lowest"] < 1e-9).all()
         model.eval()
         with torch.no_grad():
             pred, info = model(coords)
@@ -209,7 +209,8 @@ def test_deq_sequence_model():
             torch.manual_seed(100 + step)  # the dropout masks and jac_reg's probes
             call = dict(solver_kwargs=dict(f_max_iter=30 + step, m=5)) if step else dict(writer=None, best=True)
             if name == "compat" and step == 0:
-                with pytest.warns(UserWarning):
+                compat.utils._warned.clear()  # warned once per process: make this the first time
+                with pytest.warns(UserWarning, match="'best', 'writer'"):
                     z, info, jac = model(emb, **call)
             else:
                 z, info, jac = model(emb, **call)
@@ -381,7 +382,7 @@ def test_diffusion_inversion():
         with torch.no_grad():
             z_list, info = deq(f, z0)
             residuals[name] = (f(z_list[0]) - z_list[0]).flatten(1).norm(dim=1)
-            assert (info["abs_lowest"] < 1e-10).all()
+            assert (info["abs_lowest"] < 1e-9).all()
         runs[name] = dict(losses=losses, sample=z_list[0][-1])
         assert (residuals[name] < 1e-10).all(), name
     _compare(runs)
