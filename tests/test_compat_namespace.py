@@ -349,10 +349,11 @@ def test_get_and_register_solver():
 # core details
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("core", ["sliced", "indexing"])
 @pytest.mark.parametrize("where", ["config", "solver_kwargs"])
 @pytest.mark.parametrize("f_solver", ["anderson", "fixed_point_iter", "broyden"])
 @pytest.mark.parametrize("grad_config", [dict(), dict(ift=True), dict(grad=3, tau=0.5)], ids=["jfb", "ift", "phantom"])
-def test_f_max_iter_zero_equals_torchdeq(where, f_solver, grad_config):
+def test_f_max_iter_zero_equals_torchdeq(where, f_solver, grad_config, core):
     """No solve: in training the gradient steps start at z0 (unrolled pretraining), in eval z0 comes
     back; torchdeq's stats of an empty solve (lowest 1e8, nstep 0)."""
     f, z0 = _cell(12)
@@ -360,7 +361,7 @@ def test_f_max_iter_zero_equals_torchdeq(where, f_solver, grad_config):
     g = torch.Generator().manual_seed(3)
     W = (0.05 * torch.randn(12, 12, generator=g, dtype=F64)).requires_grad_()
     func = lambda z: f(z) + z @ W.T  # a contraction: the adjoint solve of IFT (at z0) converges
-    cfg = dict(f_solver=f_solver, b_tol=1e-13, b_max_iter=300, **grad_config)
+    cfg = dict(f_solver=f_solver, b_tol=1e-13, b_max_iter=300, core=core, **grad_config)
     call = {}
     if where == "config":
         cfg["f_max_iter"] = 0
@@ -479,3 +480,34 @@ def test_coupling_decision():
     assert compat.get_deq(per_sample=True)._coupled is False
     with pytest.raises(ValueError, match="per_sample"):
         compat.get_deq(per_sample="yes")
+
+
+@pytest.mark.parametrize("f_max_iter,tol,n_expected", [(90, 1e-10, 1), (12, 1e-14, 3)],
+                         ids=["converges-before-the-first-sample", "unconverged"])
+def test_indexing_core_with_anderson(f_max_iter, tol, n_expected):
+    """core='indexing' with Anderson: the solve runs in pieces ending at the sampled steps, each
+    restarting Anderson's history from the last f value. A sample after the batch converged is
+    dropped, as in torchdeq, so where compat's Anderson converges sooner it returns fewer states
+    (here: before the first sampled step, where torchdeq's converges before the second); the last
+    state and the gradient agree with torchdeq's. Unconverged, each sampled state is closer to the
+    fixed point than the one before, the last within 5x of torchdeq's continuous Anderson's."""
+    f, z0 = _cell(16)
+    g = torch.Generator().manual_seed(4)
+    W = (0.05 * torch.randn(12, 12, generator=g, dtype=F64)).requires_grad_()
+    func = lambda z: f(z) + z @ W.T
+    out = []
+    for lib in (torchdeq, compat):
+        deq = lib.get_deq(core="indexing", f_solver="anderson", n_states=3, f_max_iter=f_max_iter, f_tol=tol)
+        deq.train()
+        z_list, info = deq(func, z0)
+        out.append((z_list, torch.autograd.grad(sum(z.sum() for z in z_list), W)[0]))
+    (z_ref, g_ref), (z, g) = out
+    assert len(z) == n_expected and len(z) <= len(z_ref)
+    if n_expected == 1:
+        torch.testing.assert_close(z[-1], z_ref[-1], atol=1e-8, rtol=0)
+        g_last = torch.autograd.grad(func(z_ref[-1].detach()).sum(), W)[0]  # torchdeq's last state's share
+        torch.testing.assert_close(g, g_last, rtol=1e-6, atol=0)
+    else:
+        res = [float((func(s) - s).norm()) for s in z]
+        assert res[0] > res[1] > res[2]
+        assert res[-1] < 5 * float((func(z_ref[-1]) - z_ref[-1]).norm())
