@@ -17,7 +17,7 @@ Broyden the history restarts).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
