@@ -277,8 +277,11 @@ def test_deq_unknown_keyword_at_construction():
 
 
 def test_compat_get_deq_unknown_keyword():
-    with pytest.raises(TypeError, match=r"\bf_sovler\b"):
+    # torchdeq ignores keywords it does not know; compat warns, naming it (deqfast's own API raises).
+    with pytest.warns(UserWarning, match=r"\bf_sovler\b"):
         deqfast.compat.get_deq(f_sovler="anderson")
+    with pytest.raises(TypeError, match=r"\bf_sovler\b"):
+        deqfast.fixed_point(lambda z: z, torch.zeros(2, 2), f_sovler="anderson")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,474 @@
+"""torchdeq.core in deqfast.compat: get_deq, reset_deq, register_deq, DEQBase, DEQIndexing, DEQSliced.
+
+    deq = get_deq(f_solver="anderson", f_max_iter=30, ift=True)
+    z_list, info = deq(func, z0)          # like torchdeq 0.1.0
+
+The classes follow torchdeq 0.1.0's structure, keywords, defaults and return values; the solves run
+on deqfast's solvers (deqfast.compat.solver) and the implicit gradient on deqfast's adjoint. A keyword
+torchdeq takes and ignores (or does not know) warns once, naming it, and is ignored; from a
+configuration object (``args``: argparse.Namespace, dict, ...) only torchdeq's keys are read.
+
+Batch or not. deqfast treats dim 0 as a batch of independent samples and freezes each sample once
+it converges. A state whose rows are coupled (graph nodes, diffusion timesteps, batch norm in f) must
+be solved as one sample, forward and adjoint (a frozen row would go stale when the others move).
+compat decides once per DEQ module, at its first solve: it calls f at z0 and at z0 with one random
+half of the rows perturbed, then the other half (three f calls, a fixed generator); if f changed at
+a row that was not perturbed, the rows are coupled and every solve of the module, forward and
+adjoint, treats the whole state as one sample (reshaped to (1, B·d): one convergence test, nothing
+frozen, one best iterate); else each row is a sample. ``per_sample=True/False`` in the configuration (a deqfast
+extension) fixes the choice without the probe.
+"""
+from __future__ import annotations
+
+import types
+from typing import Callable, Optional
+
+import torch
+from torch import autograd, nn
+
+from .. import _checks
+from .._state import PackedState
+from ..backward import AdjointFunction
+from ..options import Options
+from . import solver as _solver
+from .dropout import reset_dropout
+from .loss import power_method
+from .norm import reset_norm
+from .utils import ARG_KEYS, DEQConfig, warn_once
+
+__all__ = ["get_deq", "reset_deq", "register_deq", "DEQSliced", "DEQIndexing", "DEQBase"]
+
+# torchdeq 0.1.0's get_deq keywords and their defaults (DEQBase and DEQIndexing/DEQSliced).
+TORCHDEQ_DEFAULTS = {
+    "core": "sliced",
+    "f_solver": "fixed_point_iter",
+    "b_solver": "fixed_point_iter",
+    "no_stat": None,
+    "f_max_iter": 40,
+    "b_max_iter": 40,
+    "f_tol": 1e-3,
+    "b_tol": 1e-6,
+    "f_stop_mode": "abs",
+    "b_stop_mode": "abs",
+    "eval_factor": 1.0,
+    "eval_f_max_iter": 0,
+    "ift": False,
+    "hook_ift": False,
+    "grad": 1,
+    "tau": 1.0,
+    "sup_gap": -1,
+    "sup_loc": None,
+    "n_states": 1,
+    "indexing": None,
+}
+# deqfast's own configuration keys (not torchdeq's): None (decide), True or False.
+EXTENSION_KEYS = ("per_sample",)
+_KNOWN_CONFIG = frozenset(TORCHDEQ_DEFAULTS) | ARG_KEYS | frozenset(EXTENSION_KEYS)
+
+# What torchdeq's solvers read from solver_kwargs (f_max_iter is the DEQ's).
+SOLVER_KWARGS = ("f_max_iter", "m", "lam", "tau", "LBFGS_thres", "ls", "return_final")
+
+_ADJOINT_SOLVERS = {"anderson": "anderson", "broyden": "broyden", "fixed_point_iter": "fixed_point",
+                    "simple_fixed_point_iter": "fixed_point"}
+
+
+class _DEQFunc:
+    """torchdeq's DEQWrapper/MDEQWrapper: f on the solver's state (a tensor as given; a list/tuple
+    packed into one (B, D) tensor), with torchdeq's damped call ``f(z, tau)``."""
+
+    def __init__(self, func: Callable, z_init, caller: str):
+        _checks.check_callable(caller, "func", func)
+        if isinstance(z_init, torch.Tensor):
+            _checks.check_z0(caller, z_init, name="z_init")
+            self.layout = None
+            self.f = lambda z: _checks.call_f(caller, func, z, z_init, like_name="z_init")
+        elif isinstance(z_init, (list, tuple)) and z_init and all(isinstance(t, torch.Tensor) for t in z_init):
+            self.layout = PackedState(caller, list(z_init), name="z_init")
+            self.layout.container = type(z_init) if type(z_init) in (list, tuple) else list
+            self.f = self.layout.wrap(func, star=True)
+        else:
+            raise TypeError(f"{caller}: z_init must be a tensor or a non-empty list/tuple of tensors, "
+                            f"got {type(z_init).__name__}")
+
+    def list2vec(self, z):
+        return z if self.layout is None else self.layout.pack(z)
+
+    def vec2list(self, z):
+        return z if self.layout is None else list(self.layout.unpack(z))
+
+    @staticmethod
+    def detach(z):
+        return z.detach()
+
+    def __call__(self, z, tau=1.0):
+        out = self.f(z)
+        return out if tau == 1.0 else tau * out + (1 - tau) * z
+
+
+def _backward_info(stats) -> "_solver.SolverStat":
+    """deqfast's adjoint SolverStats as torchdeq's dict (what backward_writer receives)."""
+    info = _solver.SolverStat(abs_lowest=stats.residual, rel_lowest=stats.rel_residual,
+                              abs_trace=stats.residual.unsqueeze(1), rel_trace=stats.rel_residual.unsqueeze(1),
+                              nstep=stats.nstep.to(torch.get_default_dtype()))
+    info.deqfast_stats = stats
+    return info
+
+
+def _solver_name(caller, key, value):
+    if not isinstance(value, str) or value not in _solver._solvers_dict:
+        raise ValueError(f"{caller}: {key} must be one of {', '.join(map(repr, _solver._solvers_dict))}, got {value!r}")
+    return _solver.get_solver(value)
+
+
+class DEQBase(nn.Module):
+    """torchdeq.core.DEQBase: configuration (``args`` and keywords; ``args`` wins, as in torchdeq),
+    solver lookup, the fixed-point solve and the spectral radius. Subclass it like torchdeq's."""
+
+    def __init__(self, args=None, f_solver="fixed_point_iter", b_solver="fixed_point_iter", no_stat=None,
+                 f_max_iter=40, b_max_iter=40, f_tol=1e-3, b_tol=1e-6, f_stop_mode="abs", b_stop_mode="abs",
+                 eval_factor=1.0, eval_f_max_iter=0, **kwargs):
+        super().__init__()
+        caller = "deqfast.compat.get_deq"
+        unknown = set(kwargs) - _KNOWN_CONFIG
+        if unknown:
+            warn_once(caller, unknown, "keyword(s)")
+        self.args = DEQConfig(args)
+        self.args.update(**kwargs)
+        get = self.args.get
+        self.f_solver_name = get("f_solver", f_solver)
+        self.b_solver_name = get("b_solver", b_solver)
+        self.f_solver = _solver_name(caller, "f_solver", self.f_solver_name)
+        self.b_solver = _solver_name(caller, "b_solver", self.b_solver_name)
+        if no_stat is None:
+            no_stat = self.f_solver_name == "simple_fixed_point_iter"
+        self.no_stat = no_stat
+        self.f_max_iter = get("f_max_iter", f_max_iter)
+        self.b_max_iter = get("b_max_iter", b_max_iter)
+        self.f_tol = get("f_tol", f_tol)
+        self.b_tol = get("b_tol", b_tol)
+        self.f_stop_mode = get("f_stop_mode", f_stop_mode)
+        self.b_stop_mode = get("b_stop_mode", b_stop_mode)
+        for key in ("f_stop_mode", "b_stop_mode"):
+            _checks.check_choice(caller, key, getattr(self, key), _checks.STOP_MODES)
+        _checks.check_int(caller, "f_max_iter", self.f_max_iter, 0)
+        _checks.check_int(caller, "b_max_iter", self.b_max_iter, 1)
+        _checks.check_real(caller, "f_tol", self.f_tol)
+        _checks.check_real(caller, "b_tol", self.b_tol)
+        eval_f_max_iter = get("eval_f_max_iter", eval_f_max_iter)
+        eval_factor = get("eval_factor", eval_factor)
+        _checks.check_int(caller, "eval_f_max_iter", eval_f_max_iter, 0)
+        _checks.check_real(caller, "eval_factor", eval_factor)
+        self.eval_f_max_iter = eval_f_max_iter if eval_f_max_iter > 0 else int(self.f_max_iter * eval_factor)
+        per_sample = get("per_sample", None)
+        if per_sample not in (None, True, False):
+            raise ValueError(f"{caller}: per_sample must be None (decide), True or False, got {per_sample!r}")
+        # None: undecided; True: rows coupled (solve the state as one sample); False: independent rows.
+        self._coupled: Optional[bool] = None if per_sample is None else not per_sample
+        self.hook = None
+        # The adjoint solve of the implicit gradient (deqfast's, b_solver's algorithm).
+        self._b_options = Options.build(
+            caller, solver="fixed_point", max_iter=1, backward="implicit",
+            backward_solver=_ADJOINT_SOLVERS.get(self.b_solver_name, "fixed_point"),
+            backward_max_iter=int(self.b_max_iter),
+            backward_tol=0.0 if self.b_solver_name == "simple_fixed_point_iter" else self.b_tol,
+            backward_stop_mode=self.b_stop_mode, m=6)
+
+    def _sradius(self, deq_func, z_star):
+        with torch.enable_grad():
+            z_leaf = z_star.detach().requires_grad_()
+            new_z_star = deq_func(z_leaf)
+        _, sradius = power_method(new_z_star, z_leaf, n_iters=100)
+        return sradius
+
+    def _solver_kwargs(self, solver_kwargs) -> dict:
+        solver_kwargs = dict(solver_kwargs or {})
+        unknown = set(solver_kwargs) - set(SOLVER_KWARGS)
+        if unknown:
+            warn_once("deqfast.compat: solver_kwargs", unknown, "solver_kwargs key(s)")
+            solver_kwargs = {k: v for k, v in solver_kwargs.items() if k not in unknown}
+        fm = solver_kwargs.get("f_max_iter")
+        if fm is not None:
+            _checks.check_real("deqfast.compat: solver_kwargs", "f_max_iter", fm)
+        return solver_kwargs
+
+    def _run_solver(self, deq_func, z_init, f_max_iter, solver_kwargs, indexing=None):
+        """torchdeq's ``self.f_solver(deq_func, x0=..., ...)`` under no_grad, deciding (see the module
+        docstring) whether the rows are one sample."""
+        kw = {k: v for k, v in solver_kwargs.items() if k != "f_max_iter"}
+        if indexing is not None:
+            kw["indexing"] = indexing
+        own = self.f_solver in _solver.OWN_SOLVERS and self.f_solver is not _solver.simple_fixed_point_iter
+        if self._coupled is None:
+            self._coupled = _probe_coupling(deq_func, z_init)
+        extra = dict(_compat=dict(whole=bool(self._coupled))) if own else {}
+        with torch.no_grad():
+            z_star, trajectory, info = self.f_solver(deq_func, x0=z_init, max_iter=f_max_iter, tol=self.f_tol,
+                                                     stop_mode=self.f_stop_mode, **kw, **extra)
+        return z_star, trajectory, info
+
+    def forward(self, func, z_init, solver_kwargs=None, sradius_mode=False, backward_writer=None, **kwargs):
+        raise NotImplementedError
+
+
+def _probe_coupling(deq_func, z) -> Optional[bool]:
+    """Whether f's rows (dim 0) are coupled: f at z, and at z with one random half of the rows
+    perturbed, then the other half; coupled if f changed at a row that was not perturbed. Three f
+    calls, once per DEQ module (a fixed generator: the global RNG is not touched). A single row is
+    one sample either way: False, without a call."""
+    rows = z.reshape(z.shape[0], -1) if z.dim() >= 2 else z.reshape(-1, 1)
+    B = rows.shape[0]
+    if B < 2:
+        return False
+    g = torch.Generator().manual_seed(0)
+    half = torch.zeros(B, dtype=torch.bool)
+    half[torch.randperm(B, generator=g)[: B // 2]] = True
+    half = half.to(z.device)
+    with torch.no_grad():
+        f0 = deq_func(z).reshape(B, -1)
+        scale = 1e-3 * (1.0 + rows.abs().max())
+        for part in (half, ~half):
+            bumped = rows + scale * part.unsqueeze(1).to(rows.dtype)
+            f1 = deq_func(bumped.view(z.shape)).reshape(B, -1)
+            if bool(((f1 != f0).any(dim=1) & ~part).any()):
+                return True
+    return False
+
+
+class _GradMixin:
+    """torchdeq.grad.backward_factory and the configuration both of its cores share."""
+
+    def _setup_grads(self, ift, hook_ift, grad, tau, sup_gap, sup_loc, n_states, indexing):
+        caller = "deqfast.compat.get_deq"
+        get = self.args.get
+        grad = get("grad", grad)
+        if isinstance(grad, int) and not isinstance(grad, bool):
+            grad = [grad]
+        if not isinstance(grad, (list, tuple)) or not grad or any(
+                isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in grad):
+            raise ValueError(f"{caller}: grad must be an int >= 1 or a list of them, got {grad!r}")
+        self.arg_n_states = 1 if n_states is None else n_states
+        self.arg_indexing = [] if indexing is None else indexing
+        n = get("n_states", self.arg_n_states)
+        _checks.check_int(caller, "n_states", 1 if n is None else n, 1)
+        idx = list(get("indexing", self.arg_indexing) or [])
+        if any(isinstance(i, bool) or not isinstance(i, int) for i in idx) or any(b <= a for a, b in zip([0, *idx], idx)):
+            raise ValueError(f"{caller}: indexing must be increasing positive steps, got {idx!r}")
+        self.indexing = self._compute_f_iter(self.f_max_iter)
+        if len(grad) not in (1, len(self.indexing)):
+            raise ValueError(f"{caller}: grad must have 1 entry or one per sampled state ({len(self.indexing)}), got {list(grad)!r}")
+        pairs = list(grad) if len(grad) == len(self.indexing) else [grad[0]] * len(self.indexing)
+        tau = get("tau", tau)
+        _checks.check_damping(caller, "tau", tau)
+        sup_gap = get("sup_gap", sup_gap)
+        sup_gap = -1 if sup_gap is None else sup_gap
+        sup_loc = get("sup_loc", sup_loc) or []
+        self.produce_grad = [self._phantom(k, tau, sup_gap, sup_loc) for k in pairs]
+        self.hook_ift = bool(get("hook_ift", hook_ift))
+        if get("ift", ift) or self.hook_ift:
+            self.produce_grad[-1] = self._ift
+
+    @staticmethod
+    def _phantom(n_grad_step, tau, sup_gap, sup_loc):
+        """torchdeq's phantom gradient: n_grad_step damped steps from z_pred, with grad; with sup_gap
+        every sup_gap-th step, with sup_loc the listed steps and the last."""
+
+        def grad_func(deq_func, z_pred, writer=None):
+            z_out = []
+            for i in range(n_grad_step):
+                z_pred = deq_func(z_pred, tau=tau)
+                if (sup_gap > 0 and (i + 1) % sup_gap == 0) or (sup_gap <= 0 and sup_loc and (i + 1) in sup_loc):
+                    z_out.append(z_pred)
+            if sup_gap <= 0:
+                z_out.append(z_pred)
+            return z_out
+
+        return grad_func
+
+    def _ift(self, deq_func, z_pred, writer=None):
+        """torchdeq's IFT gradient: the state f(z_pred); its backward replaces the incoming g by the
+        solution u = g + Jᵀu of the adjoint equation (deqfast's adjoint solve, b_solver's algorithm).
+        As in torchdeq, J is taken at f(z_pred) with ift (f re-run in backward) and at z_pred with
+        hook_ift (deqfast's autograd Function there instead of a hook: the same gradient)."""
+        on_backward = None if writer is None else (lambda stats: writer(_backward_info(stats)))
+        z_pred = z_pred.detach()
+        own = self.b_solver in _solver.OWN_SOLVERS
+        if self.hook_ift and own:
+            # Coupled rows: the adjoint solve too treats the whole state as one sample.
+            shape, whole = z_pred.shape, bool(self._coupled)
+            z_leaf = (z_pred.reshape(1, -1) if whole else z_pred).requires_grad_()
+            with torch.enable_grad():
+                fz = deq_func(z_leaf.view(shape)).reshape(z_leaf.shape)
+            out = AdjointFunction.apply(fz, z_leaf, self._b_options, types.SimpleNamespace(backward=None), on_backward,
+                                      "deqfast.compat")
+            return [out.view(shape)]
+        new_z = deq_func(z_pred)
+        at = z_pred if self.hook_ift else new_z.detach()
+        return [_IFTGrad.apply(new_z, at, deq_func, self, writer if not own else on_backward)]
+
+
+class _IFTGrad(autograd.Function):
+    """Identity on new_z = f(z_pred); backward solves the adjoint equation with J at ``at``."""
+
+    @staticmethod
+    def forward(ctx, new_z, at, deq_func, deq, writer):
+        ctx.deq_func, ctx.deq, ctx.writer = deq_func, deq, writer
+        ctx.save_for_backward(at)
+        return new_z.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        at, = ctx.saved_tensors
+        deq = ctx.deq
+        if deq.b_solver in _solver.OWN_SOLVERS:
+            # deqfast's adjoint solve, as AdjointFunction runs it on the graph of f at h; coupled rows
+            # (see the module docstring) are one sample here too: nothing frozen, one test.
+            shape, whole = at.shape, bool(deq._coupled)
+            h = (at.detach().reshape(1, -1) if whole else at.detach()).requires_grad_()
+            with torch.enable_grad():
+                fh = ctx.deq_func(h.view(shape)).reshape(h.shape)
+            fake = types.SimpleNamespace(saved_tensors=(fh, h), options=deq._b_options,
+                                         stats=types.SimpleNamespace(backward=None), on_backward=ctx.writer,
+                                         caller="deqfast.compat")
+            u = AdjointFunction.backward(fake, grad.reshape(h.shape))[0].view(shape)
+        else:  # a registered b_solver, called as torchdeq calls it
+            h = at.detach().requires_grad_()
+            with torch.enable_grad():
+                fh = ctx.deq_func(h)
+            grad_f = lambda y: autograd.grad(fh, h, y, retain_graph=True)[0] + grad
+            u, _, info = deq.b_solver(grad_f, torch.zeros_like(grad), max_iter=deq.b_max_iter, tol=deq.b_tol,
+                                      stop_mode=deq.b_stop_mode)
+            if ctx.writer:
+                ctx.writer(info)
+        return u, None, None, None, None
+
+
+class DEQIndexing(_GradMixin, DEQBase):
+    """torchdeq.core.DEQIndexing: one solve of f_max_iter steps whose best-so-far states at the
+    sampled steps (n_states or indexing) each get a gradient. deqfast's solvers keep no trajectory:
+    the solve runs in consecutive pieces ending at the sampled steps, each continuing from the last
+    f value (exactly torchdeq's trajectory for fixed-point iteration; Anderson and Broyden restart
+    their history at each sampled step). A sample whose step comes after the batch converged is not
+    returned, as in torchdeq."""
+
+    def __init__(self, args=None, ift=False, hook_ift=False, grad=1, tau=1.0, sup_gap=-1, sup_loc=None,
+                 n_states=1, indexing=None, **kwargs):
+        super().__init__(args=args, **kwargs)
+        self._setup_grads(ift, hook_ift, grad, tau, sup_gap, sup_loc, n_states, indexing)
+
+    def _compute_f_iter(self, f_max_iter):
+        n = self.args.get("n_states", self.arg_n_states) or 1
+        if n > 1:
+            n_states = max(min(f_max_iter, n), 1)
+            delta = int(f_max_iter // n_states)
+            if f_max_iter % n_states == 0:
+                return [(k + 1) * delta for k in range(n_states)]
+            return [f_max_iter - (n_states - k - 1) * delta for k in range(n_states)]
+        return [*(self.args.get("indexing", self.arg_indexing) or []), f_max_iter]
+
+    def forward(self, func, z_init, solver_kwargs=None, sradius_mode=False, backward_writer=None, **kwargs):
+        """(z_out, info) as torchdeq: in training the sampled states with their gradients, in eval
+        [z*] (f at the best iterate, no gradient); info is torchdeq's SolverStat dict."""
+        if kwargs:
+            warn_once("deqfast.compat: the DEQ call", kwargs, "keyword(s)")
+        deq_func = _DEQFunc(func, z_init, "deqfast.compat")
+        z_init = deq_func.list2vec(z_init)
+        solver_kwargs = self._solver_kwargs(solver_kwargs)
+        if self.training:
+            fm = solver_kwargs.get("f_max_iter")
+            indexing = self._compute_f_iter(fm) if type(fm) in (int, float) else self.indexing
+            _, trajectory, info = self._run_solver(deq_func, z_init, solver_kwargs.get("f_max_iter", self.f_max_iter),
+                                                   solver_kwargs, indexing=indexing)
+            z_out = []
+            for z_pred, produce_grad in zip(trajectory, self.produce_grad):
+                z_out += produce_grad(deq_func, z_pred.detach(), writer=backward_writer)
+            z_out = [deq_func.vec2list(each) for each in z_out]
+        else:
+            z_star, _, info = self._run_solver(deq_func, z_init, solver_kwargs.get("f_max_iter", self.eval_f_max_iter),
+                                               solver_kwargs)
+            info["sradius"] = self._sradius(deq_func, z_star) if sradius_mode else torch.zeros(1, device=z_star.device)
+            z_out = [deq_func.vec2list(z_star)]
+        return z_out, info
+
+
+class DEQSliced(_GradMixin, DEQBase):
+    """torchdeq.core.DEQSliced (get_deq's default core): the solve is sliced into n_states (or the
+    indexing gaps) pieces; each piece's result gets its gradient and the next piece starts from it."""
+
+    def __init__(self, args=None, ift=False, hook_ift=False, grad=1, tau=1.0, sup_gap=-1, sup_loc=None,
+                 n_states=1, indexing=None, **kwargs):
+        super().__init__(args, **kwargs)
+        self._setup_grads(ift, hook_ift, grad, tau, sup_gap, sup_loc, n_states, indexing)
+
+    def _compute_f_iter(self, f_max_iter):
+        n = self.args.get("n_states", self.arg_n_states) or 1
+        if n > 1:
+            return [int(f_max_iter // n) for _ in range(n)]
+        bounds = [0, *(self.args.get("indexing", self.arg_indexing) or []), f_max_iter]
+        return [b - a for a, b in zip(bounds, bounds[1:])]
+
+    def forward(self, func, z_star, solver_kwargs=None, sradius_mode=False, backward_writer=None, **kwargs):
+        """(z_out, info) as torchdeq: in training one state per slice with its gradient, in eval [z*]
+        (f at the best iterate, no gradient); info is torchdeq's SolverStat dict (the last solve's)."""
+        if kwargs:
+            warn_once("deqfast.compat: the DEQ call", kwargs, "keyword(s)")
+        deq_func = _DEQFunc(func, z_star, "deqfast.compat")
+        z_star = deq_func.list2vec(z_star)
+        solver_kwargs = self._solver_kwargs(solver_kwargs)
+        if self.training:
+            fm = solver_kwargs.get("f_max_iter")
+            indexing = self._compute_f_iter(fm) if type(fm) in (int, float) else self.indexing
+            z_out = []
+            for f_max_iter, produce_grad in zip(indexing, self.produce_grad):
+                z_star, _, info = self._run_solver(deq_func, z_star, max(int(f_max_iter), 0), solver_kwargs)
+                z_star = z_star.detach()
+                z_out += produce_grad(deq_func, z_star, writer=backward_writer)
+                z_star = z_out[-1]
+            z_out = [deq_func.vec2list(each) for each in z_out]
+        else:
+            z_star, _, info = self._run_solver(deq_func, z_star, solver_kwargs.get("f_max_iter", self.eval_f_max_iter),
+                                               solver_kwargs)
+            info["sradius"] = self._sradius(deq_func, z_star) if sradius_mode else torch.zeros(1, device=z_star.device)
+            z_out = [deq_func.vec2list(z_star)]
+        return z_out, info
+
+
+_core = {"indexing": DEQIndexing, "sliced": DEQSliced}
+
+
+def register_deq(deq_type, core):
+    """torchdeq.core.register_deq: make ``core`` (a DEQBase subclass) available as core=deq_type."""
+    _core[deq_type] = core
+
+
+def get_deq(args=None, **kwargs):
+    """torchdeq's ``get_deq``: a DEQSliced (core='sliced', the default) or DEQIndexing built from
+    ``args`` (a program's configuration: only torchdeq's keys are read) and keywords (which win)."""
+    caller = "deqfast.compat.get_deq"
+    config = DEQConfig(args)
+    unknown = set(kwargs) - _KNOWN_CONFIG
+    if unknown:
+        warn_once(caller, unknown, "keyword(s)")
+    config.update(**{k: v for k, v in kwargs.items() if k not in unknown})
+    core = config.get("core", "sliced")
+    if core not in _core:
+        raise ValueError(f"{caller}: core must be one of {', '.join(map(repr, _core))}, got {core!r}")
+    return _core[core](config)
+
+
+def reset_deq(model):
+    """torchdeq.core.reset_deq: recompute the normalised weights and forget the dropout masks
+    (usually before each training iteration)."""
+    reset_norm(model)
+    reset_dropout(model)
+
+
+# Kept from the single-module compat: torchdeq's info keys from deqfast's SolverStats.
+def torchdeq_info(stats) -> dict:
+    return dict(_backward_info(stats))
+
+
+def spectral_radius(f: Callable, z: torch.Tensor, n_iters: int = 100) -> torch.Tensor:
+    """Per-sample estimate of the spectral radius of J = ∂f/∂z at z by the power method on Jᵀ."""
+    with torch.enable_grad():
+        z_leaf = z.detach().requires_grad_()
+        return power_method(f(z_leaf), z_leaf, n_iters)[1]

@@ -1,0 +1,255 @@
+"""torchdeq.solver in deqfast.compat: torchdeq's solver functions on deqfast's solvers.
+
+``anderson_solver``, ``broyden_solver``, ``fixed_point_iter`` take torchdeq 0.1.0's arguments and
+return its ``(z, trajectory, info)``: z is f at the best iterate (what torchdeq returns), trajectory
+the best-so-far states at the ``indexing`` steps, info a :class:`SolverStat` (torchdeq's dict:
+abs/rel lowest, traces, nstep = the step of the lowest, relative residual ‖f(z) − z‖ / (‖f(z)‖ + 1e-9)).
+deqfast's solver does the iterations (fused ops, each sample frozen once it meets ``tol``); a thin
+wrapper around f keeps torchdeq's bookkeeping from the evaluations it sees, so f is never called more
+often than the solver calls it.
+
+Differences from torchdeq (the README's "From torchdeq" table): a sample stops at the first
+iterate that meets ``tol`` (torchdeq iterates every sample until the whole batch does); Anderson and
+Broyden are deqfast's (Anderson counts its first two evaluations as candidates, Broyden keeps at most
+``LBFGS_thres`` updates and has no line search); ``indexing`` restarts the solver at each sampled step
+from the last f value (the same trajectory as torchdeq's for fixed-point iteration; for Anderson and
+Broyden the history restarts).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .. import solvers as _solvers
+from .utils import warn_once
+
+__all__ = ["register_solver", "get_solver", "solver_stat_from_final_step", "SolverStat",
+           "anderson_solver", "broyden_solver", "fixed_point_iter", "simple_fixed_point_iter"]
+
+_INIT = 1e8  # torchdeq's initial "lowest" residual
+_EPS = 1e-9  # torchdeq's epsilon in the relative residual of its solvers
+
+
+class SolverStat(dict):
+    """torchdeq's solver statistics: a dict with 'abs_lowest', 'rel_lowest' (B,), 'abs_trace',
+    'rel_trace' (B, N), 'nstep' (B,) and 'sradius'; missing keys are filled with -1 as in torchdeq.
+    ``deqfast_stats`` holds deqfast's :class:`deqfast.SolverStats` of the solve when there was one."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for key, default in (("abs_lowest", [-1.0]), ("rel_lowest", [-1.0]), ("abs_trace", [[-1.0]]),
+                             ("rel_trace", [[-1.0]]), ("nstep", [-1.0]), ("sradius", [-1.0])):
+            self[key] = self.get(key, torch.tensor(default))
+        self.deqfast_stats = None
+
+    @classmethod
+    def from_final_step(cls, z, fz, nstep=0):
+        if not torch.is_tensor(z):
+            z = torch.cat([zi.flatten(start_dim=1) for zi in z], dim=1)
+            fz = torch.cat([fi.flatten(start_dim=1) for fi in fz], dim=1)
+        abs_lowest = (fz - z).flatten(start_dim=1).norm(dim=1)
+        rel_lowest = abs_lowest / (fz.flatten(start_dim=1).norm(dim=1) + 1e-8)
+        return cls(abs_lowest=abs_lowest, rel_lowest=rel_lowest, abs_trace=abs_lowest.unsqueeze(1),
+                   rel_trace=rel_lowest.unsqueeze(1), nstep=nstep * torch.ones(z.shape[0], device=z.device))
+
+
+def solver_stat_from_final_step(z, fz, nstep=0) -> SolverStat:
+    """torchdeq.solver.solver_stat_from_final_step: stats of the last step (relative epsilon 1e-8)."""
+    return SolverStat.from_final_step(z, fz, nstep=nstep)
+
+
+def _batch_flatten(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(start_dim=1) if x.dim() >= 2 else x.view(x.nelement(), 1)
+
+
+class _Tracker:
+    """f on (B, d) rows, recording what torchdeq's ``update_state`` records at each evaluation:
+    per mode the lowest residual and its step, f at the best iterate (under ``stop_mode``), traces.
+
+    ``whole``: the state is one sample (rows are coupled): one best iterate for the whole state,
+    chosen by the whole state's residual; the per-row statistics are those of that iterate."""
+
+    def __init__(self, f: Callable, x0: torch.Tensor, stop_mode: str, whole: bool, return_final: bool):
+        B = x0.shape[0]
+        full = lambda v: torch.full((B,), v, dtype=x0.dtype, device=x0.device)
+        self.f, self.stop_mode, self.whole, self.return_final = f, stop_mode, whole, return_final
+        self.lowest = {"abs": full(_INIT), "rel": full(_INIT)}
+        self.step = {"abs": torch.zeros(B, device=x0.device), "rel": torch.zeros(B, device=x0.device)}
+        self.trace = {"abs": [full(_INIT)], "rel": [full(_INIT)]}
+        self.total_lowest = torch.tensor(float("inf"), dtype=x0.dtype, device=x0.device)
+        self.best_f = x0
+        self.last_fx = x0
+        self.n = 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        fx = self.f(x)
+        self.n += 1
+        diff = fx - x
+        values = {"abs": diff.norm(dim=1)}
+        values["rel"] = values["abs"] / (fx.norm(dim=1) + _EPS)
+        if self.whole:
+            total = diff.norm() if self.stop_mode == "abs" else diff.norm() / (fx.norm() + _EPS)
+            better = (total < self.total_lowest) | self.return_final  # a 0-dim tensor: no host sync
+            self.total_lowest = torch.where(better, total, self.total_lowest)
+            self.best_f = torch.where(better, fx, self.best_f)
+            for mode in ("abs", "rel"):
+                self.lowest[mode] = torch.where(better, values[mode], self.lowest[mode])
+                self.step[mode] = torch.where(better, float(self.n), self.step[mode])
+        else:
+            for mode in ("abs", "rel"):
+                is_lowest = values[mode] < self.lowest[mode]
+                if self.return_final:
+                    is_lowest = torch.ones_like(is_lowest)
+                if mode == self.stop_mode:
+                    self.best_f = torch.where(is_lowest.unsqueeze(1), fx, self.best_f)
+                self.lowest[mode] = torch.where(is_lowest, values[mode], self.lowest[mode])
+                self.step[mode] = torch.where(is_lowest, torch.full_like(self.step[mode], float(self.n)), self.step[mode])
+        for mode in ("abs", "rel"):
+            self.trace[mode].append(values[mode])
+        self.last_fx = fx
+        return fx
+
+    def info(self, max_iter: int) -> SolverStat:
+        traces = {}
+        for mode in ("abs", "rel"):
+            trace = list(self.trace[mode])
+            trace += [self.lowest[mode]] * max(0, max_iter + 1 - len(trace))  # torchdeq pads after its early stop
+            traces[mode] = torch.stack(trace, dim=1)
+        stat = SolverStat(abs_lowest=self.lowest["abs"], rel_lowest=self.lowest["rel"], abs_trace=traces["abs"],
+                          rel_trace=traces["rel"], nstep=self.step[self.stop_mode].clone())
+        return stat
+
+
+def _solve(kind: str, func: Callable, x0: torch.Tensor, max_iter, tol, stop_mode, indexing, return_final,
+           params: dict, whole: bool = False):
+    """torchdeq's (z, trajectory, info) with deqfast's ``kind`` solver underneath."""
+    shape = x0.shape
+    rows = _batch_flatten(x0)
+    B = rows.shape[0]
+
+    def f_rows(x):
+        z = x.view(shape) if x.is_contiguous() else x.reshape(shape)
+        return _batch_flatten(func(z)).reshape(B, -1)
+
+    max_iter = int(max_iter)
+    tracker = _Tracker(f_rows, rows, stop_mode, whole, return_final)
+    positions = sorted({int(p) for p in (indexing or ()) if 1 <= p <= max_iter})
+    trajectory = []
+    # torchdeq's Anderson records nothing before its third evaluation: with max_iter <= 2 it returns x0.
+    skip = max_iter <= 0 or (kind == "anderson" and max_iter <= 2)
+    if not skip:
+        start, stats = rows, None
+        ends = positions + ([max_iter] if not positions or positions[-1] != max_iter else [])
+        for end in ends:
+            gap = end - tracker.n
+            before = tracker.n
+            stats = _run(kind, tracker, start, gap, 0.0 if return_final else tol, stop_mode, params, whole)
+            if end in positions and tracker.n - before == gap:
+                trajectory.append(tracker.best_f.view(shape))
+            if tracker.n - before < gap or bool((stats.converged | stats.failed).all()):
+                break  # torchdeq stops sampling once the batch has converged
+            start = tracker.last_fx.detach()
+    if indexing and not trajectory:
+        trajectory.append(tracker.best_f.view(shape))
+    info = tracker.info(max_iter)
+    return tracker.best_f.detach().view(shape), [t.detach() for t in trajectory], info
+
+
+def _run(kind, tracker, start, max_iter, tol, stop_mode, params, whole):
+    """One deqfast solve of at most max_iter evaluations through ``tracker``; its SolverStats."""
+    if whole:
+        B, d = start.shape
+        f = lambda y: tracker(y.view(B, d)).reshape(1, -1)
+        x0 = start.reshape(1, -1)
+    else:
+        f, x0 = tracker, start
+    common = dict(max_iter=int(max_iter), tol=float(tol), stop_mode=stop_mode)
+    if kind == "anderson":
+        _, stats = _solvers.anderson(f, x0, m=int(params.get("m", 6)), lam=params.get("lam", 1e-4),
+                                     tau=params.get("tau", 1.0), **common)
+    elif kind == "broyden":
+        m = params.get("LBFGS_thres")
+        _, stats = _solvers.broyden(f, x0, m=int(m if m is not None else max(max_iter, 1)), **common)
+    else:
+        _, stats = _solvers.fixed_point_iteration(f, x0, tau=params.get("tau", 1.0), **common)
+    return stats
+
+
+_KNOWN = {
+    "anderson": ("m", "lam", "tau"),
+    "broyden": ("LBFGS_thres", "ls"),
+    "fixed_point": ("tau",),
+}
+
+
+def _params(name: str, kind: str, kwargs: dict) -> tuple:
+    private = kwargs.pop("_compat", {})
+    unknown = set(kwargs) - set(_KNOWN[kind])
+    if unknown:
+        warn_once(f"deqfast.compat.solver.{name}", unknown, "keyword(s)")
+    if kwargs.get("ls"):
+        warn_once(f"deqfast.compat.solver.{name}", ["ls"], "Broyden line search (deqfast's Broyden has none)")
+    return kwargs, private
+
+
+def anderson_solver(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=None, m=6, lam=1e-4, tau=1.0,
+                    return_final=False, **kwargs):
+    """torchdeq.solver.anderson_solver on deqfast's Anderson (see the module docstring)."""
+    kwargs, private = _params("anderson_solver", "anderson", kwargs)
+    return _solve("anderson", func, x0, max_iter, tol, stop_mode, indexing, return_final,
+                  dict(m=m, lam=lam, tau=tau), **private)
+
+
+def broyden_solver(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=None, LBFGS_thres=None, ls=False,
+                   return_final=False, **kwargs):
+    """torchdeq.solver.broyden_solver on deqfast's Broyden (at most LBFGS_thres updates, default
+    max_iter as torchdeq; no line search: ls=True warns once)."""
+    kwargs["ls"] = ls
+    kwargs, private = _params("broyden_solver", "broyden", kwargs)
+    return _solve("broyden", func, x0, max_iter, tol, stop_mode, indexing, return_final,
+                  dict(LBFGS_thres=LBFGS_thres), **private)
+
+
+def fixed_point_iter(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=None, tau=1.0,
+                     return_final=False, **kwargs):
+    """torchdeq.solver.fixed_point_iter on deqfast's fixed-point iteration (see the module docstring)."""
+    kwargs, private = _params("fixed_point_iter", "fixed_point", kwargs)
+    return _solve("fixed_point", func, x0, max_iter, tol, stop_mode, indexing, return_final, dict(tau=tau), **private)
+
+
+def simple_fixed_point_iter(func, x0, max_iter=50, tau=1.0, indexing=None, **kwargs):
+    """torchdeq.solver.simple_fixed_point_iter: exactly max_iter steps ``fx = func(x, tau=tau)``,
+    no monitoring; returns the last f value and final-step stats, as torchdeq."""
+    kwargs.pop("_compat", None)
+    indexing_list = []
+    fx = x = x0
+    for k in range(int(max_iter)):
+        x = fx
+        fx = func(x, tau=tau)
+        if indexing and (k + 1) in indexing:
+            indexing_list.append(fx)
+    return fx, indexing_list, solver_stat_from_final_step(x, fx, max_iter)
+
+
+_solvers_dict = {
+    "anderson": anderson_solver,
+    "broyden": broyden_solver,
+    "fixed_point_iter": fixed_point_iter,
+    "simple_fixed_point_iter": simple_fixed_point_iter,
+}
+
+OWN_SOLVERS = frozenset(_solvers_dict.values())
+
+
+def get_solver(key):
+    """torchdeq.solver.get_solver: the solver function registered under ``key``."""
+    if key not in _solvers_dict:
+        raise ValueError(f"deqfast.compat: solver must be one of {', '.join(map(repr, _solvers_dict))}, got {key!r}")
+    return _solvers_dict[key]
+
+
+def register_solver(solver_type, solver):
+    """torchdeq.solver.register_solver: make ``solver`` (torchdeq's solver signature) available as
+    f_solver/b_solver = ``solver_type``."""
+    _solvers_dict[solver_type] = solver
