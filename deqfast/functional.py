@@ -1,12 +1,14 @@
 """deqfast.fixed_point: solve z* = f(z*) and differentiate through it."""
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Optional
 
 import torch
 
 from . import _checks
 from . import solvers as _solvers
+from .solvers import _history
 from ._state import PackedState
 from .backward import AdjointFunction
 from .options import Options
@@ -33,6 +35,7 @@ def fixed_point(
     phantom_steps: int = 5,
     phantom_tau: float = 0.5,
     check_every: Optional[int] = None,
+    backward_warm_start: bool = False,
 ):
     """Solve z* = f(z*) (batch dim 0, every decision per sample) and make it differentiable.
 
@@ -56,6 +59,10 @@ def fixed_point(
         phantom_steps, phantom_tau: "phantom" backprops through this many damped steps from z*.
         check_every: evaluations between host-side convergence checks (default 1 on the CPU,
             4 on accelerators); samples are frozen on the device regardless.
+        backward_warm_start: for backward "implicit" with solver "anderson" or "broyden": keep the
+            forward solver's secant history (its m-slot buffers, until backward) and use it as an
+            approximate (I − Jᵀ)⁻¹ to start and precondition the adjoint solve, which still runs to
+            backward_tol (see the README).
 
     Returns:
         (z, stats): f(z*) at each sample's best iterate z* (one differentiable step) for
@@ -68,6 +75,7 @@ def fixed_point(
         backward_max_iter=backward_max_iter, backward_tol=backward_tol,
         backward_stop_mode=backward_stop_mode, neumann_terms=neumann_terms,
         phantom_steps=phantom_steps, phantom_tau=phantom_tau, check_every=check_every,
+        backward_warm_start=backward_warm_start,
     )
     return solve(f, z0, options, caller="deqfast.fixed_point")
 
@@ -98,7 +106,9 @@ def solve(f: Callable, z0: torch.Tensor, options: Options, *, caller: str,
         z, stats = solver(f, z0, **kwargs)
         return z, stats
 
-    with torch.no_grad():
+    # backward_warm_start: the solver's history goes to the backward (kept only then).
+    warm = options.backward_warm_start and options.backward == "implicit" and torch.is_grad_enabled()
+    with torch.no_grad(), (_history.capture() if warm else contextlib.nullcontext()) as history:
         z_star, stats = solver(f, z0.detach(), **kwargs)
 
     if options.backward == "phantom":
@@ -113,4 +123,4 @@ def solve(f: Callable, z0: torch.Tensor, options: Options, *, caller: str,
 
     z_leaf = z_star.detach().requires_grad_()
     fz = f(z_leaf)
-    return AdjointFunction.apply(fz, z_leaf, options, stats, on_backward), stats
+    return AdjointFunction.apply(fz, z_leaf, options, stats, on_backward, history), stats
