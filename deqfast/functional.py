@@ -85,7 +85,8 @@ def _apply_f(caller: str, f: Callable, z: torch.Tensor, like: torch.Tensor) -> t
 
 
 def solve(f: Callable, z0: torch.Tensor, options: Options, *, caller: str,
-          on_backward: Optional[Callable[[SolverStats], None]] = None):
+          on_backward: Optional[Callable[[SolverStats], None]] = None,
+          after_solver: Optional[Callable[[SolverStats], None]] = None):
     """Solve with validated ``options``: the engine behind fixed_point, DEQ and compat.
 
     ``on_backward`` is called with the adjoint solve's stats when backward runs. A list/tuple
@@ -93,7 +94,8 @@ def solve(f: Callable, z0: torch.Tensor, options: Options, *, caller: str,
     if isinstance(z0, (list, tuple)):
         _checks.check_callable(caller, "f", f)
         layout = PackedState(caller, z0)
-        z, stats = solve(layout.wrap(f), layout.pack(z0), options, caller=caller, on_backward=on_backward)
+        z, stats = solve(layout.wrap(f), layout.pack(z0), options, caller=caller, on_backward=on_backward,
+                         after_solver=after_solver)
         return layout.unpack(z), stats
     _checks.check_callable(caller, "f", f)
     _checks.check_z0(caller, z0)
@@ -110,6 +112,8 @@ def solve(f: Callable, z0: torch.Tensor, options: Options, *, caller: str,
     warm = options.backward_warm_start and options.backward == "implicit" and torch.is_grad_enabled()
     with torch.no_grad(), (_history.capture() if warm else contextlib.nullcontext()) as history:
         z_star, stats = solver(f, z0.detach(), **kwargs)
+    if after_solver is not None:  # DEQ(compact=True): f on the whole batch from here
+        after_solver(stats)
 
     if options.backward == "phantom":
         z = z_star
