@@ -31,6 +31,11 @@ extension is compiled for the device, ``common.deqfast_fused_available``; None o
 torchdeq 0.1.0's anderson_solver when importable. When the fused path is active in this process,
 the reference column is measured in a child process started with DEQFAST_DISABLE_EXTENSION=1
 (same sizes, data and thread count; overheads against this run's f time and floor).
+
+A second table, Broyden: deqfast.solvers.broyden against torchdeq 0.1.0's broyden_solver at equal
+evaluations of f (T = 30 each, tol = 0; torchdeq's max_iter = T − 1, since it evaluates f once
+before its first step; both keep every update, m = T), time per solve and per evaluation, at this
+table's sizes plus 8 x 30720 (issue 11's measurement).
 """
 from __future__ import annotations
 
@@ -256,6 +261,66 @@ def _reference_worker(job: dict) -> None:
     print(json.dumps(out))
 
 
+BROYDEN_EXTRA_CPU = [(8, 30720)]
+
+
+def broyden_impls() -> Dict[str, Optional[Callable]]:
+    """name -> solve(f, z0, T) doing exactly T evaluations of f (checked by counting)."""
+    import deqfast
+    impls: Dict[str, Optional[Callable]] = {
+        "deqfast": lambda f, z0, T: deqfast.solvers.broyden(f, z0, max_iter=T, tol=0.0, m=T),
+        "torchdeq": None,
+    }
+    torchdeq = common.torchdeq_module()
+    if torchdeq is not None:
+        broyden = torchdeq.solver.get_solver("broyden")
+        impls["torchdeq"] = lambda f, z0, T: broyden(f, z0, max_iter=T - 1, tol=0.0, stop_mode="abs")
+    return impls
+
+
+def measure_broyden(B: int, d: int, T: int, cfg, repeats: int) -> dict:
+    f, z0 = make_problem(B, d, cfg.device)
+    row = {"B": B, "d": d, "T": T}
+    with torch.no_grad():
+        z_typical = f(z0)
+        row["f_us"] = common.time_function(lambda: f(z_typical), cfg.device, repeats=repeats, warmup=3, inner=10)["median_s"] * 1e6
+        for name, solve in broyden_impls().items():
+            if solve is None:
+                row[name] = None
+                continue
+            calls = [0]
+
+            def counted(z):
+                calls[0] += 1
+                return f(z)
+
+            solve(counted, z0, T)
+            seconds = common.time_function(lambda: solve(f, z0, T), cfg.device, repeats=repeats, warmup=1)
+            row[name] = {"nfe": calls[0], "solve_ms": seconds["median_s"] * 1e3, "solve_ms_min": seconds["min_s"] * 1e3,
+                         "per_evaluation_us": seconds["median_s"] / calls[0] * 1e6,
+                         "overhead_per_evaluation_us": seconds["median_s"] / calls[0] * 1e6 - row["f_us"]}
+    mine, theirs = row["deqfast"], row.get("torchdeq")
+    row["torchdeq_over_deqfast"] = theirs["solve_ms"] / mine["solve_ms"] if theirs else None
+    return row
+
+
+BROYDEN_HEADERS = ["B x d", "solver", "evaluations", "f µs", "solve ms", "per evaluation µs", "overhead/evaluation µs",
+                   "torchdeq/this"]
+
+
+def broyden_table_rows(rows):
+    out = []
+    for r in rows:
+        for name in ("deqfast", "torchdeq"):
+            x = r.get(name)
+            if x is None:
+                continue
+            out.append([f"{r['B']}x{r['d']}", name, x["nfe"], r["f_us"], x["solve_ms"], x["per_evaluation_us"],
+                        x["overhead_per_evaluation_us"],
+                        r["torchdeq"]["solve_ms"] / x["solve_ms"] if r.get("torchdeq") else None])
+    return out
+
+
 IMPLS = ["deqfast_reference", "deqfast_fused", "torchdeq"]
 GRAPHED = "deqfast_fused_graphed"
 HEADERS = ["B x d, m", "solver", "f µs", "floor µs", "iteration µs", "overhead µs", "overhead/floor",
@@ -332,11 +397,18 @@ def run(cfg, info: dict) -> dict:
         progress.advance(f"B{B} d{d}")
     progress.close()
 
+    broyden_sizes = [(B, d) for B, d, _ in sizes] + ([] if cfg.cuda else BROYDEN_EXTRA_CPU)
+    broyden_rows = [measure_broyden(B, d, T, cfg, cfg.pick(quick=5, cpu=9, cuda=15, cuda_quick=5))
+                    for B, d in broyden_sizes]
+
     label = common.device_label(info)
     title = f"Anderson overhead per iteration, µs (T={T} forced iterations, fp32, {label}, copy {bandwidth / 1e9:.1f} GB/s)"
     common.print_table(title, HEADERS, table_rows(rows))
     result = {"benchmark": "overhead", "device_label": label, "T": T, "repeats": repeats,
-              "copy_bandwidth_GBps": bandwidth / 1e9, "f": "sin(3z + c)", "lam": 1e-4, "rows": rows}
+              "copy_bandwidth_GBps": bandwidth / 1e9, "f": "sin(3z + c)", "lam": 1e-4, "rows": rows,
+              "broyden_rows": broyden_rows}
+    broyden_title = f"Broyden at equal evaluations (T={T}, tol 0, every update kept), fp32, {label}"
+    common.print_table(broyden_title, BROYDEN_HEADERS, broyden_table_rows(broyden_rows))
     common.write_json(cfg.out / "overhead.json", result)
     note = ("overhead = iteration − f; floor = (2m+3)·N·4 bytes at the copy bandwidth measured in this run. "
             "deqfast_reference = deqfast.solvers.anderson on the pure-PyTorch path; deqfast_fused = the same call "
@@ -349,7 +421,12 @@ def run(cfg, info: dict) -> dict:
             "no solver converged, as intended).")
     common.write_markdown(cfg.out / "overhead.md", "Solver overhead per iteration",
                           [(None, title), (None, common.format_table(HEADERS, table_rows(rows), markdown=True)),
-                           (None, note)])
+                           (None, note), ("Broyden", broyden_title),
+                           (None, common.format_table(BROYDEN_HEADERS, broyden_table_rows(broyden_rows), markdown=True)),
+                           (None, "deqfast = deqfast.solvers.broyden (m = T: every update kept, as torchdeq does); "
+                                  "torchdeq = torchdeq 0.1.0 broyden_solver (max_iter = T − 1: it evaluates f once "
+                                  "before its first step). Equal evaluations, counted. torchdeq/this: torchdeq's "
+                                  "solve time over this one's.")])
     plt = common.pyplot()
     if plt is not None:
         plot(rows, cfg.out / "overhead.png", plt, label)

@@ -20,6 +20,13 @@ excluded, split into saved during forward and during backward; on CUDA also the 
 caching allocator above the baseline), forward f evaluations, f evaluations inside backward,
 and VJPs through f (counted by an identity probe on f's output; the final backward to the
 parameters counts as one).
+
+A second table per cell, backward_warm_start: not forced, but to tolerance (forward tol 1e-4,
+backward_tol 1e-6, deqfast's defaults), the implicit adjoint from zero against the one started and
+preconditioned from the forward's history (Anderson m = 5, m = 10; Broyden m = 10): VJPs to reach
+backward_tol (mean per sample, from stats.backward.nstep), backward time (median), and each
+gradient's relative error against a float64 reference (the same cell in float64, forward tol 1e-11,
+plain adjoint to 1e-12).
 """
 from __future__ import annotations
 
@@ -155,6 +162,75 @@ def run_cell(problem, T: int, m: int, cfg, progress, repeats: int, warmup: int) 
     return {"cell": problem.name, "sizes": problem.sizes, "params": problem.params, "T": T, "m": m, "methods": rows}
 
 
+WARM_CONFIGS = [("anderson", 5), ("anderson", 10), ("broyden", 10)]
+
+
+def _param_grads(problem, w, **kwargs):
+    """Gradients of <z*, w> for the parameters, with the forward and backward stats."""
+    import deqfast
+    params = list(problem.cell.parameters())
+    z, stats = deqfast.fixed_point(lambda z: problem.cell(z, problem.x), problem.z0, **kwargs)
+    grads = torch.autograd.grad((z * w).sum(), params)
+    return torch.cat([g.reshape(-1) for g in grads]), stats
+
+
+def warm_start_cell(problem, cfg, repeats: int) -> dict:
+    """The adjoint to backward_tol from zero vs backward_warm_start, per forward solver (see above)."""
+    import copy
+    g = torch.Generator(device="cpu").manual_seed(2)
+    w = torch.randn(problem.z0.shape, generator=g).to(cfg.device)
+    ref_problem = copy.copy(problem)
+    ref_problem.cell = copy.deepcopy(problem.cell).double()
+    ref_problem.x, ref_problem.z0 = problem.x.double(), problem.z0.double()
+    reference, _ = _param_grads(ref_problem, w.double(), solver="anderson", m=10, max_iter=500, tol=1e-11,
+                                backward_max_iter=3000, backward_tol=1e-12)
+    rows = []
+    for solver, m in WARM_CONFIGS:
+        for warm in (False, True):
+            kwargs = dict(solver=solver, m=m, max_iter=100, tol=1e-4, backward_tol=1e-6, backward_max_iter=500,
+                          backward_warm_start=warm)
+            grad, stats = _param_grads(problem, w, **kwargs)
+            params = list(problem.cell.parameters())
+
+            def step(clock):
+                z, _ = deqfast_fixed_point()(lambda z: problem.cell(z, problem.x), problem.z0, **kwargs)
+                loss = (z * w).sum()
+                clock.lap("forward")
+                torch.autograd.grad(loss, params)
+                clock.lap("backward")
+
+            times = common.time_repeats(step, cfg.device, repeats=repeats, warmup=1,
+                                        budget_s=cfg.pick(quick=3, cpu=20, cuda=20, cuda_quick=3))
+            rows.append({"solver": solver, "m": m, "warm_start": warm,
+                         "forward_nfe": float(stats.nstep.double().mean()),
+                         "vjps": float(stats.backward.nstep.double().mean()),
+                         "backward_converged": float(stats.backward.converged.double().mean()),
+                         "forward_ms": times["forward"]["median_s"] * 1e3,
+                         "backward_ms": times["backward"]["median_s"] * 1e3,
+                         "grad_rel_error": float((grad.double() - reference).norm() / reference.norm())})
+    return {"cell": problem.name, "rows": rows}
+
+
+def deqfast_fixed_point():
+    import deqfast
+    return deqfast.fixed_point
+
+
+WARM_HEADERS = ["forward", "adjoint", "fwd NFE", "VJPs to backward_tol", "VJPs plain/warm", "converged",
+                "fwd ms", "bwd ms", "bwd ms plain/warm", "grad rel err vs float64"]
+
+
+def warm_table_rows(cell_result):
+    out = []
+    rows = cell_result["rows"]
+    for plain, warm in zip(rows[0::2], rows[1::2]):
+        for r in (plain, warm):
+            out.append([f"{r['solver']} m{r['m']}", "warm start" if r["warm_start"] else "from zero", r["forward_nfe"],
+                        r["vjps"], plain["vjps"] / r["vjps"], r["backward_converged"], r["forward_ms"],
+                        r["backward_ms"], plain["backward_ms"] / r["backward_ms"], r["grad_rel_error"]])
+    return out
+
+
 HEADERS = ["method", "ms", "fwd ms", "bwd ms", "x floor", "saved MiB", "x BPTT", "peak MiB (cuda)",
            "fwd NFE", "f in bwd", "VJPs"]
 
@@ -225,7 +301,17 @@ def run(cfg, info: dict) -> dict:
         "memory a backward mode costs; on CUDA the allocator peak is given too. fwd NFE / f in bwd / VJPs: counted "
         "calls of f in forward, calls of f inside backward (torchdeq re-runs f there), vector-Jacobian products "
         "through f (the final backward to the parameters counts as one).")))
-    result = {"benchmark": "training", "device_label": label, "deqfast_path": info["deqfast_path"], "T": T, "m": m, "repeats": repeats, "cells": results}
+    warm_results = [warm_start_cell(p, cfg, cfg.pick(quick=3, cpu=5, cuda=10, cuda_quick=3)) for p in problems.values()]
+    for res in warm_results:
+        sections.append(common.table_section(
+            f"backward_warm_start, {res['cell']} cell: adjoint to backward_tol 1e-6 (forward tol 1e-4), {label}",
+            WARM_HEADERS, warm_table_rows(res)))
+    sections.append((None, (
+        "VJPs to backward_tol: mean per sample (stats.backward.nstep). plain/warm: the adjoint from zero's figure over "
+        "this row's. grad rel err: ‖∇θ − ∇θ(float64 reference)‖/‖∇θ(reference)‖, the reference solved in float64 to "
+        "1e-11 / 1e-12; both rows of a pair share the forward tolerance, which dominates it.")))
+    result = {"benchmark": "training", "device_label": label, "deqfast_path": info["deqfast_path"], "T": T, "m": m, "repeats": repeats, "cells": results,
+              "warm_start": warm_results}
     common.write_json(cfg.out / "training.json", result)
     common.write_markdown(cfg.out / "training.md", "Training step: time, autograd memory, NFE", sections)
     plt = common.pyplot()

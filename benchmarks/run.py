@@ -9,7 +9,9 @@ Runs, in order (each a module benchmarks/bench_<name>.py with a ``run(cfg, info)
 * training     one training step (forward solve + backward) per backward mode vs torchdeq,
                BPTT and the compute floor: time, autograd memory, f evaluations and VJPs;
 * complexity   the seed's complexity table measured: BPTT vs implicit vs JFB as T and P grow;
-* convergence  f evaluations to reach tol, deqfast vs torchdeq solvers.
+* convergence  f evaluations to reach tol, deqfast vs torchdeq solvers;
+* compaction   DEQ(compact=True) on a batch with per-sample contraction 0.3..0.97: rows evaluated
+               and time per solve vs compact=False and torchdeq.
 
 Each prints a table and writes <name>.json, <name>.md and <name>.png under --out, plus
 machine.json (CPU model, torch version, threads, GPU). --out defaults to benchmarks/results (the
@@ -42,7 +44,7 @@ import torch  # noqa: E402
 
 import common  # noqa: E402
 
-BENCHMARKS = ["overhead", "training", "complexity", "convergence"]
+BENCHMARKS = ["overhead", "training", "complexity", "convergence", "compaction"]
 
 
 def parse_args(argv=None):

@@ -16,8 +16,10 @@ import torch
 
 from . import _checks
 from . import solvers as _solvers
+from .solvers import _common
 from .solvers.fixed_point import adjoint_iteration
 from .options import Options
+from .reference import SampleState, accumulation_dtype
 from .solvers._common import broadcast_stats, row_norms
 from .stats import SolverStats
 
@@ -110,12 +112,14 @@ class AdjointFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, fz, z_leaf, options: Options, stats: SolverStats, on_backward, caller: str = "deqfast.fixed_point"):
+    def forward(ctx, fz, z_leaf, options: Options, stats: SolverStats, on_backward, caller: str = "deqfast.fixed_point",
+                history=None):
         ctx.save_for_backward(fz, z_leaf)
         ctx.caller = caller
         ctx.options = options
         ctx.stats = stats
         ctx.on_backward = on_backward
+        ctx.history = history  # the forward solver's history (backward_warm_start), else None
         return fz.detach().clone()
 
     @staticmethod
@@ -145,12 +149,20 @@ class AdjointFunction(torch.autograd.Function):
             else:
                 kwargs = options.solver_kwargs(options.backward_solver, backward=True)
                 with torch.no_grad():
-                    if options.backward_solver == "fixed_point":
+                    precondition = warm_preconditioner(ctx.history, grad, options.lam)
+                    ctx.history = None  # its buffers are no longer needed
+                    if precondition is not None and options.backward_solver == "fixed_point":
+                        del kwargs["tau"]
+                        u, stats = warm_adjoint_iteration(vjp, grad, precondition, **kwargs)
+                    elif options.backward_solver == "fixed_point":
                         del kwargs["tau"]
                         u, stats = adjoint_iteration(vjp, grad, **kwargs)
                     else:
                         solver = _solvers.SOLVERS[options.backward_solver]
-                        u, stats = solver(lambda v: grad + vjp(v), torch.zeros_like(grad), **kwargs)
+                        rows = grad.shape[0] if options.per_sample else 1
+                        u0 = torch.zeros_like(grad) if precondition is None else \
+                            precondition(grad.reshape(rows, -1)).reshape(grad.shape)
+                        u, stats = solver(lambda v: grad + vjp(v), u0, **kwargs)
             if options.backward == "implicit":
                 _warn_inexact_adjoint(caller, options, stats)
         ctx.stats.backward = stats
@@ -158,4 +170,110 @@ class AdjointFunction(torch.autograd.Function):
             ctx.on_backward(stats)
         if create_graph:
             u = _not_differentiable_again(u)
-        return u, None, None, None, None, None
+        return u, None, None, None, None, None, None
+
+
+# --- backward_warm_start -------------------------------------------------------------------------
+#
+# The forward Anderson/Broyden solve leaves secant pairs of g(z) = f(z) − z near z*: steps s and
+# residual changes Δg ≈ (J − I) s, i.e. y = −Δg ≈ A s with A = I − J. The adjoint solves Aᵀu = g.
+# From the pairs, H ≈ A⁻¹ (H y = s); M = Hᵀ ≈ A⁻ᵀ starts the adjoint at u₀ = M g and preconditions
+# its steps u ← u + M r, r = g + Jᵀu − u (one VJP each). Preconditioned, the iteration matrix
+# I − M Aᵀ = (I − A H)ᵀ has the eigenvalues of I − H A, which H removes on the span of the forward's
+# steps: where those hold J's slow modes (eigenvalues near 1; the same for J and Jᵀ) the adjoint
+# converges faster. It stops on the same residual ‖g + Jᵀu − u‖ and tolerance as the plain adjoint,
+# so the gradient is as exact; a sample whose residual fails to decrease takes plain steps from there.
+
+
+def _row_sum(p: torch.Tensor, acc) -> torch.Tensor:
+    from .solvers.broyden import _row_sum as row_sum
+    return row_sum(p, acc)
+
+
+def warm_preconditioner(history, like: torch.Tensor, lam: float):
+    """r (B, d) -> M r ≈ (I − Jᵀ)⁻¹ r from the forward solver's history, or None (no history)."""
+    if history is None or history.kind is None:
+        return None
+    t = history.tensors
+    acc = accumulation_dtype(like.dtype)
+    if history.kind == "broyden":
+        # Broyden's H_b = −I + Σ u_i v_iᵀ ≈ (J − I)⁻¹ = −A⁻¹, so M = −H_bᵀ: M r = r − Σ v_i (u_i · r).
+        U, V = t["U"], t["V"]
+        if U.shape[1] == 0:
+            return None
+
+        def apply_broyden(r):
+            coef = _row_sum(U * r.unsqueeze(1), acc).to(r.dtype)
+            return r - (V * coef.unsqueeze(2)).sum(dim=1)
+
+        return apply_broyden
+    # Anderson: slots hold f(x_j) and g_j; pairs against the newest slot r: s_j = x_j − x_r,
+    # y_j = −(g_j − g_r). H = I + (S − Y)(YᵀY)⁻¹Yᵀ (the least change from I with H Y = S), so
+    # M = Hᵀ: M r = r + Y (YᵀY)⁻¹ (S − Y)ᵀ r, with a Jacobi-scaled ridge λ on YᵀY.
+    F, G, n, newest = t["F"], t["G"], t["filled"], t["newest"]
+    others = [j for j in range(n) if j != newest]
+    if not others:
+        return None
+    index = torch.tensor(others, device=F.device)
+    Gs = G.index_select(1, index)
+    Xs = F.index_select(1, index) - Gs
+    x_r = (F[:, newest] - G[:, newest]).unsqueeze(1)
+    S = Xs - x_r
+    Y = G[:, newest].unsqueeze(1) - Gs
+    D = S - Y
+    gram = torch.stack([torch.stack([_row_sum(Y[:, i] * Y[:, j], acc) for j in range(len(others))], dim=1)
+                        for i in range(len(others))], dim=1)  # (B, k, k), per sample
+    diag = gram.diagonal(dim1=1, dim2=2)
+    usable = diag > torch.finfo(acc).tiny
+    inv_sqrt = torch.where(usable, diag.clamp_min(torch.finfo(acc).tiny).rsqrt(), 0.0)
+    scaled = gram * (inv_sqrt.unsqueeze(2) * inv_sqrt.unsqueeze(1))
+    k = len(others)
+    eye = torch.eye(k, dtype=acc, device=F.device)
+    system = scaled + eye * torch.where(usable, max(lam, 1e-8), 1.0).unsqueeze(1)
+    inverse, info = torch.linalg.inv_ex(system)
+    inverse = inverse * (inv_sqrt.unsqueeze(2) * inv_sqrt.unsqueeze(1))  # (YᵀY + ridge)⁻¹, unscaled
+    ok = (info == 0) & torch.isfinite(inverse).flatten(1).all(dim=1)
+    inverse = torch.where(ok.view(-1, 1, 1), inverse, torch.zeros_like(inverse))  # M = I for a bad sample
+
+    def apply_anderson(r):
+        c = _row_sum(D * r.unsqueeze(1), acc)  # (B, k): (s_j − y_j) · r
+        w = (inverse * c.unsqueeze(1)).sum(dim=2).to(r.dtype)  # (B, k), per sample
+        return r + (Y * w.unsqueeze(2)).sum(dim=1)
+
+    return apply_anderson
+
+
+def warm_adjoint_iteration(vjp, g: torch.Tensor, precondition, *, max_iter: int, tol: float, stop_mode: str,
+                           check_every=None, per_sample: bool = True):
+    """Solve u = g + Jᵀu from u₀ = M g by u ← u + M (g + Jᵀu − u), per sample (see above).
+
+    Stats as :func:`adjoint_iteration`'s: nstep counts VJPs, the residual is ‖g + Jᵀu − u‖ at the
+    returned (best) u. A sample whose residual does not decrease from one step to the next takes
+    plain steps u ← g + Jᵀu from there on. With per_sample=False the whole state is one row, as in
+    the forward solve whose history M comes from."""
+    caller = "deqfast backward (implicit, warm-started adjoint)"
+    rows = g.shape[0] if per_sample else 1
+    g_flat = g.contiguous().reshape(rows, -1)
+    # The problem starts at u₀ (its first VJP, made by FlatProblem, is the loop's first). vjp and M
+    # are linear, so a power-of-two rescaling of the range (FlatProblem) scales g along with u.
+    problem = _common.FlatProblem(caller, vjp, precondition(g_flat).reshape(g.shape), per_sample, stop_mode)
+    u = problem.x0
+    if problem.scale is not None:
+        g_flat = g_flat * problem.scale
+    acc = accumulation_dtype(g.dtype)
+    check_every = _common.resolve_check_every(check_every, u)
+    state = SampleState(u, problem.tol_for(tol, stop_mode), stop_mode)
+    plain = torch.zeros(u.shape[0], dtype=torch.bool, device=u.device)
+    last = torch.full((u.shape[0],), float("inf"), dtype=acc, device=u.device)
+    for k in range(max_iter):
+        h = g_flat + problem(u)
+        r = h - u
+        r_sq = _row_sum(r * r, acc)
+        state.update(u, r_sq, _row_sum(h * h, acc))
+        plain = plain | ~(r_sq < last)
+        last = r_sq
+        step = torch.where(plain.unsqueeze(1), r, precondition(r))
+        u = state.freeze(u + step)
+        if _common.should_stop(state, k, check_every, max_iter):
+            break
+    return _common.finish(problem, state, "fixed_point")

@@ -1,12 +1,14 @@
 """deqfast.fixed_point: solve z* = f(z*) and differentiate through it."""
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Optional
 
 import torch
 
 from . import _checks
 from . import solvers as _solvers
+from .solvers import _history
 from ._state import PackedState
 from .backward import AdjointFunction
 from .options import Options
@@ -35,6 +37,7 @@ def fixed_point(
     phantom_tau: float = 0.5,
     check_every: Optional[int] = None,
     per_sample: bool = True,
+    backward_warm_start: bool = False,
 ):
     """Solve z* = f(z*) (batch dim 0, every decision per sample) and make it differentiable.
 
@@ -65,6 +68,10 @@ def fixed_point(
             the whole state (‖f(z) − z‖ and ‖f(z)‖ over all of it), nothing frozen row by row,
             one best iterate; stats keep shape (B,), every row holding that one value. The
             adjoint solve of "implicit" (and "neumann"'s stats) follow the same choice.
+        backward_warm_start: for backward "implicit" with solver "anderson" or "broyden": keep the
+            forward solver's secant history (its m-slot buffers, until backward) and use it as an
+            approximate (I − Jᵀ)⁻¹ to start and precondition the adjoint solve, which still runs to
+            backward_tol (see the README).
 
     Returns:
         (z, stats): f(z*) at each sample's best iterate z* (one differentiable step) for
@@ -82,6 +89,7 @@ def fixed_point(
         backward_stop_mode=backward_stop_mode, neumann_terms=neumann_terms,
         phantom_steps=phantom_steps, phantom_tau=phantom_tau, check_every=check_every,
         per_sample=per_sample,
+        backward_warm_start=backward_warm_start,
     )
     return solve(f, z0, options, caller="deqfast.fixed_point")
 
@@ -96,7 +104,8 @@ def _measure(stats: SolverStats, z_star: torch.Tensor, fz: torch.Tensor, options
 
 
 def solve(f: Callable, z0: torch.Tensor, options: Options, *, caller: str,
-          on_backward: Optional[Callable[[SolverStats], None]] = None):
+          on_backward: Optional[Callable[[SolverStats], None]] = None,
+          after_solver: Optional[Callable[[SolverStats], None]] = None):
     """Solve with validated ``options``: the engine behind fixed_point, DEQ and compat.
 
     ``on_backward`` is called with the adjoint solve's stats when backward runs. A list/tuple
@@ -104,7 +113,8 @@ def solve(f: Callable, z0: torch.Tensor, options: Options, *, caller: str,
     if isinstance(z0, (list, tuple)):
         _checks.check_callable(caller, "f", f)
         layout = PackedState(caller, z0)
-        z, stats = solve(layout.wrap(f), layout.pack(z0), options, caller=caller, on_backward=on_backward)
+        z, stats = solve(layout.wrap(f), layout.pack(z0), options, caller=caller, on_backward=on_backward,
+                         after_solver=after_solver)
         return layout.unpack(z), stats
     _checks.check_callable(caller, "f", f)
     _checks.check_z0(caller, z0)
@@ -118,8 +128,13 @@ def solve(f: Callable, z0: torch.Tensor, options: Options, *, caller: str,
             z, stats = solver(f, z0, **kwargs)
         return z, stats
 
-    with torch.no_grad(), _solvers._common.entry(caller):
+    # backward_warm_start: the solver's history goes to the backward (kept only then).
+    warm = options.backward_warm_start and options.backward == "implicit" and torch.is_grad_enabled()
+    with torch.no_grad(), _solvers._common.entry(caller), \
+            (_history.capture() if warm else contextlib.nullcontext()) as history:
         z_star, stats = solver(f, z0.detach(), **kwargs)
+    if after_solver is not None:  # DEQ(compact=True): f on the whole batch from here
+        after_solver(stats)
 
     if options.backward == "phantom":
         z = z_star
@@ -142,7 +157,7 @@ def solve(f: Callable, z0: torch.Tensor, options: Options, *, caller: str,
     if not _needs_grad_besides(fz, z_leaf):
         # Nothing f closes over requires grad (a frozen DEQ): z does not either, and no adjoint runs.
         return fz.detach(), stats
-    return AdjointFunction.apply(fz, z_leaf, options, stats, on_backward, caller), stats
+    return AdjointFunction.apply(fz, z_leaf, options, stats, on_backward, caller, history), stats
 
 
 def _needs_grad_besides(out: torch.Tensor, leaf: torch.Tensor) -> bool:

@@ -28,6 +28,7 @@ class Options:
     phantom_tau: float = 0.5
     check_every: Optional[int] = None
     per_sample: bool = True
+    backward_warm_start: bool = False
 
     @classmethod
     def build(cls, caller: str, **kwargs) -> "Options":
@@ -61,6 +62,15 @@ class Options:
         c.check_damping(caller, "phantom_tau", self.phantom_tau)
         c.check_check_every(caller, self.check_every)
         check_per_sample(caller, self.per_sample)
+        if not isinstance(self.backward_warm_start, bool):
+            raise TypeError(f"{caller}: backward_warm_start must be a bool, got {type(self.backward_warm_start).__name__} "
+                            f"{self.backward_warm_start!r}")
+        if self.backward_warm_start and self.backward != "implicit":
+            raise ValueError(f"{caller}: backward_warm_start=True needs backward='implicit' (it starts the adjoint "
+                             f"solve), got backward={self.backward!r}")
+        if self.backward_warm_start and self.solver == "fixed_point":
+            raise ValueError(f"{caller}: backward_warm_start=True needs solver='anderson' or 'broyden' (their history "
+                             f"approximates I - J), got solver='fixed_point'")
 
     def solver_kwargs(self, solver: str, *, backward: bool = False) -> dict:
         """The keywords ``solver`` takes, for the forward solve or (backward=True) the adjoint solve."""

@@ -328,7 +328,7 @@ class _IFTGrad(autograd.Function):
                 fh = ctx.deq_func(h.view(shape)).reshape(h.shape)
             fake = types.SimpleNamespace(saved_tensors=(fh, h), options=deq._b_options,
                                          stats=types.SimpleNamespace(backward=None), on_backward=ctx.writer,
-                                         caller="deqfast.compat")
+                                         caller="deqfast.compat", history=None)
             u = AdjointFunction.backward(fake, grad.reshape(h.shape))[0].view(shape)
         else:  # a registered b_solver, called as torchdeq calls it
             h = at.detach().requires_grad_()

@@ -11,6 +11,7 @@ import torch
 from .. import _checks
 from ..reference import SampleState, accumulation_dtype
 from ..stats import SolverStats
+from . import _active
 
 
 # The public entry a solver runs under (deqfast.fixed_point, deqfast.DEQ, ...), so that its
@@ -206,7 +207,10 @@ def default_check_every(device: torch.device) -> int:
 def should_stop(state: SampleState, k: int, check_every: int, max_iter: int) -> bool:
     """After evaluation k (0-based): the loop's one host synchronisation, every ``check_every``
     evaluations, none after the last one (the loop ends there anyway)."""
-    return k + 1 < max_iter and (k + 1) % check_every == 0 and bool(state.done.all())
+    if not (k + 1 < max_iter and (k + 1) % check_every == 0):
+        return False
+    _active.publish(state.done)  # DEQ(compact=True): evaluate only the active samples from here
+    return bool(state.done.all())
 
 
 def finish(problem: FlatProblem, state: SampleState, solver: str, warn: bool = True):

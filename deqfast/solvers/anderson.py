@@ -8,7 +8,7 @@ import torch
 from .. import _checks
 from .. import ops, reference
 from ..reference import SampleState, accumulation_dtype
-from . import _common
+from . import _common, _history
 
 
 def anderson(
@@ -75,4 +75,6 @@ def anderson(
             gram, x = ops.anderson_step(x, F, G, gram, partials, state, min(k + 1, m), slot, lam, tau, fused=fused)
         if _common.should_stop(state, k, check_every, max_iter):
             break
+    if not recording:  # for backward_warm_start (kept only when asked; see solvers/_history.py)
+        _history.offer("anderson", F=F, G=G, filled=min(k + 1, F.shape[1]), newest=slot)
     return _common.finish(problem, state, "anderson")

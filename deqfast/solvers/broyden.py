@@ -6,8 +6,11 @@ from typing import Callable, Optional
 import torch
 
 from .. import _checks
-from ..reference import SampleState, squared_norms
-from . import _common
+from ..reference import SampleState, accumulation_dtype
+from . import _common, _history
+
+# Per-sample sums over d run in pieces of at most this many elements (see _row_sum).
+_CHUNK = 16384
 
 
 def broyden(
@@ -26,7 +29,11 @@ def broyden(
     The inverse Jacobian of g is approximated as H = −I + Σ_i u_i v_iᵀ; each step goes
     z ← z − H g(z) and adds one rank-1 "good Broyden" update. Unlike torchdeq (whose history grows
     with max_iter, locuslab/deq issue 28) at most ``m`` updates are kept, in a ring buffer of shape
-    (B, m, d): the oldest is overwritten.
+    (B, m, d): the oldest is overwritten. Each product with H runs over the filled slots only.
+
+    A sample's result does not depend on which other samples share the batch (bitwise, on the
+    CPU): every per-sample reduction is an elementwise product summed over the sample's own
+    elements, in an order fixed by d alone (no batched matmul, whose order changes with B).
 
     Args:
         f, z0, max_iter, tol, stop_mode, check_every, per_sample: as :func:`fixed_point_iteration`.
@@ -43,54 +50,92 @@ def broyden(
     check_every = _common.resolve_check_every(check_every, x)
     B, d = x.shape
     memory = min(m, max_iter)
+    acc = accumulation_dtype(x.dtype)
     state = SampleState(x, problem.tol_for(tol, stop_mode), stop_mode)
     fx = problem(x)
     gx = fx - x
-    state.update(x, *squared_norms(x, fx))
+    state.update(x, *_squared_norms(gx, fx, acc))
     # While autograd records through the solve (backward="bptt") the history is a list of the
     # updates' own tensors: a (B, m, d) buffer would have to be copied at every step.
     recording = torch.is_grad_enabled() and (fx.requires_grad or x.requires_grad)
     if recording:
         U, V = _ListHistory(memory), _ListHistory(memory)
     else:
-        U = torch.zeros(B, memory, d, dtype=x.dtype, device=x.device)
-        V = torch.zeros_like(U)
+        U = torch.empty(B, memory, d, dtype=x.dtype, device=x.device)
+        V = torch.empty_like(U)
+    filled = 0  # slots 0 .. filled − 1 of the ring hold updates
     for k in range(1, max_iter):
         if _common.should_stop(state, k - 1, check_every, max_iter):
             break
         # Step: −H g = g − Σ u_i (v_i · g)
-        x_next = state.freeze(x + gx - _low_rank(U, V, gx))
+        x_next = state.freeze(x - _h_times(U, V, gx, filled, acc))
         fx_next = problem(x_next)
         gx_next = fx_next - x_next
-        state.update(x_next, *squared_norms(x_next, fx_next))
+        state.update(x_next, *_squared_norms(gx_next, fx_next, acc))
         if k + 1 == max_iter:
             break
         # Good Broyden update of H: u = (Δx − H Δg) / (vᵀ Δg), vᵀ = Δxᵀ H.
         dx, dg = x_next - x, gx_next - gx
-        v = -dx + _low_rank(V, U, dx)  # vᵀ = Δxᵀ(−I + Σ u_i v_iᵀ)
-        h_dg = -dg + _low_rank(U, V, dg)
-        denom = (v * dg).sum(dim=1, keepdim=True)
-        usable = (~state.done).unsqueeze(1) & (denom.abs() > torch.finfo(x.dtype).tiny)
+        v = _h_times(V, U, dx, filled, acc)  # vᵀ = Δxᵀ(−I + Σ u_i v_iᵀ): Hᵀ Δx
+        h_dg = _h_times(U, V, dg, filled, acc)
+        denom = _row_sum(v * dg, acc).unsqueeze(1)
+        usable = (~state.done).unsqueeze(1) & (denom.abs() > torch.finfo(denom.dtype).tiny)
         # Divide by 1 where the update is dropped: a frozen sample has Δx = Δg = 0, and its 0/0,
         # though masked below, would make the gradient NaN under backward="bptt" (0 · ∞ in the
         # division's backward).
-        u = (dx - h_dg) / torch.where(usable, denom, torch.ones_like(denom))
+        u = ((dx - h_dg) / torch.where(usable, denom, torch.ones_like(denom))).to(x.dtype)
         keep = usable & torch.isfinite(u).all(dim=1, keepdim=True) & torch.isfinite(v).all(dim=1, keepdim=True)
-        u = torch.where(keep, u, torch.zeros_like(u))
-        v = torch.where(keep, v, torch.zeros_like(v))
         slot = (k - 1) % memory
-        U[:, slot] = u
-        V[:, slot] = v
+        if slot < filled:
+            # A dropped update leaves the slot's older one in place (a sample frozen early keeps
+            # its H, which backward_warm_start reuses).
+            U[:, slot] = torch.where(keep, u, U[:, slot])
+            V[:, slot] = torch.where(keep, v, V[:, slot])
+        else:
+            U[:, slot] = torch.where(keep, u, torch.zeros_like(u))
+            V[:, slot] = torch.where(keep, v, torch.zeros_like(v))
+        filled = min(filled + 1, memory)
         x, gx = x_next, gx_next
+    if not recording:
+        # H's update pairs (H ≈ (J − I)⁻¹ near z*), for backward_warm_start; kept only when asked.
+        _history.offer("broyden", U=U[:, :filled], V=V[:, :filled])
     return _common.finish(problem, state, "broyden")
 
 
-def _low_rank(U, V, x: torch.Tensor) -> torch.Tensor:
-    """Σ_i U_i (V_i · x) per sample, for (B, m, d) buffers or a recorded ``_ListHistory``."""
+def _row_sum(p: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """p.sum(-1) in ``acc``, each row summed in an order that depends on its length only.
+
+    torch's CPU sum keeps a row's order whatever the other rows, except when the whole reduction
+    has one output and at least 32768 elements: then it splits the row between threads. Summing
+    pieces of at most _CHUNK (< 32768) elements first, then the pieces, never takes that path."""
+    d = p.shape[-1]
+    if d <= _CHUNK:
+        return p.sum(-1, dtype=acc)
+    main = d - d % _CHUNK
+    s = p[..., :main].unflatten(-1, (main // _CHUNK, _CHUNK)).sum(-1, dtype=acc).sum(-1)
+    if main < d:
+        s = s + p[..., main:].sum(-1, dtype=acc)
+    return s
+
+
+def _squared_norms(gx: torch.Tensor, fx: torch.Tensor, acc: torch.dtype):
+    """(‖g‖², ‖f‖²) per sample, (B,) in ``acc``, independent of the batch's other samples."""
+    return _row_sum(gx * gx, acc), _row_sum(fx * fx, acc)
+
+
+def _h_times(U, V, x: torch.Tensor, filled: int, acc: torch.dtype) -> torch.Tensor:
+    """(−I + Σ_i U_i V_iᵀ) x per sample, over the ``filled`` slots of (B, m, d) buffers (or the
+    items of a recorded ``_ListHistory``). Swapping U and V gives the transpose's product."""
     if isinstance(U, _ListHistory):
-        terms = [Ui * (Vi * x).sum(dim=1, keepdim=True) for Ui, Vi in zip(U.items, V.items) if Ui is not None]
-        return sum(terms) if terms else torch.zeros_like(x)
-    return torch.bmm(U.transpose(1, 2), torch.bmm(V, x.unsqueeze(2))).squeeze(2)
+        out = -x
+        for Ui, Vi in zip(U.items, V.items):
+            if Ui is not None:
+                out = out + Ui * _row_sum(Vi * x, acc).to(x.dtype).unsqueeze(1)
+        return out
+    if filled == 0:
+        return -x
+    coef = _row_sum(V[:, :filled] * x.unsqueeze(1), acc).to(x.dtype)  # (B, n): v_i · x
+    return (U[:, :filled] * coef.unsqueeze(2)).sum(dim=1) - x
 
 
 class _ListHistory:
@@ -98,6 +143,9 @@ class _ListHistory:
 
     def __init__(self, m: int):
         self.items = [None] * m
+
+    def __getitem__(self, index):
+        return self.items[index[1]]
 
     def __setitem__(self, index, value):
         self.items[index[1]] = value

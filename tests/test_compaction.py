@@ -1,0 +1,98 @@
+"""DEQ(cell, compact=True): the cell evaluated on the active samples only, same results."""
+import pytest
+import torch
+from torch import nn
+
+import deqfast
+from conftest import TanhCell, dense_jacobian
+from test_gradients import _dense_param_grad
+
+F64 = torch.float64
+
+
+def _spread_problem(B=6, d=8, seed=0):
+    """Samples that converge after very different numbers of steps: per-sample contraction
+    scales 0.3 .. 0.97 applied to a shared TanhCell."""
+    cell = TanhCell(d=d, d_in=d, contraction=1.0, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(B, d, generator=g, dtype=F64)
+    scale = torch.linspace(0.3, 0.97, B, dtype=F64).unsqueeze(1)
+    x = torch.cat([x, scale], dim=1).requires_grad_()  # the scale rides along in x (gathered with it)
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = cell
+
+        def forward(self, z, xs):
+            return xs[:, -1:] * self.inner(z, xs[:, :-1])
+
+    return Scaled(), x, torch.zeros(B, d, dtype=F64)
+
+
+@pytest.mark.parametrize("solver", ["anderson", "broyden", "fixed_point"])
+def test_compact_equals_full_batch_and_the_dense_oracle(solver):
+    cell, x, z0 = _spread_problem()
+    kw = dict(solver=solver, max_iter=300, tol=1e-12, backward_tol=1e-12, backward_max_iter=500)
+    c = torch.randn(z0.shape, generator=torch.Generator().manual_seed(9), dtype=F64)
+    results = {}
+    for compact in (False, True):
+        layer = deqfast.DEQ(cell, compact=compact, **kw)
+        out = layer(x, z0)
+        grads = torch.autograd.grad((out * c).sum(), list(cell.parameters()) + [x])
+        results[compact] = (out.detach(), grads, layer)
+    (z_full, g_full, full), (z_c, g_c, comp) = results[False], results[True]
+    assert bool(comp.stats.converged.all())
+    assert len(set(comp.stats.nstep.tolist())) > 2, "samples should converge at different speeds"
+    torch.testing.assert_close(z_c, z_full, rtol=0, atol=1e-10)
+    for a, b in zip(g_c, g_full):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+    # each sample evaluated exactly while active (host check after every evaluation on the CPU),
+    # plus the one full-batch f at z*
+    B = z0.shape[0]
+    assert comp.rows_evaluated == int(comp.stats.nstep.sum()) + B
+    assert comp.rows_evaluated < B * int(comp.stats.nstep.max())
+    # float64 oracle: u = (I − Jᵀ)⁻¹ c at z*, gradient Σ uᵀ ∂f/∂θ
+    J = dense_jacobian(lambda z: cell(z, x.detach()), z_c)
+    eye = torch.eye(J.shape[1], dtype=F64)
+    u = torch.linalg.solve((eye - J).transpose(1, 2), c.unsqueeze(2)).squeeze(2)
+    for a, e in zip(g_c, _dense_param_grad(cell, x, z_c, u)):
+        assert float((a - e).norm() / e.norm()) < 1e-8
+
+
+def test_check_every_bounds_the_compaction():
+    cell, x, z0 = _spread_problem()
+    layer = deqfast.DEQ(cell, compact=True, max_iter=300, tol=1e-12, check_every=5)
+    with torch.no_grad():
+        z = layer(x, z0)
+        z_full = deqfast.DEQ(cell, max_iter=300, tol=1e-12, check_every=5)(x, z0)
+    torch.testing.assert_close(z, z_full, rtol=0, atol=1e-9)
+    B, n = z0.shape[0], layer.stats.nstep
+    assert len(set(n.tolist())) > 2
+    # active sets only change at checks: each sample is evaluated up to the next multiple of 5
+    rounded = (n + 4) // 5 * 5
+    assert int(n.sum()) + B <= layer.rows_evaluated <= int(rounded.sum()) + B
+
+
+def test_compact_multi_tensor_state():
+    cell, x, _ = _spread_problem(B=5, d=4)
+    two = lambda zs, xs: (cell(zs[0], xs), 0.5 * zs[1] + zs[0][:, :2])
+    z0 = (torch.zeros(5, 4, dtype=F64), torch.zeros(5, 2, dtype=F64))
+    outs = [deqfast.DEQ(two, compact=c, tol=1e-12, max_iter=300)(x, z0) for c in (False, True)]
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+def test_compact_bad_input():
+    cell = lambda z, x: 0.5 * z + x["a"]
+    layer = deqfast.DEQ(cell, compact=True)
+    with pytest.raises(TypeError, match="x must be a tensor with the batch"):
+        layer({"a": torch.ones(2, 3)}, torch.zeros(2, 3))
+    with pytest.raises(TypeError, match="compact must be a bool"):
+        deqfast.DEQ(cell, compact="yes")
+    drop = nn.Sequential(deqfast.VariationalDropout(0.2))
+    layer = deqfast.DEQ(lambda z, x: drop(z) * 0.5 + x, compact=True)
+    layer.cell = drop  # a module cell with a dropout inside
+    layer.train()
+    with pytest.raises(ValueError, match="VariationalDropout"):
+        layer(torch.ones(2, 3))

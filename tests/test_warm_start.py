@@ -1,0 +1,98 @@
+"""backward_warm_start: the adjoint started and preconditioned from the forward solver's history,
+against the dense float64 oracle, with its VJP count against the adjoint from zero."""
+import pytest
+import torch
+
+import deqfast
+from conftest import ConvCell, TanhCell, dense_jacobian
+from test_gradients import _dense_param_grad, _grads, _problem, _solve_fixed_point
+
+TIGHT = dict(max_iter=400, tol=1e-13, backward_max_iter=600, backward_tol=1e-13)
+
+
+def _oracle(cell, x, z0, c):
+    z_star = _solve_fixed_point(cell, x, z0)
+    J = dense_jacobian(lambda z: cell(z, x.detach()), z_star)
+    eye = torch.eye(J.shape[1], dtype=J.dtype)
+    u = torch.linalg.solve((eye - J).transpose(1, 2), c.reshape(c.shape[0], -1, 1)).squeeze(2)
+    return _dense_param_grad(cell, x, z_star, u)
+
+
+@pytest.mark.parametrize("kind", ["tanh", "conv"])
+@pytest.mark.parametrize("solver,backward_solver", [("anderson", "fixed_point"), ("broyden", "fixed_point"),
+                                                    ("anderson", "anderson"), ("broyden", "broyden")])
+def test_warm_started_gradient_matches_dense_solve(kind, solver, backward_solver):
+    cell, x, z0, c = _problem(kind)
+    layer = deqfast.DEQ(cell, solver=solver, backward_solver=backward_solver, backward_warm_start=True, **TIGHT)
+    out = layer(x, z0)
+    grads = _grads(out, cell, x, c)
+    assert bool(layer.stats.backward.converged.all())
+    for a, e in zip(grads, _oracle(cell, x, z0, c)):
+        assert float((a - e).norm() / e.norm()) <= 1e-8
+
+
+def _slow_conv(seed=1):
+    """A conv cell near the edge of contraction with a small input: the adjoint from zero needs
+    ~150 VJPs to 1e-8."""
+    cell = ConvCell(channels=4, contraction=0.95, seed=seed)
+    with torch.no_grad():
+        cell.weight.mul_(4)  # ConvCell's bound is loose by about that much
+    g = torch.Generator().manual_seed(seed)
+    x = 0.1 * torch.randn(4, 4, 8, 8, generator=g, dtype=torch.float64)
+    c = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    return cell, x, c
+
+
+@pytest.mark.parametrize("solver,m", [("anderson", 10), ("broyden", 30)])
+def test_warm_start_needs_fewer_vjps_for_the_same_gradient(solver, m):
+    cell, x, c = _slow_conv()
+    kw = dict(solver=solver, m=m, max_iter=300, tol=1e-8, backward_tol=1e-8, backward_max_iter=3000)
+    results = {}
+    for warm in (False, True):
+        layer = deqfast.DEQ(cell, backward_warm_start=warm, **kw)
+        out = layer(x)
+        grads = torch.autograd.grad((out * c).sum(), list(cell.parameters()))
+        assert bool(layer.stats.backward.converged.all())
+        results[warm] = (grads, layer.stats.backward.nstep.sum().item())
+    (g_plain, n_plain), (g_warm, n_warm) = results[False], results[True]
+    assert n_warm < 0.8 * n_plain, (n_warm, n_plain)
+    for a, b in zip(g_warm, g_plain):
+        assert float((a - b).norm() / b.norm()) < 1e-6
+
+
+def test_history_kept_only_when_asked():
+    cell, x, z0, c = _problem("tanh")
+    for warm, expected in ((False, None), (True, "anderson")):
+        out = deqfast.DEQ(cell, backward_warm_start=warm)(x, z0)
+        history = out.grad_fn.history
+        assert (history if history is None else history.kind) == expected
+        out.sum().backward()
+        assert out.grad_fn.history is None  # released by backward
+    with torch.no_grad():  # no backward to come: nothing kept, plain f(z*)
+        out = deqfast.DEQ(cell, backward_warm_start=True)(x, z0)
+        assert out.grad_fn is None
+
+
+def test_multi_tensor_state_with_warm_start():
+    cell = TanhCell(d=6, d_in=6, contraction=0.8, seed=2)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    f = lambda zs: (cell(zs[0], x), 0.5 * zs[1] + zs[0].sum(1, keepdim=True))
+    z0 = (torch.zeros(3, 6, dtype=torch.float64), torch.zeros(3, 2, dtype=torch.float64))
+    grads = []
+    for warm in (False, True):
+        z, _ = deqfast.fixed_point(f, z0, backward_warm_start=warm, **TIGHT)
+        grads.append(torch.autograd.grad(z[0].sum() + z[1].square().sum(), x)[0])
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(backward_warm_start=1), TypeError, "backward_warm_start must be a bool"),
+    (dict(backward_warm_start=True, solver="fixed_point"), ValueError, "solver='anderson' or 'broyden'"),
+    (dict(backward_warm_start=True, backward="jfb"), ValueError, "backward='implicit'"),
+])
+def test_bad_warm_start_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        deqfast.DEQ(torch.nn.Identity(), **kwargs)
+    with pytest.raises(error, match=match):
+        deqfast.fixed_point(lambda z: 0.5 * z, torch.ones(2, 3), **kwargs)
