@@ -33,6 +33,7 @@ def fixed_point(
     phantom_steps: int = 5,
     phantom_tau: float = 0.5,
     check_every: Optional[int] = None,
+    cuda_graph: bool = False,
 ):
     """Solve z* = f(z*) (batch dim 0, every decision per sample) and make it differentiable.
 
@@ -56,6 +57,9 @@ def fixed_point(
         phantom_steps, phantom_tau: "phantom" backprops through this many damped steps from z*.
         check_every: evaluations between host-side convergence checks (default 1 on the CPU,
             4 on accelerators); samples are frozen on the device regardless.
+        cuda_graph: solver "anderson" on a CUDA state: replay the check_every iterations between
+            host checks from CUDA graphs captured once per solve (same result, less launch
+            overhead; f must not synchronise with the host). Ignored on the CPU.
 
     Returns:
         (z, stats): f(z*) at each sample's best iterate z* (one differentiable step) for
@@ -68,6 +72,7 @@ def fixed_point(
         backward_max_iter=backward_max_iter, backward_tol=backward_tol,
         backward_stop_mode=backward_stop_mode, neumann_terms=neumann_terms,
         phantom_steps=phantom_steps, phantom_tau=phantom_tau, check_every=check_every,
+        cuda_graph=cuda_graph,
     )
     return solve(f, z0, options, caller="deqfast.fixed_point")
 

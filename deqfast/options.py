@@ -26,6 +26,7 @@ class Options:
     phantom_steps: int = 5
     phantom_tau: float = 0.5
     check_every: Optional[int] = None
+    cuda_graph: bool = False  # the Anderson forward solve replayed from CUDA graphs (solvers.anderson)
 
     @classmethod
     def build(cls, caller: str, **kwargs) -> "Options":
@@ -58,6 +59,10 @@ class Options:
         c.check_int(caller, "phantom_steps", self.phantom_steps, 1)
         c.check_damping(caller, "phantom_tau", self.phantom_tau)
         c.check_check_every(caller, self.check_every)
+        if not isinstance(self.cuda_graph, bool):
+            raise TypeError(f"{caller}: cuda_graph must be a bool, got {type(self.cuda_graph).__name__}")
+        if self.cuda_graph and self.solver != "anderson":
+            raise ValueError(f"{caller}: cuda_graph=True is implemented for solver='anderson' only, got solver={self.solver!r}")
 
     def solver_kwargs(self, solver: str, *, backward: bool = False) -> dict:
         """The keywords ``solver`` takes, for the forward solve or (backward=True) the adjoint solve."""
@@ -71,6 +76,8 @@ class Options:
         tau = 1.0 if backward else self.tau
         if solver == "anderson":
             common.update(m=self.m, lam=self.lam, tau=tau)
+            if not backward and self.cuda_graph:
+                common.update(cuda_graph=True)
         elif solver == "fixed_point":
             common.update(tau=tau)
         elif solver == "broyden":
