@@ -327,15 +327,24 @@ def stage_pytest(out: Path, timeout: float) -> dict:
 
 # ---- parity helpers (need torch; imported lazily)
 
+# The device the parity helpers run on: "cuda" here; tests/test_gpu_check.py sets "cpu" to run the
+# same comparisons on the CPU ops (a smoke test of this file's logic, not of the CUDA kernels).
+DEVICE = "cuda"
 
-def _rand(shape, dtype, seed, device="cuda"):
+
+def _sync():
     import torch
 
-    g = torch.Generator(device=device).manual_seed(seed)
-    return torch.randn(*shape, generator=g, device=device, dtype=torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype).to(dtype)
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
-RTOL = None
+def _rand(shape, dtype, seed):
+    import torch
+
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    wide = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    return torch.randn(*shape, generator=g, device=DEVICE, dtype=wide).to(dtype)
 
 
 def _rtol(dtype):
@@ -362,9 +371,9 @@ def anderson_parity(B, d, m, n_filled, dtype, tau=1.0, lam=1e-3, seed=0, with_fu
     acc = reference.accumulation_dtype(dtype)
     state = SampleState(x, 0.5, "rel")
     state.best_x = _rand((B, d), dtype, seed + 4)
-    state.residual = torch.rand(B, device="cuda", dtype=acc) * 50
-    state.rel_residual = torch.rand(B, device="cuda", dtype=acc) * 2
-    state.converged = torch.arange(B, device="cuda") % 7 == 3
+    state.residual = torch.rand(B, device=DEVICE, dtype=acc) * 50
+    state.rel_residual = torch.rand(B, device=DEVICE, dtype=acc) * 2
+    state.converged = torch.arange(B, device=DEVICE) % 7 == 3
 
     def clone_state(s):
         c = SampleState(s.best_x, s.tol, "rel")
@@ -384,7 +393,7 @@ def anderson_parity(B, d, m, n_filled, dtype, tau=1.0, lam=1e-3, seed=0, with_fu
     gram[:, slot, :] = float("nan")
     gram[:, :, slot] = float("nan")
     gram, x_next = ops.anderson_step(x, F_f, G_f, gram, partials, s_fused, n_filled, slot, lam, tau, fused=True)
-    torch.cuda.synchronize()
+    _sync()
     rtol = _rtol(dtype)
     errs = {
         "F_equal": bool(torch.equal(F_f, F_ref)), "G_equal": bool(torch.equal(G_f, G_ref)),
@@ -438,7 +447,7 @@ def fixed_point_parity(B, d, dtype, with_offset, tau, seed=0) -> dict:
     s_ref, s_f = SampleState(x, 1.0, "rel"), SampleState(x, 1.0, "rel")
     next_ref = reference.fixed_point_step(x, fx, offset, s_ref, tau)
     x_next = ops.fixed_point_step(x, fx, offset, s_f, tau, fused=True)
-    torch.cuda.synchronize()
+    _sync()
     errs = {"x_next": _max_rel(x_next, next_ref), "residual": _max_rel(s_f.residual, s_ref.residual),
             "flags_equal": bool(torch.equal(s_f.converged, s_ref.converged) and torch.equal(s_f.nstep, s_ref.nstep))}
     errs["passed"] = errs["x_next"] <= _rtol(dtype) and errs["residual"] <= _rtol(dtype) * 4 and errs["flags_equal"]
@@ -678,6 +687,7 @@ def copy_bandwidth(nbytes: int) -> float:
 def kernel_times(B, d, m, dtype_name="float32", iters=10) -> dict:
     """Per-kernel device time of one Anderson step (profiler), its bytes and bandwidth."""
     import torch
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     from deqfast import ops
@@ -703,8 +713,8 @@ def kernel_times(B, d, m, dtype_name="float32", iters=10) -> dict:
         torch.cuda.synchronize()
     per_kernel: Dict[str, List[float]] = {}
     for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA and "deqfast" in event.name:
-            per_kernel.setdefault(_short_kernel_name(event.name), []).append(event.device_time)
+        if event.device_type == DeviceType.CUDA and "deqfast" in event.name:
+            per_kernel.setdefault(_short_kernel_name(event.name), []).append(event.time_range.elapsed_us())
     launches = sum(len(v) for v in per_kernel.values()) / iters
     s = torch.finfo(dtype).bits // 8
     N = B * d

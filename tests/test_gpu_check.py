@@ -157,3 +157,46 @@ def test_dry_run_writes_a_failed_report_and_exits_nonzero(tmp_path):
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert not report["passed"] and set(report["stages"]) == {s.name for s in gpu_check.STAGES}
     assert all(not r["passed"] and "not available" in r["summary"] for r in report["stages"].values())
+
+
+@pytest.mark.parametrize("case", [
+    dict(B=3, d=5000, m=4, n_filled=4, dtype="float32", tau=0.7),
+    dict(B=2, d=300, m=32, n_filled=7, dtype="float64", tau=1.0),
+    dict(B=2, d=8193, m=3, n_filled=2, dtype="float16", tau=1.0),
+    dict(B=0, d=10, m=2, n_filled=1, dtype="float32", tau=1.0),
+])
+def test_parity_helpers_pass_on_the_cpu_ops(monkeypatch, case):
+    """The shapes/sanitizer stages' comparisons, run on the CPU ops: the helpers and their tolerances
+    accept a correct implementation (on a GPU they compare the CUDA kernels)."""
+    import torch
+
+    import deqfast
+
+    if not deqfast.extension_info()["compiled"]:
+        pytest.skip("deqfast._C is not compiled/enabled")
+    monkeypatch.setattr(gpu_check, "DEVICE", "cpu")
+    case = dict(case, dtype=getattr(torch, case["dtype"]))
+    r = gpu_check.anderson_parity(**case, seed=3)
+    assert r["passed"] and r["fused_step_equal"], r
+    r = gpu_check.fixed_point_parity(130, 70, torch.float32, True, 0.5, seed=4)
+    assert r["passed"], r
+
+
+def test_parity_helpers_catch_a_wrong_kernel(monkeypatch):
+    import torch
+
+    import deqfast
+    from deqfast import ops
+
+    if not deqfast.extension_info()["compiled"]:
+        pytest.skip("deqfast._C is not compiled/enabled")
+    monkeypatch.setattr(gpu_check, "DEVICE", "cpu")
+    real = ops.anderson_step
+
+    def off_by_a_bit(*args, **kwargs):
+        gram, x_next = real(*args, **kwargs)
+        return gram, x_next + 1e-3 * x_next.abs().max()
+
+    monkeypatch.setattr(ops, "anderson_step", off_by_a_bit)
+    r = gpu_check.anderson_parity(2, 500, 4, 4, torch.float32, seed=1)
+    assert not r["passed"] and not r["fused_step_equal"]
