@@ -394,18 +394,22 @@ def anderson_parity(B, d, m, n_filled, dtype, tau=1.0, lam=1e-3, seed=0, with_fu
     gram[:, :, slot] = float("nan")
     gram, x_next = ops.anderson_step(x, F_f, G_f, gram, partials, s_fused, n_filled, slot, lam, tau, fused=True)
     _sync()
-    rtol = _rtol(dtype)
+    # Tolerances relative to each output's largest magnitude. The sums (Gram row, norms) run in
+    # another order than the reference's, in the accumulation dtype; x_next is rounded to the state
+    # dtype. An indexing or chunking error is off by O(1) (a chunk of d elements missing).
+    sum_tol = 1e-10 if acc == torch.float64 else 1e-4
+    x_tol = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
     errs = {
         "F_equal": bool(torch.equal(F_f, F_ref)), "G_equal": bool(torch.equal(G_f, G_ref)),
         "gram": _max_rel(gram, gram_ref), "x_next": _max_rel(x_next, next_ref),
-        "best_x": _max_rel(s_fused.best_x, s_ref.best_x), "residual": _max_rel(s_fused.residual, s_ref.residual),
+        "best_x_equal": bool(torch.equal(s_fused.best_x, s_ref.best_x)),
+        "residual": _max_rel(s_fused.residual, s_ref.residual),
         "state_flags_equal": bool(torch.equal(s_fused.nstep, s_ref.nstep) and torch.equal(s_fused.converged, s_ref.converged)
                                   and torch.equal(s_fused.failed, s_ref.failed)),
+        "tolerances": {"sums": sum_tol, "x_next": x_tol},
     }
-    # the Gram sums run in another order over d; the mix amplifies it by the weights (as test_ops)
-    sum_tol = rtol * max(1.0, (d / 4096) ** 0.5) * 4
-    ok = (errs["F_equal"] and errs["G_equal"] and errs["state_flags_equal"] and errs["gram"] <= sum_tol
-          and errs["x_next"] <= sum_tol * 50 and errs["best_x"] <= rtol and errs["residual"] <= sum_tol)
+    ok = (errs["F_equal"] and errs["G_equal"] and errs["state_flags_equal"] and errs["best_x_equal"]
+          and errs["gram"] <= sum_tol and errs["residual"] <= sum_tol and errs["x_next"] <= x_tol)
     if with_fused_step and hasattr(torch.ops.deqfast, "anderson_fused_step"):
         # the one-call step gives the two-call step's bits
         x2 = _anderson_fused_once(x, fx, F_ref, G_ref, gram0, clone_state(state), n_filled, slot, lam, tau)
@@ -424,10 +428,8 @@ def _anderson_fused_once(x, fx, F_ref, G_ref, gram0, state, n_filled, slot, lam,
     # restore the history as it was before pass A: the reference wrote slot = fx, fx - x
     F, G = F_ref.clone(), G_ref.clone()
     ws = ops.AndersonWorkspace(x, m)
-    out = torch.empty_like(x)
     gram = gram0.clone()
-    ops.anderson_fused_step(x, fx, F, G, gram, state, ws, out, n_filled, slot, lam, tau)
-    return out
+    return ops.anderson_fused_step(x, fx, F, G, gram, state, ws, n_filled, slot, lam, tau)
 
 
 def _gram_blocked(G, acc):
@@ -699,10 +701,9 @@ def kernel_times(B, d, m, dtype_name="float32", iters=10) -> dict:
     gram = torch.bmm(G.float(), G.float().transpose(1, 2))
     state = SampleState(x, 0.0, "rel")
     ws = ops.AndersonWorkspace(x, m)
-    out = torch.empty_like(x)
 
     def step():
-        ops.anderson_fused_step(x, fx, F, G, gram, state, ws, out, m, m - 1, 1e-4, 1.0)
+        ops.anderson_fused_step(x, fx, F, G, gram, state, ws, m, m - 1, 1e-4, 1.0)
 
     for _ in range(3):
         step()
@@ -757,8 +758,7 @@ def solver_overhead(B, d, m, T=30) -> dict:
             lambda: deqfast.solvers.anderson(f, z0, max_iter=T, tol=0.0, m=m), repeats=5) / T * 1e6
         try:
             row["deqfast_graph_us"] = _events_time(
-                lambda: deqfast.fixed_point(f, z0, max_iter=T, tol=0.0, m=m, cuda_graph=True, backward="jfb"),
-                repeats=5) / T * 1e6
+                lambda: deqfast.solvers.anderson(f, z0, max_iter=T, tol=0.0, m=m, cuda_graph=True), repeats=5) / T * 1e6
         except Exception as exc:
             row["deqfast_graph_error"] = f"{type(exc).__name__}: {exc}"
         try:

@@ -98,7 +98,7 @@ void check_anderson_fused_step_args(const char* op, const at::Tensor& x, const a
                                     const at::Tensor& alpha, const at::Tensor& flags, const at::Tensor& best_x,
                                     const at::Tensor& best_residual, const at::Tensor& best_rel,
                                     const at::Tensor& nstep, const at::Tensor& converged, const at::Tensor& failed,
-                                    const at::Tensor& out, int64_t n_filled, int64_t slot) {
+                                    int64_t n_filled, int64_t slot) {
   check_same(op, "fx", fx, x);
   check_anderson_step_args(op, x, F, G, gram, partials, best_x, best_residual, best_rel, nstep, converged, failed,
                            n_filled, slot);
@@ -113,10 +113,8 @@ void check_anderson_fused_step_args(const char* op, const at::Tensor& x, const a
   TORCH_CHECK(flags.dim() == 2 && flags.size(0) == B && flags.size(1) == 2 && flags.scalar_type() == at::kByte &&
                   flags.device() == x.device() && flags.is_contiguous(),
               op, ": flags must be a contiguous (", B, ", 2) uint8 buffer on ", x.device(), ", got ", describe(flags));
-  check_same(op, "out", out, x);
   check_history_overlap(x, fx, F, G);
   at::assert_no_overlap(best_x, fx);
-  for (const at::Tensor* read : {&x, &fx, &F, &G, &best_x}) at::assert_no_overlap(out, *read);
 }
 
 bool check_fixed_point_step_args(const char* op, const at::Tensor& x, const at::Tensor& fx,
@@ -153,15 +151,15 @@ TORCH_LIBRARY(deqfast, m) {
       "fixed_point_step(Tensor x, Tensor fx, Tensor? offset, Tensor(a!) best_x, Tensor(b!) best_residual, "
       "Tensor(c!) best_rel, Tensor(d!) nstep, Tensor(e!) converged, Tensor(f!) failed, float tau, float tol, "
       "bool rel_mode) -> Tensor");
-  // One whole Anderson step in one call (pass A, then pass B), into preallocated buffers: partials
-  // (B, C, m + 1) and alpha (B, m) in the accumulation dtype and flags (B, 2) uint8 are scratch, out
-  // (B, d) receives x_next (it must not overlap x, fx, F, G or best_x). The same bits as
-  // anderson_history followed by anderson_step.
+  // One whole Anderson step in one call (pass A, then pass B) on preallocated scratch buffers: partials
+  // (B, C, m + 1) and alpha (B, m) in the accumulation dtype, flags (B, 2) uint8. Returns x_next (B, d),
+  // a new tensor (an iterate handed to f is never written again). The same bits as anderson_history
+  // followed by anderson_step.
   m.def(
       "anderson_fused_step(Tensor x, Tensor fx, Tensor(a!) F, Tensor(b!) G, Tensor(c!) gram, Tensor(d!) partials, "
       "Tensor(e!) alpha, Tensor(f!) flags, Tensor(g!) best_x, Tensor(h!) best_residual, Tensor(i!) best_rel, "
-      "Tensor(j!) nstep, Tensor(k!) converged, Tensor(l!) failed, Tensor(m!) out, int n_filled, int slot, "
-      "float lam, float tau, float tol, bool rel_mode) -> ()");
+      "Tensor(j!) nstep, Tensor(k!) converged, Tensor(l!) failed, int n_filled, int slot, "
+      "float lam, float tau, float tol, bool rel_mode) -> Tensor");
 }
 
 #ifndef DEQFAST_NO_PYTHON

@@ -28,13 +28,13 @@ bool check_fixed_point_step_args(const char* op, const at::Tensor& x, const at::
 
 // at::assert_no_overlap of pass A's outputs F, G with its inputs x, fx and with each other.
 void check_history_overlap(const at::Tensor& x, const at::Tensor& fx, const at::Tensor& F, const at::Tensor& G);
-// anderson_fused_step's checks (both backends): anderson_step's, plus fx, the scratch buffers and out.
+// anderson_fused_step's checks (both backends): anderson_step's, plus fx and the scratch buffers.
 void check_anderson_fused_step_args(const char* op, const at::Tensor& x, const at::Tensor& fx, const at::Tensor& F,
                                     const at::Tensor& G, const at::Tensor& gram, const at::Tensor& partials,
                                     const at::Tensor& alpha, const at::Tensor& flags, const at::Tensor& best_x,
                                     const at::Tensor& best_residual, const at::Tensor& best_rel,
                                     const at::Tensor& nstep, const at::Tensor& converged, const at::Tensor& failed,
-                                    const at::Tensor& out, int64_t n_filled, int64_t slot);
+                                    int64_t n_filled, int64_t slot);
 
 // "" when the CUDA backend is not compiled in, else e.g. "CUDA 13.0, archs sm_80 sm_90".
 std::string cuda_build_info();

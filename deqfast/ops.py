@@ -77,18 +77,16 @@ class AndersonWorkspace:
         self.flags = torch.empty(B, 2, dtype=torch.uint8, device=x.device)
 
 
-def anderson_fused_step(x, fx, F, G, gram, state: SampleState, workspace: AndersonWorkspace, out, n_filled: int,
+def anderson_fused_step(x, fx, F, G, gram, state: SampleState, workspace: AndersonWorkspace, n_filled: int,
                         slot: int, lam: float, tau: float):
-    """Both passes of an Anderson step in one op call (deqfast::anderson_fused_step), writing x_next
-    into ``out`` (B, d), which must not overlap x, fx, F, G or state.best_x; allocates nothing.
-    The same bits as :func:`anderson_history` then :func:`anderson_step` on the fused path. x and fx
-    must be contiguous. Returns ``out``."""
-    torch.ops.deqfast.anderson_fused_step.default(
+    """Both passes of an Anderson step in one op call (deqfast::anderson_fused_step) on the scratch
+    buffers of ``workspace``; returns x_next, a new tensor. The same bits as :func:`anderson_history`
+    then :func:`anderson_step` on the fused path. x and fx must be contiguous."""
+    return torch.ops.deqfast.anderson_fused_step.default(
         x, fx, F, G, gram, workspace.partials, workspace.alpha, workspace.flags, state.best_x, state.residual,
-        state.rel_residual, state.nstep, state.converged, state.failed, out, n_filled, slot, float(lam), float(tau),
+        state.rel_residual, state.nstep, state.converged, state.failed, n_filled, slot, float(lam), float(tau),
         float(state.tol), state.rel,
     )
-    return out
 
 
 def fixed_point_step(x, fx, offset, state: SampleState, tau: float, fused: Optional[bool] = None):

@@ -226,9 +226,9 @@ def test_fused_step_gives_the_two_call_bits(device, dtype, B, d, m, n_filled, ta
     partials = torch.ops.deqfast.anderson_history(x, fx, F2, G2, slot)
     gram2, expected = ops.anderson_step(x, F2, G2, gram2, partials, s2, n_filled, slot, 1e-3, tau, fused=True)
     workspace = ops.AndersonWorkspace(x, m)
-    out = torch.full_like(x, float("nan"))
-    got = ops.anderson_fused_step(x, fx, F, G, gram, state, workspace, out, n_filled, slot, 1e-3, tau)
-    assert got is out and torch.equal(out, expected)
+    _poison_allocator(x)
+    out = ops.anderson_fused_step(x, fx, F, G, gram, state, workspace, n_filled, slot, 1e-3, tau)
+    assert torch.equal(out, expected)
     assert torch.equal(F, F2) and torch.equal(G, G2) and torch.equal(gram, gram2)
     for name in ("best_x", "residual", "rel_residual", "nstep", "converged", "failed"):
         assert torch.equal(getattr(state, name), getattr(s2, name)), name
@@ -240,18 +240,18 @@ def test_fused_step_rejects_overlapping_outputs_and_bad_buffers():
     gram = torch.zeros(2, 3, 3)
     ws = ops.AndersonWorkspace(x, 3)
     with pytest.raises(RuntimeError, match="single memory location"):
-        ops.anderson_fused_step(x, fx, F, G, gram, state, ws, x, 1, 0, 1e-4, 1.0)  # out is x
+        ops.anderson_fused_step(x, fx, F, F, gram, state, ws, 1, 0, 1e-4, 1.0)  # F is G
     with pytest.raises(RuntimeError, match="single memory location"):
-        ops.anderson_fused_step(x, fx, F, F, gram, state, ws, torch.empty_like(x), 1, 0, 1e-4, 1.0)  # F is G
+        ops.anderson_fused_step(x, F.view(-1)[:80].view(2, 40), F, G, gram, state, ws, 1, 0, 1e-4, 1.0)  # fx in F
     with pytest.raises(RuntimeError, match="single memory location"):
         torch.ops.deqfast.anderson_history(F.view(-1)[:80].view(2, 40), fx, F, G, 0)  # x inside F
     ws.partials = torch.empty(2, 2, 4)
     with pytest.raises(RuntimeError, match="partials must be a"):
-        ops.anderson_fused_step(x, fx, F, G, gram, state, ws, torch.empty_like(x), 1, 0, 1e-4, 1.0)
+        ops.anderson_fused_step(x, fx, F, G, gram, state, ws, 1, 0, 1e-4, 1.0)
     ws = ops.AndersonWorkspace(x, 3)
     ws.flags = torch.empty(2, 2, dtype=torch.bool)
     with pytest.raises(RuntimeError, match="flags must be a contiguous"):
-        ops.anderson_fused_step(x, fx, F, G, gram, state, ws, torch.empty_like(x), 1, 0, 1e-4, 1.0)
+        ops.anderson_fused_step(x, fx, F, G, gram, state, ws, 1, 0, 1e-4, 1.0)
 
 
 def test_fused_anderson_solve_survives_f_returning_its_argument():
@@ -279,7 +279,7 @@ def test_opcheck(device):
     ws = ops.AndersonWorkspace(x, 4)
     torch.library.opcheck(torch.ops.deqfast.anderson_fused_step.default,
                           (x, fx, F.clone(), G.clone(), gram.clone(), ws.partials, ws.alpha, ws.flags, *st(),
-                           torch.empty_like(x), 4, 1, 1e-4, 0.9, 1e-3, True))
+                           4, 1, 1e-4, 0.9, 1e-3, True))
     torch.library.opcheck(torch.ops.deqfast.fixed_point_step.default, (x, fx, G[:, 0].contiguous(), *st(), 0.5, 1e-3, True))
 
 
@@ -376,7 +376,7 @@ def test_cuda_graph_solve_control_flow_gives_the_eager_bits(monkeypatch, m, chec
 
         starts = list(range(graph_start(m, check_every), max_iter - check_every + 1, check_every))
         assert log["replays"] == len(starts) > 0
-        assert log["captures"] == len({(k0 % m, k0 & 1) for k0 in starts})
+        assert log["captures"] == len({k0 % m for k0 in starts})
 
 
 def test_cuda_graph_capture_failure_names_the_fallback(monkeypatch):

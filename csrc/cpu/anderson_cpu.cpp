@@ -152,16 +152,18 @@ at::Tensor anderson_step_cpu(const at::Tensor& x, const at::Tensor& F, const at:
   return x_next;
 }
 
-void anderson_fused_step_cpu(const at::Tensor& x, const at::Tensor& fx, at::Tensor& F, at::Tensor& G, at::Tensor& gram,
-                             at::Tensor& partials, at::Tensor& alpha, at::Tensor& flags, at::Tensor& best_x,
-                             at::Tensor& best_residual, at::Tensor& best_rel, at::Tensor& nstep, at::Tensor& converged,
-                             at::Tensor& failed, at::Tensor& out, int64_t n_filled, int64_t slot, double lam,
-                             double tau, double tol, bool rel_mode) {
+at::Tensor anderson_fused_step_cpu(const at::Tensor& x, const at::Tensor& fx, at::Tensor& F, at::Tensor& G,
+                                   at::Tensor& gram, at::Tensor& partials, at::Tensor& alpha, at::Tensor& flags,
+                                   at::Tensor& best_x, at::Tensor& best_residual, at::Tensor& best_rel,
+                                   at::Tensor& nstep, at::Tensor& converged, at::Tensor& failed, int64_t n_filled,
+                                   int64_t slot, double lam, double tau, double tol, bool rel_mode) {
   check_anderson_fused_step_args("deqfast::anderson_fused_step", x, fx, F, G, gram, partials, alpha, flags, best_x,
-                                 best_residual, best_rel, nstep, converged, failed, out, n_filled, slot);
+                                 best_residual, best_rel, nstep, converged, failed, n_filled, slot);
+  at::Tensor x_next = at::empty_like(x);
   history_into(x, fx, F, G, slot, partials);
   step_into(x, F, G, gram, partials, best_x, best_residual, best_rel, nstep, converged, failed, n_filled, slot, lam, tau,
-            tol, rel_mode, out, alpha.data_ptr(), flags.mutable_data_ptr<uint8_t>());
+            tol, rel_mode, x_next, alpha.data_ptr(), flags.mutable_data_ptr<uint8_t>());
+  return x_next;
 }
 }  // namespace
 }  // namespace cpu

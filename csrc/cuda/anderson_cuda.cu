@@ -1,6 +1,6 @@
 // CUDA kernels of the fused Anderson step: pass A (history write + Gram-row partial sums), then
 // pass B as two launches (per-sample reduce/track/solve, elementwise mix and freeze); anderson_fused_step
-// runs both passes from one call into preallocated buffers.
+// runs both passes from one call on preallocated scratch buffers.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -194,14 +194,25 @@ __global__ void anderson_track_kernel(const acc_t* __restrict__ partials, acc_t*
   if (!done) anderson_weights_warp(gs, m, n, slot, lam, alpha + b * m, A, sv, xv, &ok);
 }
 
+// V consecutive elements, loaded and stored as one aligned 16-byte access when V > 1.
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
 // x_next = Σ_j α_j F_j − (1 − τ) Σ_j α_j G_j over one chunk: each thread keeps kPerThread elements
-// in registers and walks the history slot by slot (slot outer, as the history pass), so a warp has
-// kPerThread independent loads in flight per slot. The sums run over j in order, as on the CPU.
-template <typename scalar_t, typename acc_t>
+// in registers and walks the history slot by slot (slot outer, as the history pass), so it has
+// kPerThread / V independent loads in flight per slot. V > 1 (16-byte vector loads/stores: 4 float,
+// 2 double, 8 half) when d % V == 0 and F, G and x_next are 16-byte aligned (the host checks);
+// V = 1 otherwise. Every element's sums run over j in order, as on the CPU: the same bits either way.
+template <typename scalar_t, typename acc_t, int V>
 __global__ void anderson_apply_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ F,
                                       const scalar_t* __restrict__ G, const acc_t* __restrict__ alpha,
                                       const uint8_t* __restrict__ flags, scalar_t* __restrict__ best,
                                       scalar_t* __restrict__ next, int64_t d, int m, int64_t C, acc_t damping) {
+  static_assert(kPerThread % V == 0, "a thread's elements must split into whole packs");
+  constexpr int P = kPerThread / V;  // packs per thread
+  using PackT = Pack<scalar_t, V>;
   __shared__ acc_t a[kMaxHistoryCuda];
   const ChunkIndex ci = chunk_of_block(d, C);
   const bool improved = flags[2 * ci.b], done = flags[2 * ci.b + 1];
@@ -215,6 +226,8 @@ __global__ void anderson_apply_kernel(const scalar_t* __restrict__ x, const scal
     }
     if (done) return;
   }
+  // Pack p of this thread starts at element lo + (p·kThreads + thread)·V; with (hi − lo) % V == 0 a
+  // pack that starts before hi lies inside the chunk.
   acc_t v[kPerThread];
 #pragma unroll
   for (int k = 0; k < kPerThread; ++k) v[k] = acc_t(0);
@@ -222,9 +235,13 @@ __global__ void anderson_apply_kernel(const scalar_t* __restrict__ x, const scal
     const acc_t aj = a[j];
     const scalar_t* Fj = F + (ci.b * m + j) * d;
 #pragma unroll
-    for (int k = 0; k < kPerThread; ++k) {
-      const int64_t i = ci.lo + threadIdx.x + int64_t(k) * kThreads;
-      if (i < ci.hi) v[k] += aj * static_cast<acc_t>(Fj[i]);
+    for (int p = 0; p < P; ++p) {
+      const int64_t i0 = ci.lo + (int64_t(p) * kThreads + threadIdx.x) * V;
+      if (i0 < ci.hi) {
+        const PackT f = *reinterpret_cast<const PackT*>(Fj + i0);
+#pragma unroll
+        for (int e = 0; e < V; ++e) v[p * V + e] += aj * static_cast<acc_t>(f.v[e]);
+      }
     }
   }
   if (damping != acc_t(0)) {
@@ -235,18 +252,27 @@ __global__ void anderson_apply_kernel(const scalar_t* __restrict__ x, const scal
       const acc_t aj = a[j];
       const scalar_t* Gj = G + (ci.b * m + j) * d;
 #pragma unroll
-      for (int k = 0; k < kPerThread; ++k) {
-        const int64_t i = ci.lo + threadIdx.x + int64_t(k) * kThreads;
-        if (i < ci.hi) w[k] += aj * static_cast<acc_t>(Gj[i]);
+      for (int p = 0; p < P; ++p) {
+        const int64_t i0 = ci.lo + (int64_t(p) * kThreads + threadIdx.x) * V;
+        if (i0 < ci.hi) {
+          const PackT g = *reinterpret_cast<const PackT*>(Gj + i0);
+#pragma unroll
+          for (int e = 0; e < V; ++e) w[p * V + e] += aj * static_cast<acc_t>(g.v[e]);
+        }
       }
     }
 #pragma unroll
     for (int k = 0; k < kPerThread; ++k) v[k] -= damping * w[k];
   }
 #pragma unroll
-  for (int k = 0; k < kPerThread; ++k) {
-    const int64_t i = ci.lo + threadIdx.x + int64_t(k) * kThreads;
-    if (i < ci.hi) next[base + i] = static_cast<scalar_t>(v[k]);
+  for (int p = 0; p < P; ++p) {
+    const int64_t i0 = ci.lo + (int64_t(p) * kThreads + threadIdx.x) * V;
+    if (i0 < ci.hi) {
+      PackT out;
+#pragma unroll
+      for (int e = 0; e < V; ++e) out.v[e] = static_cast<scalar_t>(v[p * V + e]);
+      *reinterpret_cast<PackT*>(next + base + i0) = out;
+    }
   }
 }
 
@@ -284,10 +310,14 @@ void step_into(const at::Tensor& x, const at::Tensor& F, const at::Tensor& G, at
            int(m), partials.size(1), int(n_filled), int(slot), static_cast<acc_t>(lam), static_cast<acc_t>(tol),
            rel_mode);
     if (d == 0) return;
-    launch(anderson_apply_kernel<scalar_t, acc_t>, B * C, kThreads, stream, x.const_data_ptr<scalar_t>(),
-           F.const_data_ptr<scalar_t>(), G.const_data_ptr<scalar_t>(), alpha.const_data_ptr<acc_t>(),
-           flags.const_data_ptr<uint8_t>(), best_x.mutable_data_ptr<scalar_t>(), x_next.mutable_data_ptr<scalar_t>(),
-           d, int(m), C, static_cast<acc_t>(1.0 - tau));
+    constexpr int V = 16 / int(sizeof(scalar_t));
+    auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+    const bool vector = d % V == 0 && aligned(F.const_data_ptr()) && aligned(G.const_data_ptr()) &&
+                        aligned(x_next.const_data_ptr());
+    launch(vector ? anderson_apply_kernel<scalar_t, acc_t, V> : anderson_apply_kernel<scalar_t, acc_t, 1>, B * C,
+           kThreads, stream, x.const_data_ptr<scalar_t>(), F.const_data_ptr<scalar_t>(), G.const_data_ptr<scalar_t>(),
+           alpha.const_data_ptr<acc_t>(), flags.const_data_ptr<uint8_t>(), best_x.mutable_data_ptr<scalar_t>(),
+           x_next.mutable_data_ptr<scalar_t>(), d, int(m), C, static_cast<acc_t>(1.0 - tau));
   });
 }
 
@@ -329,20 +359,22 @@ at::Tensor anderson_step_cuda(const at::Tensor& x, const at::Tensor& F, const at
   return x_next;
 }
 
-void anderson_fused_step_cuda(const at::Tensor& x, const at::Tensor& fx, at::Tensor& F, at::Tensor& G,
-                              at::Tensor& gram, at::Tensor& partials, at::Tensor& alpha, at::Tensor& flags,
-                              at::Tensor& best_x, at::Tensor& best_residual, at::Tensor& best_rel, at::Tensor& nstep,
-                              at::Tensor& converged, at::Tensor& failed, at::Tensor& out, int64_t n_filled,
-                              int64_t slot, double lam, double tau, double tol, bool rel_mode) {
+at::Tensor anderson_fused_step_cuda(const at::Tensor& x, const at::Tensor& fx, at::Tensor& F, at::Tensor& G,
+                                    at::Tensor& gram, at::Tensor& partials, at::Tensor& alpha, at::Tensor& flags,
+                                    at::Tensor& best_x, at::Tensor& best_residual, at::Tensor& best_rel,
+                                    at::Tensor& nstep, at::Tensor& converged, at::Tensor& failed, int64_t n_filled,
+                                    int64_t slot, double lam, double tau, double tol, bool rel_mode) {
   constexpr const char* op = "deqfast::anderson_fused_step";
   check_anderson_fused_step_args(op, x, fx, F, G, gram, partials, alpha, flags, best_x, best_residual, best_rel, nstep,
-                                 converged, failed, out, n_filled, slot);
+                                 converged, failed, n_filled, slot);
   check_cuda_history(op, F.size(1));
   const DeviceGuard device_guard(x.device());
+  at::Tensor x_next = at::empty_like(x);
   const Stream stream = current_stream();
   history_into(x, fx, F, G, slot, partials, stream);
   step_into(x, F, G, gram, partials, best_x, best_residual, best_rel, nstep, converged, failed, n_filled, slot, lam, tau,
-            tol, rel_mode, out, alpha, flags, stream);
+            tol, rel_mode, x_next, alpha, flags, stream);
+  return x_next;
 }
 
 }  // namespace
@@ -393,7 +425,7 @@ std::string cuda_kernel_status(int64_t device) {
     (void)cudaGetDeviceProperties(&prop, static_cast<int>(device));
     cudaFuncAttributes attributes{};
     // Any of our kernels: they are all built for the same architectures.
-    const cudaError_t err = cudaFuncGetAttributes(&attributes, cuda::anderson_apply_kernel<float, float>);
+    const cudaError_t err = cudaFuncGetAttributes(&attributes, cuda::anderson_apply_kernel<float, float, 1>);
     if (err != cudaSuccess) {
       (void)cudaGetLastError();  // not sticky; clear it so that torch's next check does not see it
       reason = std::string("no deqfast kernel image runs on CUDA device ") + std::to_string(device) + " (" + prop.name +

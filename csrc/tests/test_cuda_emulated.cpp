@@ -197,7 +197,7 @@ void test_anderson_step(at::ScalarType dtype, const AndersonCase& k) {
   check_close(next_emu, next_cpu, tol.value, tol.value, "x_next");
   EXPECT_MSG(!next_emu.isnan().any().item<bool>(), "x_next has NaN (an unwritten element, or a failed sample's NaN)");
 
-  // anderson_fused_step: both passes from one call into preallocated buffers, the same bits as
+  // anderson_fused_step: both passes from one call on preallocated scratch buffers, the same bits as
   // anderson_history then anderson_step (emulated), in the same 3 launches.
   {
     at::Tensor F1 = F.clone(), G1 = G.clone(), gram1 = gram.clone();
@@ -211,11 +211,10 @@ void test_anderson_step(at::ScalarType dtype, const AndersonCase& k) {
     at::Tensor partials = at::full_like(p1, std::numeric_limits<double>::quiet_NaN());
     at::Tensor alpha = at::full({k.B, k.m}, std::numeric_limits<double>::quiet_NaN(), opts.dtype(acc));
     at::Tensor flags = at::full({k.B, 2}, 7, opts.dtype(at::kByte));
-    at::Tensor out = at::full_like(x, std::numeric_limits<double>::quiet_NaN());
     const int64_t before = emu::launches;
-    deqfast::cuda::anderson_fused_step_cuda(x, fx, F2, G2, gram2, partials, alpha, flags, s2.best_x, s2.best_residual,
-                                            s2.best_rel, s2.nstep, s2.converged, s2.failed, out, k.n_filled, k.slot,
-                                            lam, k.tau, conv_tol, k.rel_mode);
+    const at::Tensor out = deqfast::cuda::anderson_fused_step_cuda(
+        x, fx, F2, G2, gram2, partials, alpha, flags, s2.best_x, s2.best_residual, s2.best_rel, s2.nstep, s2.converged,
+        s2.failed, k.n_filled, k.slot, lam, k.tau, conv_tol, k.rel_mode);
     check_no_emulation_errors("anderson_fused_step");
     EXPECT_MSG(emu::launches - before == 3, "anderson_fused_step: " << emu::launches - before << " launches");
     check_close(out, n1, 0.0, 0.0, "fused step x_next");

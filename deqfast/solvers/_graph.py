@@ -1,11 +1,11 @@
 """CUDA-graph replay of blocks of solver iterations between host checks (``cuda_graph=True``).
 
 A block is the ``check_every`` iterations (f and the fused step) between two host convergence
-checks. The Anderson ring buffer makes a block depend on where it starts: its slots are
-k0 % m, ..., and its iterates alternate between two preallocated buffers by k0's parity. So one
-graph is captured per (k0 % m, k0 % 2) the solve meets -- at most 2m, each on first use (a capture
-records the work without running it; the replay that follows runs it) -- and replayed whenever
-that phase comes again. The history-filling iterations (n_filled < m) and at least one block run
+checks. It reads its first iterate from a static buffer x_in and leaves its last in x_out. The
+Anderson ring buffer makes a block depend on where it starts (its slots are k0 % m, ...), so one
+graph is captured per k0 % m the solve meets -- at most m, each on first use (a capture records
+the work without running it; the replay that follows runs it) -- and replayed whenever that phase
+comes again. The history-filling iterations (n_filled < m) and at least one block run
 eagerly first: they are the warm-up that lazy initialisations (cuBLAS handles, the allocator) need
 before a capture. The replayed kernels are the eager ones on the same memory: the same bits.
 
@@ -15,7 +15,7 @@ fake that runs the block eagerly on replay (tests/test_ops.py, on the CPU).
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -38,37 +38,33 @@ def new_pool():
 
 
 class BlockGraphs:
-    """Runs blocks of ``check_every`` iterations from captured graphs, one per phase.
+    """Runs blocks of ``check_every`` iterations from captured graphs, one per phase k0 % m.
 
-    ``block(k0, x_in)`` runs iterations k0 .. k0 + check_every - 1 from ``x_in`` and must leave the
-    last iterate in ``buffers[(k0 + check_every - 1) % 2]`` (the solver's step alternates between
-    the two buffers by iteration parity)."""
+    ``block(k0)`` runs iterations k0 .. k0 + check_every - 1 from ``x_in`` and copies the last
+    iterate into ``x_out`` (two static buffers of the state's shape)."""
 
-    def __init__(self, caller: str, block: Callable[[int, torch.Tensor], None], buffers: Sequence[torch.Tensor],
+    def __init__(self, caller: str, block: Callable[[int], None], x_in: torch.Tensor, x_out: torch.Tensor,
                  check_every: int, m: int):
-        self.caller, self.block, self.buffers = caller, block, buffers
+        self.caller, self.block, self.x_in, self.x_out = caller, block, x_in, x_out
         self.check_every, self.m = check_every, m
-        self.replays: Dict[Tuple[int, int], Callable[[], None]] = {}
+        self.replays: Dict[int, Callable[[], None]] = {}
         self.pool = None
         self.captures = 0
 
     def run(self, k0: int, x: torch.Tensor) -> torch.Tensor:
-        x_in = self.buffers[(k0 - 1) & 1]
-        if x.data_ptr() != x_in.data_ptr():
-            x_in.copy_(x)  # the graph reads its input at the captured address
-        key = (k0 % self.m, k0 & 1)
-        replay = self.replays.get(key)
+        self.x_in.copy_(x)  # the graph reads its input at the captured address
+        replay = self.replays.get(k0 % self.m)
         if replay is None:
-            replay = self._capture(k0, x_in)
-            self.replays[key] = replay
+            replay = self._capture(k0)
+            self.replays[k0 % self.m] = replay
         replay()
-        return self.buffers[(k0 + self.check_every - 1) & 1]
+        return self.x_out
 
-    def _capture(self, k0: int, x_in: torch.Tensor) -> Callable[[], None]:
+    def _capture(self, k0: int) -> Callable[[], None]:
         if self.pool is None:
             self.pool = new_pool()
         try:
-            replay = capture(lambda: self.block(k0, x_in), self.pool)
+            replay = capture(lambda: self.block(k0), self.pool)
         except RuntimeError as exc:
             raise RuntimeError(
                 f"{self.caller}: cuda_graph=True could not capture f and the solver step in a CUDA graph ({exc}). "
@@ -88,9 +84,9 @@ def graph_start(m: int, check_every: int) -> int:
     return -(-first // check_every) * check_every
 
 
-def maybe_graphs(enabled: bool, x: torch.Tensor, fused: bool, caller: str, block, buffers, check_every: int,
+def maybe_graphs(enabled: bool, x: torch.Tensor, fused: bool, caller: str, block, x_in, x_out, check_every: int,
                  m: int) -> Optional[BlockGraphs]:
     """A BlockGraphs when ``cuda_graph=True`` applies (fused ops on a CUDA state), else None."""
     if not (enabled and fused and supported(x)):
         return None
-    return BlockGraphs(caller, block, buffers, check_every, m)
+    return BlockGraphs(caller, block, x_in, x_out, check_every, m)

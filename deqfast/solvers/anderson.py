@@ -10,6 +10,9 @@ from .. import ops, reference
 from ..reference import SampleState, accumulation_dtype
 from . import _common, _graph
 
+_compiler = getattr(torch, "compiler", None)
+_is_compiling = getattr(_compiler, "is_compiling", None) or (lambda: False)  # torch < 2.3: never
+
 
 def anderson(
     f: Callable[[torch.Tensor], torch.Tensor],
@@ -29,8 +32,7 @@ def anderson(
     Each step mixes the last ``m`` f-values: x_next = τ Σ α_j f(x_j) + (1 − τ) Σ α_j x_j with
     α = argmin ‖Σ α_j g_j‖² + λ Σ α_j² ‖g_j‖² subject to Σ α_j = 1 (g_j = f(x_j) − x_j). History lives in ring buffers F, G of shape (B, m, d); each step adds one Gram row
     and does one fixed-shape (m×m) solve per sample with no host synchronisation. With the fused ops a
-    step is one op call writing into one of two preallocated buffers: f must not keep a reference to
-    its argument past the call (the buffer is overwritten two steps later).
+    step is one op call (deqfast::anderson_fused_step) on scratch buffers allocated once per solve.
 
     Args:
         f, z0, max_iter, tol, stop_mode, tau, check_every: as :func:`fixed_point_iteration`.
@@ -60,25 +62,21 @@ def anderson(
     state = SampleState(x, tol, stop_mode)
     F = G = None
     recording = fused = False
-    workspace = buffers = graphs = None
+    workspace = graphs = x_in = x_out = None
+    one_call = False  # the fused path through anderson_fused_step (one op call per step)
 
     def fused_step(k: int, x: torch.Tensor) -> torch.Tensor:
-        """Iteration k on the fused path: f, then one op call into buffers[k % 2]."""
+        """Iteration k on the fused path: f, then one op call (x_next a new tensor; under a CUDA
+        graph it comes from the graph's memory pool)."""
         fx = problem(x)
-        out = buffers[k & 1]
-        if not fx.is_contiguous():
-            fx = fx.contiguous()
-        elif fx.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
-            out = torch.empty_like(out)  # f returned (a view of) the buffer this step writes
-        return ops.anderson_fused_step(x, fx, F, G, gram, state, workspace, out, min(k + 1, m), k % m, lam, tau)
+        return ops.anderson_fused_step(x, fx.contiguous(), F, G, gram, state, workspace, min(k + 1, m), k % m, lam, tau)
 
-    def fused_block(k0: int, x: torch.Tensor) -> None:
-        """Iterations k0 .. k0 + check_every - 1 (one captured graph), ending in buffers[last % 2]."""
+    def fused_block(k0: int) -> None:
+        """Iterations k0 .. k0 + check_every - 1 from x_in, the last iterate into x_out (one graph)."""
+        x = x_in
         for k in range(k0, k0 + check_every):
             x = fused_step(k, x)
-        last = buffers[(k0 + check_every - 1) & 1]
-        if x.data_ptr() != last.data_ptr():
-            last.copy_(x)
+        x_out.copy_(x)
 
     k = 0
     while k < max_iter:
@@ -99,27 +97,23 @@ def anderson(
                 F = torch.zeros(B, m, d, dtype=x.dtype, device=x.device)
                 G = torch.zeros_like(F)
                 fused = ops.use_fused(x, fx, F, G, m=m)  # the same for every iteration of the solve
-                if fused:
-                    # One op call per step into preallocated buffers; x_next alternates between two.
+                one_call = fused and not _is_compiling()  # traced by dynamo: the two ops, as before
+                if one_call:
+                    # One op call per step; its scratch buffers are allocated once per solve.
                     workspace = ops.AndersonWorkspace(x, m)
-                    buffers = (torch.empty_like(x, memory_format=torch.contiguous_format),
-                               torch.empty_like(x, memory_format=torch.contiguous_format))
                     x = x.contiguous()
-                    graphs = _graph.maybe_graphs(cuda_graph, x, fused, caller, fused_block, buffers, check_every, m)
+                    if cuda_graph:
+                        x_in = torch.empty_like(x, memory_format=torch.contiguous_format)
+                        x_out = torch.empty_like(x_in)
+                    graphs = _graph.maybe_graphs(cuda_graph, x, fused, caller, fused_block, x_in, x_out, check_every, m)
                     first_graphed = _graph.graph_start(m, check_every)
-        elif recording or not fused:
+        else:
             fx = problem(x)
         slot = k % m
         if recording:
             gram, x = reference.anderson_recorded_step(x, fx, F, G, gram, state, min(k + 1, m), slot, lam, tau)
-        elif fused:
-            if k == 0:
-                out = buffers[0]
-                if not fx.is_contiguous():
-                    fx = fx.contiguous()
-                x = ops.anderson_fused_step(x, fx, F, G, gram, state, workspace, out, 1, 0, lam, tau)
-            else:
-                x = fused_step(k, x)
+        elif one_call:
+            x = ops.anderson_fused_step(x, fx.contiguous(), F, G, gram, state, workspace, min(k + 1, m), slot, lam, tau)
         else:
             F, G, partials = ops.anderson_history(x, fx, F, G, slot, fused=fused)
             gram, x = ops.anderson_step(x, F, G, gram, partials, state, min(k + 1, m), slot, lam, tau, fused=fused)
