@@ -4,6 +4,7 @@
 #include <Python.h>
 #include <pybind11/pybind11.h>
 #endif
+#include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 #include <torch/version.h>
@@ -77,6 +78,43 @@ void check_anderson_step_args(const char* op, const at::Tensor& x, const at::Ten
               describe(partials));
   TORCH_CHECK(n_filled >= 1 && n_filled <= m && slot < n_filled, op, ": n_filled must be in [slot + 1, m] = [",
               slot + 1, ", ", m, "], got ", n_filled);
+  // Outputs must not share memory with the inputs the kernels read through __restrict__ pointers.
+  at::assert_no_overlap(best_x, x);
+  at::assert_no_overlap(best_x, F);
+  at::assert_no_overlap(best_x, G);
+  at::assert_no_overlap(gram, partials);
+}
+
+void check_history_overlap(const at::Tensor& x, const at::Tensor& fx, const at::Tensor& F, const at::Tensor& G) {
+  for (const at::Tensor* written : {&F, &G}) {
+    at::assert_no_overlap(*written, x);
+    at::assert_no_overlap(*written, fx);
+  }
+  at::assert_no_overlap(F, G);
+}
+
+void check_anderson_fused_step_args(const char* op, const at::Tensor& x, const at::Tensor& fx, const at::Tensor& F,
+                                    const at::Tensor& G, const at::Tensor& gram, const at::Tensor& partials,
+                                    const at::Tensor& alpha, const at::Tensor& flags, const at::Tensor& best_x,
+                                    const at::Tensor& best_residual, const at::Tensor& best_rel,
+                                    const at::Tensor& nstep, const at::Tensor& converged, const at::Tensor& failed,
+                                    int64_t n_filled, int64_t slot) {
+  check_same(op, "fx", fx, x);
+  check_anderson_step_args(op, x, F, G, gram, partials, best_x, best_residual, best_rel, nstep, converged, failed,
+                           n_filled, slot);
+  const int64_t B = x.size(0), m = F.size(1), C = num_chunks(x.size(1));
+  TORCH_CHECK(partials.size(1) == C, op, ": partials must be a (", B, ", ", C, ", ", m + 1,
+              ") buffer (C = ceil(d / ", kChunk, ")), got ", describe(partials));
+  const auto acc_type = at::toOpMathType(x.scalar_type());
+  TORCH_CHECK(alpha.dim() == 2 && alpha.size(0) == B && alpha.size(1) == m && alpha.scalar_type() == acc_type &&
+                  alpha.device() == x.device() && alpha.is_contiguous(),
+              op, ": alpha must be a contiguous (", B, ", ", m, ") ", acc_type, " buffer on ", x.device(), ", got ",
+              describe(alpha));
+  TORCH_CHECK(flags.dim() == 2 && flags.size(0) == B && flags.size(1) == 2 && flags.scalar_type() == at::kByte &&
+                  flags.device() == x.device() && flags.is_contiguous(),
+              op, ": flags must be a contiguous (", B, ", 2) uint8 buffer on ", x.device(), ", got ", describe(flags));
+  check_history_overlap(x, fx, F, G);
+  at::assert_no_overlap(best_x, fx);
 }
 
 bool check_fixed_point_step_args(const char* op, const at::Tensor& x, const at::Tensor& fx,
@@ -87,6 +125,9 @@ bool check_fixed_point_step_args(const char* op, const at::Tensor& x, const at::
   check_same(op, "fx", fx, x);
   const bool has_offset = offset.has_value() && offset->defined();
   if (has_offset) check_same(op, "offset", *offset, x);
+  at::assert_no_overlap(best_x, x);
+  at::assert_no_overlap(best_x, fx);
+  if (has_offset) at::assert_no_overlap(best_x, *offset);
   return has_offset;
 }
 
@@ -110,6 +151,15 @@ TORCH_LIBRARY(deqfast, m) {
       "fixed_point_step(Tensor x, Tensor fx, Tensor? offset, Tensor(a!) best_x, Tensor(b!) best_residual, "
       "Tensor(c!) best_rel, Tensor(d!) nstep, Tensor(e!) converged, Tensor(f!) failed, float tau, float tol, "
       "bool rel_mode) -> Tensor");
+  // One whole Anderson step in one call (pass A, then pass B) on preallocated scratch buffers: partials
+  // (B, C, m + 1) and alpha (B, m) in the accumulation dtype, flags (B, 2) uint8. Returns x_next (B, d),
+  // a new tensor (an iterate handed to f is never written again). The same bits as anderson_history
+  // followed by anderson_step.
+  m.def(
+      "anderson_fused_step(Tensor x, Tensor fx, Tensor(a!) F, Tensor(b!) G, Tensor(c!) gram, Tensor(d!) partials, "
+      "Tensor(e!) alpha, Tensor(f!) flags, Tensor(g!) best_x, Tensor(h!) best_residual, Tensor(i!) best_rel, "
+      "Tensor(j!) nstep, Tensor(k!) converged, Tensor(l!) failed, int n_filled, int slot, "
+      "float lam, float tau, float tol, bool rel_mode) -> Tensor");
 }
 
 #ifndef DEQFAST_NO_PYTHON
@@ -123,6 +173,9 @@ pybind11::dict build_info() {
   info["cuda_info"] = cuda;
   info["chunk"] = deqfast::kChunk;
   info["max_history_cuda"] = deqfast::kMaxHistoryCuda;
+  pybind11::list archs;
+  for (const std::string& arch : deqfast::cuda_build_archs()) archs.append(arch);
+  info["cuda_archs"] = archs;
   return info;
 }
 }  // namespace
@@ -131,9 +184,14 @@ PYBIND11_MODULE(_C, module) {
   module.doc() = "deqfast's fused Anderson and fixed-point/adjoint steps (ops under torch.ops.deqfast)";
   module.def("build_info", &build_info, "How this extension was built: torch and CUDA versions, backends, archs.");
   module.def("has_cuda", [] { return !deqfast::cuda_build_info().empty(); }, "Whether the CUDA kernels are compiled in.");
+  module.def("cuda_kernel_status", &deqfast::cuda_kernel_status, pybind11::arg("device"),
+             "\"\" when the CUDA kernels can run on CUDA device `device`, else why not (e.g. no kernel image for "
+             "its architecture).");
 }
 #endif  // DEQFAST_NO_PYTHON
 
 #ifndef DEQFAST_WITH_CUDA
 std::string deqfast::cuda_build_info() { return ""; }
+std::vector<std::string> deqfast::cuda_build_archs() { return {}; }
+std::string deqfast::cuda_kernel_status(int64_t) { return "the CUDA kernels are not compiled in"; }
 #endif

@@ -5,6 +5,7 @@
 #include <c10/util/Optional.h>
 
 #include <string>
+#include <vector>
 
 namespace deqfast {
 
@@ -25,7 +26,22 @@ bool check_fixed_point_step_args(const char* op, const at::Tensor& x, const at::
                                  const at::Tensor& best_residual, const at::Tensor& best_rel, const at::Tensor& nstep,
                                  const at::Tensor& converged, const at::Tensor& failed);
 
+// at::assert_no_overlap of pass A's outputs F, G with its inputs x, fx and with each other.
+void check_history_overlap(const at::Tensor& x, const at::Tensor& fx, const at::Tensor& F, const at::Tensor& G);
+// anderson_fused_step's checks (both backends): anderson_step's, plus fx and the scratch buffers.
+void check_anderson_fused_step_args(const char* op, const at::Tensor& x, const at::Tensor& fx, const at::Tensor& F,
+                                    const at::Tensor& G, const at::Tensor& gram, const at::Tensor& partials,
+                                    const at::Tensor& alpha, const at::Tensor& flags, const at::Tensor& best_x,
+                                    const at::Tensor& best_residual, const at::Tensor& best_rel,
+                                    const at::Tensor& nstep, const at::Tensor& converged, const at::Tensor& failed,
+                                    int64_t n_filled, int64_t slot);
+
 // "" when the CUDA backend is not compiled in, else e.g. "CUDA 13.0, archs sm_80 sm_90".
 std::string cuda_build_info();
+// The architectures nvcc compiled the kernels for (__CUDA_ARCH_LIST__), e.g. {"sm_80", "sm_90"}; {} without CUDA.
+std::vector<std::string> cuda_build_archs();
+// "" when the kernels can run on CUDA device `device` (cudaFuncGetAttributes finds an image for it),
+// else the reason; the answer is cached per device.
+std::string cuda_kernel_status(int64_t device);
 
 }  // namespace deqfast

@@ -19,3 +19,8 @@ def register() -> None:
     @torch.library.register_fake("deqfast::fixed_point_step")
     def _(x, fx, offset, best_x, best_residual, best_rel, nstep, converged, failed, tau, tol, rel_mode):
         return torch.empty_like(x)
+
+    @torch.library.register_fake("deqfast::anderson_fused_step")
+    def _(x, fx, F, G, gram, partials, alpha, flags, best_x, best_residual, best_rel, nstep, converged, failed,
+          n_filled, slot, lam, tau, tol, rel_mode):
+        return torch.empty_like(x)

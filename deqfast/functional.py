@@ -38,6 +38,7 @@ def fixed_point(
     check_every: Optional[int] = None,
     per_sample: bool = True,
     backward_warm_start: bool = False,
+    cuda_graph: bool = False,
 ):
     """Solve z* = f(z*) (batch dim 0, every decision per sample) and make it differentiable.
 
@@ -72,6 +73,9 @@ def fixed_point(
             forward solver's secant history (its m-slot buffers, until backward) and use it as an
             approximate (I − Jᵀ)⁻¹ to start and precondition the adjoint solve, which still runs to
             backward_tol (see the README).
+        cuda_graph: solver "anderson" on a CUDA state: replay the check_every iterations between
+            host checks from CUDA graphs captured once per solve (same result, less launch
+            overhead; f must not synchronise with the host). Ignored on the CPU.
 
     Returns:
         (z, stats): f(z*) at each sample's best iterate z* (one differentiable step) for
@@ -90,6 +94,7 @@ def fixed_point(
         phantom_steps=phantom_steps, phantom_tau=phantom_tau, check_every=check_every,
         per_sample=per_sample,
         backward_warm_start=backward_warm_start,
+        cuda_graph=cuda_graph,
     )
     return solve(f, z0, options, caller="deqfast.fixed_point")
 

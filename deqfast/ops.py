@@ -63,6 +63,32 @@ def anderson_step(x, F, G, gram, partials, state: SampleState, n_filled: int, sl
     return reference.anderson_step(x, F, G, gram, partials, state, n_filled, slot, lam, tau)
 
 
+class AndersonWorkspace:
+    """The scratch buffers of :func:`anderson_fused_step` for a (B, d) state and history m, allocated
+    once per solve: partials (B, C, m + 1) and alpha (B, m) in the accumulation dtype, flags (B, 2)."""
+
+    __slots__ = ("partials", "alpha", "flags")
+
+    def __init__(self, x: torch.Tensor, m: int):
+        B, d = x.shape
+        acc = reference.accumulation_dtype(x.dtype)
+        self.partials = torch.empty(B, num_chunks(d), m + 1, dtype=acc, device=x.device)
+        self.alpha = torch.empty(B, m, dtype=acc, device=x.device)
+        self.flags = torch.empty(B, 2, dtype=torch.uint8, device=x.device)
+
+
+def anderson_fused_step(x, fx, F, G, gram, state: SampleState, workspace: AndersonWorkspace, n_filled: int,
+                        slot: int, lam: float, tau: float):
+    """Both passes of an Anderson step in one op call (deqfast::anderson_fused_step) on the scratch
+    buffers of ``workspace``; returns x_next, a new tensor. The same bits as :func:`anderson_history`
+    then :func:`anderson_step` on the fused path. x and fx must be contiguous."""
+    return torch.ops.deqfast.anderson_fused_step.default(
+        x, fx, F, G, gram, workspace.partials, workspace.alpha, workspace.flags, state.best_x, state.residual,
+        state.rel_residual, state.nstep, state.converged, state.failed, n_filled, slot, float(lam), float(tau),
+        float(state.tol), state.rel,
+    )
+
+
 def fixed_point_step(x, fx, offset, state: SampleState, tau: float, fused: Optional[bool] = None):
     """See :func:`deqfast.reference.fixed_point_step`. Returns x_next."""
     if fused is None:

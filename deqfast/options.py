@@ -29,6 +29,7 @@ class Options:
     check_every: Optional[int] = None
     per_sample: bool = True
     backward_warm_start: bool = False
+    cuda_graph: bool = False  # the Anderson forward solve replayed from CUDA graphs (solvers.anderson)
 
     @classmethod
     def build(cls, caller: str, **kwargs) -> "Options":
@@ -71,6 +72,10 @@ class Options:
         if self.backward_warm_start and self.solver == "fixed_point":
             raise ValueError(f"{caller}: backward_warm_start=True needs solver='anderson' or 'broyden' (their history "
                              f"approximates I - J), got solver='fixed_point'")
+        if not isinstance(self.cuda_graph, bool):
+            raise TypeError(f"{caller}: cuda_graph must be a bool, got {type(self.cuda_graph).__name__}")
+        if self.cuda_graph and self.solver != "anderson":
+            raise ValueError(f"{caller}: cuda_graph=True is implemented for solver='anderson' only, got solver={self.solver!r}")
 
     def solver_kwargs(self, solver: str, *, backward: bool = False) -> dict:
         """The keywords ``solver`` takes, for the forward solve or (backward=True) the adjoint solve."""
@@ -85,6 +90,8 @@ class Options:
         tau = 1.0 if backward else self.tau
         if solver == "anderson":
             common.update(m=self.m, lam=self.lam, tau=tau)
+            if not backward and self.cuda_graph:
+                common.update(cuda_graph=True)
         elif solver == "fixed_point":
             common.update(tau=tau)
         elif solver == "broyden":

@@ -79,3 +79,35 @@ def test_cuda_variational_dropout_mask_lives_on_the_input_device():
     y = drop(x)
     assert drop.mask.device == x.device and drop.mask.dtype == x.dtype
     torch.testing.assert_close(y, x * drop.mask)
+
+
+def test_cuda_kernels_run_on_this_device():
+    from deqfast import _extension
+
+    assert deqfast.extension_info()["cuda"], deqfast.extension_info()
+    assert _extension.fused_available(torch.device("cuda")), deqfast.extension_info()
+    assert deqfast.extension_info()["cuda_devices"] == {}
+
+
+@pytest.mark.parametrize("m,check_every", [(5, 4), (3, 3)])
+def test_cuda_graph_solve_equals_the_eager_solve_bitwise(m, check_every):
+    cell, x = _problem("cuda", torch.float32)
+    f = lambda z: cell(z, x)
+    z_e, s_e = deqfast.fixed_point(f, torch.zeros_like(x), m=m, check_every=check_every, max_iter=60, tol=1e-6)
+    z_g, s_g = deqfast.fixed_point(f, torch.zeros_like(x), m=m, check_every=check_every, max_iter=60, tol=1e-6,
+                                   cuda_graph=True)
+    assert torch.equal(z_g, z_e)
+    for name in ("nstep", "residual", "rel_residual", "converged", "failed"):
+        assert torch.equal(getattr(s_g, name), getattr(s_e, name)), name
+
+
+def test_cuda_graph_with_a_host_sync_in_f_names_the_fallback():
+    cell, x = _problem("cuda", torch.float32)
+
+    def f(z):
+        if float(z.abs().max()) > 1e9:  # a host synchronisation: not capturable
+            raise AssertionError
+        return cell(z, x)
+
+    with pytest.raises(RuntimeError, match="cuda_graph=False"):
+        deqfast.fixed_point(f, torch.zeros_like(x), max_iter=40, tol=0.0, check_every=4, cuda_graph=True)

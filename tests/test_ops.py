@@ -188,17 +188,80 @@ def test_fused_ops_are_deterministic(device):
         assert torch.equal(a, b)
 
 
+class _Counted:
+    """Stands in for an op packet (and its .default overload), counting calls."""
+
+    def __init__(self, packet):
+        self.packet, self.calls = packet, 0
+        self.default = self
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.packet.default(*args)
+
+
 @pytest.mark.parametrize("solver", ["anderson", "fixed_point"])
-def test_solver_calls_the_fused_ops_every_iteration(solver, monkeypatch):
-    names = ["anderson_history", "anderson_step"] if solver == "anderson" else ["fixed_point_step"]
-    calls = {name: 0 for name in names}
-    for name in names:
-        real = getattr(torch.ops.deqfast, name)
-        monkeypatch.setattr(torch.ops.deqfast, name,
-                            lambda *a, _real=real, _name=name: calls.__setitem__(_name, calls[_name] + 1) or _real(*a))
+def test_solver_calls_one_fused_op_every_iteration(solver, monkeypatch):
+    names = ["anderson_fused_step", "anderson_history", "anderson_step"] if solver == "anderson" else ["fixed_point_step"]
+    counted = {name: _Counted(getattr(torch.ops.deqfast, name)) for name in names}
+    for name, c in counted.items():
+        monkeypatch.setattr(torch.ops.deqfast, name, c)
     fn = deqfast.solvers.anderson if solver == "anderson" else deqfast.solvers.fixed_point_iteration
     _, stats = fn(lambda z: 0.5 * z + 1, torch.randn(2, 8), tol=0.0, max_iter=10)
-    assert calls == {name: 10 for name in names} and stats.nstep.tolist() == [10, 10]
+    expected = {name: 0 for name in names}
+    expected[names[0]] = 10  # one dispatcher crossing per Anderson step: both passes in one op
+    assert {name: c.calls for name, c in counted.items()} == expected and stats.nstep.tolist() == [10, 10]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+@pytest.mark.parametrize("B,d,m,n_filled,tau", [(3, 50, 4, 4, 1.0), (2, 8193, 5, 3, 0.7), (4, 300, 32, 17, 1.0), (0, 5, 2, 1, 1.0)])
+def test_fused_step_gives_the_two_call_bits(device, dtype, B, d, m, n_filled, tau):
+    x, fx, F, G = _random_history(B, d, m, dtype, device, seed=d + m)
+    slot = n_filled - 1
+    acc = reference.accumulation_dtype(dtype)
+    gram = torch.bmm(G.to(acc), G.to(acc).transpose(1, 2))
+    state = _random_state(x, seed=4)
+    s2, F2, G2, gram2 = _clone_state(state), F.clone(), G.clone(), gram.clone()
+    partials = torch.ops.deqfast.anderson_history(x, fx, F2, G2, slot)
+    gram2, expected = ops.anderson_step(x, F2, G2, gram2, partials, s2, n_filled, slot, 1e-3, tau, fused=True)
+    workspace = ops.AndersonWorkspace(x, m)
+    _poison_allocator(x)
+    out = ops.anderson_fused_step(x, fx, F, G, gram, state, workspace, n_filled, slot, 1e-3, tau)
+    assert torch.equal(out, expected)
+    assert torch.equal(F, F2) and torch.equal(G, G2) and torch.equal(gram, gram2)
+    for name in ("best_x", "residual", "rel_residual", "nstep", "converged", "failed"):
+        assert torch.equal(getattr(state, name), getattr(s2, name)), name
+
+
+def test_fused_step_rejects_overlapping_outputs_and_bad_buffers():
+    x, fx, F, G = _random_history(2, 40, 3, torch.float32, "cpu", seed=1)
+    state = SampleState(x, 1e-3, "rel")
+    gram = torch.zeros(2, 3, 3)
+    ws = ops.AndersonWorkspace(x, 3)
+    with pytest.raises(RuntimeError, match="single memory location"):
+        ops.anderson_fused_step(x, fx, F, F, gram, state, ws, 1, 0, 1e-4, 1.0)  # F is G
+    with pytest.raises(RuntimeError, match="single memory location"):
+        ops.anderson_fused_step(x, F.view(-1)[:80].view(2, 40), F, G, gram, state, ws, 1, 0, 1e-4, 1.0)  # fx in F
+    with pytest.raises(RuntimeError, match="single memory location"):
+        torch.ops.deqfast.anderson_history(F.view(-1)[:80].view(2, 40), fx, F, G, 0)  # x inside F
+    ws.partials = torch.empty(2, 2, 4)
+    with pytest.raises(RuntimeError, match="partials must be a"):
+        ops.anderson_fused_step(x, fx, F, G, gram, state, ws, 1, 0, 1e-4, 1.0)
+    ws = ops.AndersonWorkspace(x, 3)
+    ws.flags = torch.empty(2, 2, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match="flags must be a contiguous"):
+        ops.anderson_fused_step(x, fx, F, G, gram, state, ws, 1, 0, 1e-4, 1.0)
+
+
+def test_fused_anderson_solve_survives_f_returning_its_argument():
+    """f = identity hands back the buffer the step reads: the solve must not write over it."""
+    z0 = torch.randn(3, 20)
+    z, stats = deqfast.solvers.anderson(lambda z: z, z0, tol=1e-6, max_iter=5)
+    assert torch.equal(z, z0) and stats.converged.all()
+    calls = []
+    z, _ = deqfast.solvers.anderson(lambda z: calls.append(z) or calls[0], z0, tol=0.0, max_iter=6)  # an old buffer back
+    torch.testing.assert_close(z, z0)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -213,6 +276,10 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.deqfast.anderson_step.default,
                           (x, F, G, gram.clone(), partials, *st(), 4, 1, 1e-4, 0.9, 1e-3, True))
     torch.library.opcheck(torch.ops.deqfast.fixed_point_step.default, (x, fx, None, *st(), 1.0, 1e-3, False))
+    ws = ops.AndersonWorkspace(x, 4)
+    torch.library.opcheck(torch.ops.deqfast.anderson_fused_step.default,
+                          (x, fx, F.clone(), G.clone(), gram.clone(), ws.partials, ws.alpha, ws.flags, *st(),
+                           4, 1, 1e-4, 0.9, 1e-3, True))
     torch.library.opcheck(torch.ops.deqfast.fixed_point_step.default, (x, fx, G[:, 0].contiguous(), *st(), 0.5, 1e-3, True))
 
 
@@ -263,3 +330,106 @@ def test_fused_solve_with_non_contiguous_states(device, layout):
         z_odd, s_odd = solver(f, odd, tol=1e-12, max_iter=100)
         torch.testing.assert_close(z_odd, z_ref, rtol=0, atol=1e-12)
         assert torch.equal(s_odd.nstep, s_ref.nstep) and s_odd.converged.all()
+
+
+def _contraction_problem(B=4, d=50, seed=12, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(d, d, generator=g, dtype=dtype)
+    W = 0.9 * W / torch.linalg.matrix_norm(W, 2)
+    c = torch.randn(B, d, generator=g, dtype=dtype)
+    return (lambda z: torch.tanh(z @ W.T + c)), torch.zeros(B, d, dtype=dtype)
+
+
+def _fake_graphs(monkeypatch):
+    """Replace the CUDA graph by a fake whose replay runs the block eagerly (capture runs nothing)."""
+    from deqfast.solvers import _graph
+
+    log = {"captures": 0, "replays": 0}
+
+    def capture(fn, pool):
+        log["captures"] += 1
+
+        def replay():
+            log["replays"] += 1
+            fn()
+
+        return replay
+
+    monkeypatch.setattr(_graph, "supported", lambda x: True)
+    monkeypatch.setattr(_graph, "capture", capture)
+    monkeypatch.setattr(_graph, "new_pool", lambda: None)
+    return log
+
+
+@pytest.mark.parametrize("m,check_every,max_iter,tol", [(5, 4, 50, 0.0), (3, 3, 40, 1e-9), (4, 2, 23, 0.0), (1, 1, 10, 0.0),
+                                                        (5, 4, 200, 1e-10)])
+def test_cuda_graph_solve_control_flow_gives_the_eager_bits(monkeypatch, m, check_every, max_iter, tol):
+    f, z0 = _contraction_problem()
+    z_e, s_e = deqfast.solvers.anderson(f, z0, m=m, check_every=check_every, max_iter=max_iter, tol=tol)
+    log = _fake_graphs(monkeypatch)
+    z_g, s_g = deqfast.solvers.anderson(f, z0, m=m, check_every=check_every, max_iter=max_iter, tol=tol, cuda_graph=True)
+    assert torch.equal(z_g, z_e)
+    for name in ("nstep", "residual", "rel_residual", "converged", "failed"):
+        assert torch.equal(getattr(s_g, name), getattr(s_e, name)), name
+    if tol == 0.0:  # no early stop: every block from the first graphed one on is replayed
+        from deqfast.solvers._graph import graph_start
+
+        starts = list(range(graph_start(m, check_every), max_iter - check_every + 1, check_every))
+        assert log["replays"] == len(starts) > 0
+        assert log["captures"] == len({k0 % m for k0 in starts})
+
+
+def test_cuda_graph_capture_failure_names_the_fallback(monkeypatch):
+    from deqfast.solvers import _graph
+
+    f, z0 = _contraction_problem()
+    monkeypatch.setattr(_graph, "supported", lambda x: True)
+    monkeypatch.setattr(_graph, "new_pool", lambda: None)
+
+    def capture(fn, pool):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(_graph, "capture", capture)
+    with pytest.raises(RuntimeError, match=r"could not capture f.*cuda_graph=False"):
+        deqfast.fixed_point(f, z0, max_iter=30, tol=0.0, check_every=2, cuda_graph=True)
+
+
+def test_cuda_graph_is_ignored_on_the_cpu(monkeypatch):
+    from deqfast.solvers import _graph
+
+    monkeypatch.setattr(_graph, "capture", lambda fn, pool: pytest.fail("captured a graph on the CPU"))
+    f, z0 = _contraction_problem()
+    z_e, s_e = deqfast.fixed_point(f, z0, max_iter=30, tol=1e-8, check_every=2)
+    z_g, s_g = deqfast.fixed_point(f, z0, max_iter=30, tol=1e-8, check_every=2, cuda_graph=True)
+    assert torch.equal(z_g, z_e) and torch.equal(s_g.nstep, s_e.nstep)
+    layer = deqfast.DEQ(lambda z, x: f(z) + 0 * x, cuda_graph=True, max_iter=20)
+    assert torch.equal(layer(z0), deqfast.DEQ(lambda z, x: f(z) + 0 * x, max_iter=20)(z0))
+
+
+def test_cuda_graph_keyword_errors():
+    f, z0 = _contraction_problem()
+    with pytest.raises(ValueError, match="cuda_graph=True is implemented for solver='anderson' only"):
+        deqfast.fixed_point(f, z0, solver="broyden", cuda_graph=True)
+    with pytest.raises(TypeError, match="cuda_graph must be a bool, got str"):
+        deqfast.DEQ(lambda z, x: z, cuda_graph="yes")
+
+
+def test_fused_available_falls_back_when_no_kernel_image_fits_the_device(monkeypatch):
+    from deqfast import _extension
+
+    reason = "no deqfast kernel image runs on CUDA device 0 (sm_120): no kernel image is available"
+
+    class FakeC:
+        def has_cuda(self):
+            return True
+
+        def cuda_kernel_status(self, index):
+            return reason if index == 0 else ""
+
+    monkeypatch.setattr(_extension, "load_extension", lambda: FakeC())
+    monkeypatch.setattr(_extension, "_cuda_devices", {})
+    with pytest.warns(RuntimeWarning, match="reference is used on that device"):
+        assert not _extension.fused_available(torch.device("cuda", 0))
+    assert not _extension.fused_available(torch.device("cuda", 0))  # asked once, cached
+    assert _extension.fused_available(torch.device("cuda", 1))
+    assert _extension.extension_info()["cuda_devices"] == {0: reason}

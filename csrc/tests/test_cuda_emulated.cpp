@@ -196,6 +196,34 @@ void test_anderson_step(at::ScalarType dtype, const AndersonCase& k) {
   check_state_equal(s_emu, s_cpu, 1e-12);
   check_close(next_emu, next_cpu, tol.value, tol.value, "x_next");
   EXPECT_MSG(!next_emu.isnan().any().item<bool>(), "x_next has NaN (an unwritten element, or a failed sample's NaN)");
+
+  // anderson_fused_step: both passes from one call on preallocated scratch buffers, the same bits as
+  // anderson_history then anderson_step (emulated), in the same 3 launches.
+  {
+    at::Tensor F1 = F.clone(), G1 = G.clone(), gram1 = gram.clone();
+    State s1 = clone_state(s);
+    const at::Tensor p1 = deqfast::cuda::anderson_history_cuda(x, fx, F1, G1, k.slot);
+    const at::Tensor n1 = deqfast::cuda::anderson_step_cuda(x, F1, G1, gram1, p1, s1.best_x, s1.best_residual,
+                                                            s1.best_rel, s1.nstep, s1.converged, s1.failed, k.n_filled,
+                                                            k.slot, lam, k.tau, conv_tol, k.rel_mode);
+    at::Tensor F2 = F.clone(), G2 = G.clone(), gram2 = gram.clone();
+    State s2 = clone_state(s);
+    at::Tensor partials = at::full_like(p1, std::numeric_limits<double>::quiet_NaN());
+    at::Tensor alpha = at::full({k.B, k.m}, std::numeric_limits<double>::quiet_NaN(), opts.dtype(acc));
+    at::Tensor flags = at::full({k.B, 2}, 7, opts.dtype(at::kByte));
+    const int64_t before = emu::launches;
+    const at::Tensor out = deqfast::cuda::anderson_fused_step_cuda(
+        x, fx, F2, G2, gram2, partials, alpha, flags, s2.best_x, s2.best_residual, s2.best_rel, s2.nstep, s2.converged,
+        s2.failed, k.n_filled, k.slot, lam, k.tau, conv_tol, k.rel_mode);
+    check_no_emulation_errors("anderson_fused_step");
+    EXPECT_MSG(emu::launches - before == 3, "anderson_fused_step: " << emu::launches - before << " launches");
+    check_close(out, n1, 0.0, 0.0, "fused step x_next");
+    check_close(F2, F1, 0.0, 0.0, "fused step F");
+    check_close(G2, G1, 0.0, 0.0, "fused step G");
+    check_close(partials, p1, 0.0, 0.0, "fused step partials");
+    check_close(gram2, gram1, 0.0, 0.0, "fused step gram");
+    check_state_equal(s2, s1, 0.0);
+  }
 }
 
 // Whole Anderson solves of z = tanh(W z + b) (a contraction) with either backend's ops, the ring

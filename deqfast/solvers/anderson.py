@@ -8,7 +8,10 @@ import torch
 from .. import _checks
 from .. import ops, reference
 from ..reference import SampleState, accumulation_dtype
-from . import _common, _history
+from . import _common, _graph, _history
+
+_compiler = getattr(torch, "compiler", None)
+_is_compiling = getattr(_compiler, "is_compiling", None) or (lambda: False)  # torch < 2.3: never
 
 
 def anderson(
@@ -23,18 +26,25 @@ def anderson(
     tau: float = 1.0,
     check_every: Optional[int] = None,
     per_sample: bool = True,
+    cuda_graph: bool = False,
 ):
     """Solve z = f(z) by Anderson acceleration; batch dim 0, every decision per sample.
 
     Each step mixes the last ``m`` f-values: x_next = τ Σ α_j f(x_j) + (1 − τ) Σ α_j x_j with
     α = argmin ‖Σ α_j g_j‖² + λ Σ α_j² ‖g_j‖² subject to Σ α_j = 1 (g_j = f(x_j) − x_j). History lives in ring buffers F, G of shape (B, m, d); each step adds one Gram row
-    and does one fixed-shape (m×m) solve per sample with no host synchronisation.
+    and does one fixed-shape (m×m) solve per sample with no host synchronisation. With the fused ops a
+    step is one op call (deqfast::anderson_fused_step) on scratch buffers allocated once per solve.
 
     Args:
         f, z0, max_iter, tol, stop_mode, tau, check_every, per_sample: as :func:`fixed_point_iteration`.
         m: history length (>= 1; m = 1 is damped fixed-point iteration); min(m, max_iter) slots
             are allocated, all a solve can fill.
         lam: ridge regulariser (> 0); each weight is penalised relative to its residual's squared norm.
+        cuda_graph: on a CUDA state with the fused ops, replay the ``check_every`` iterations
+            between host checks (f and the step) from CUDA graphs captured during this solve: the
+            same bits as the eager solve, less launch overhead. f must then be capturable (no host
+            synchronisation inside it; else a RuntimeError says so and names cuda_graph=False).
+            Ignored (the eager solve) on the CPU and wherever the fused ops are not used.
 
     Returns:
         (z, stats): each sample's best iterate (shape of z0) and its :class:`SolverStats`.
@@ -44,6 +54,8 @@ def anderson(
     _checks.check_int(caller, "m", m, 1)
     _checks.check_positive(caller, "lam", lam)  # lam = 0: a singular Gram has no defined weights
     _checks.check_damping(caller, "tau", tau)
+    if not isinstance(cuda_graph, bool):
+        raise TypeError(f"{caller}: cuda_graph must be a bool, got {type(cuda_graph).__name__}")
     problem = _common.FlatProblem(caller, f, z0, per_sample, stop_mode)
     x = problem.x0
     check_every = _common.resolve_check_every(check_every, x)
@@ -55,10 +67,33 @@ def anderson(
     state = SampleState(x, problem.tol_for(tol, stop_mode), stop_mode)
     F = G = None
     recording = fused = False
-    for k in range(max_iter):
+    workspace = graphs = x_in = x_out = None
+    one_call = False  # the fused path through anderson_fused_step (one op call per step)
+
+    def fused_step(k: int, x: torch.Tensor) -> torch.Tensor:
+        """Iteration k on the fused path: f, then one op call (x_next a new tensor; under a CUDA
+        graph it comes from the graph's memory pool)."""
         fx = problem(x)
-        slot = k % m
+        return ops.anderson_fused_step(x, fx.contiguous(), F, G, gram, state, workspace, min(k + 1, m), k % m, lam, tau)
+
+    def fused_block(k0: int) -> None:
+        """Iterations k0 .. k0 + check_every - 1 from x_in, the last iterate into x_out (one graph)."""
+        x = x_in
+        for k in range(k0, k0 + check_every):
+            x = fused_step(k, x)
+        x_out.copy_(x)
+
+    k = 0
+    while k < max_iter:
+        if graphs is not None and k >= first_graphed and k % check_every == 0 and k + check_every <= max_iter:
+            x = graphs.run(k, x)  # check_every iterations replayed from a CUDA graph
+            k += check_every
+            evaluated = k
+            if _common.should_stop(state, k - 1, check_every, max_iter):
+                break
+            continue
         if k == 0:
+            fx = problem(x)
             # Differentiating through the solve (backward="bptt") when f's output carries a graph:
             # then the history is a list of the iterates' own tensors (nothing copied per step).
             recording = torch.is_grad_enabled() and (fx.requires_grad or x.requires_grad)
@@ -68,13 +103,30 @@ def anderson(
                 F = torch.zeros(B, m, d, dtype=x.dtype, device=x.device)
                 G = torch.zeros_like(F)
                 fused = ops.use_fused(x, fx, F, G, m=m)  # the same for every iteration of the solve
+                one_call = fused and not _is_compiling()  # traced by dynamo: the two ops, as before
+                if one_call:
+                    # One op call per step; its scratch buffers are allocated once per solve.
+                    workspace = ops.AndersonWorkspace(x, m)
+                    x = x.contiguous()
+                    if cuda_graph:
+                        x_in = torch.empty_like(x, memory_format=torch.contiguous_format)
+                        x_out = torch.empty_like(x_in)
+                    graphs = _graph.maybe_graphs(cuda_graph, x, fused, caller, fused_block, x_in, x_out, check_every, m)
+                    first_graphed = _graph.graph_start(m, check_every)
+        else:
+            fx = problem(x)
+        slot = k % m
         if recording:
             gram, x = reference.anderson_recorded_step(x, fx, F, G, gram, state, min(k + 1, m), slot, lam, tau)
+        elif one_call:
+            x = ops.anderson_fused_step(x, fx.contiguous(), F, G, gram, state, workspace, min(k + 1, m), slot, lam, tau)
         else:
             F, G, partials = ops.anderson_history(x, fx, F, G, slot, fused=fused)
             gram, x = ops.anderson_step(x, F, G, gram, partials, state, min(k + 1, m), slot, lam, tau, fused=fused)
+        evaluated = k + 1
         if _common.should_stop(state, k, check_every, max_iter):
             break
+        k += 1
     if not recording:  # for backward_warm_start (kept only when asked; see solvers/_history.py)
-        _history.offer("anderson", F=F, G=G, filled=min(k + 1, F.shape[1]), newest=slot)
+        _history.offer("anderson", F=F, G=G, filled=min(evaluated, m), newest=(evaluated - 1) % m)
     return _common.finish(problem, state, "anderson")
