@@ -91,6 +91,9 @@ def test_anderson_history_is_sized_by_what_the_solve_can_fill(path, monkeypatch)
     real = ops.anderson_history
     monkeypatch.setattr(ops, "anderson_history", lambda x, fx, F, G, slot, fused=None: (
         slots.append(F.shape[1]) or real(x, fx, F, G, slot, fused=fused)))
+    real_one = ops.anderson_fused_step  # the fused path's one op call per step
+    monkeypatch.setattr(ops, "anderson_fused_step", lambda x, fx, F, *rest: (
+        slots.append(F.shape[1]) or real_one(x, fx, F, *rest)))
     g = torch.Generator().manual_seed(6)
     c = torch.randn(2, 7, generator=g, dtype=torch.float64)
     f = lambda z: torch.tanh(0.7 * z.flip(1) + c)  # noqa: E731
