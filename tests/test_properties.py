@@ -364,9 +364,9 @@ def test_whole_solves_fused_equal_reference(problem, data):
         with warnings.catch_warnings(record=True) as caught, _path(fused):
             warnings.simplefilter("always")
             results.append(solve())
-        # a failed sample is reported by exactly one RuntimeWarning, and nothing else warns
-        assert len(caught) == int(bool(results[-1][1].failed.any())), [str(w.message) for w in caught]
-        assert all(w.category is RuntimeWarning for w in caught)
+        # a failed sample is reported by a RuntimeWarning that says NaN, and only then
+        nan_warnings = [w for w in caught if issubclass(w.category, RuntimeWarning) and "NaN" in str(w.message)]
+        assert bool(nan_warnings) == bool(results[-1][1].failed.any()), [str(w.message) for w in caught]
     (z_f, s_f), (z_r, s_r) = results
     for name in ("nstep", "converged", "failed"):
         _same(getattr(s_f, name), getattr(s_r, name), f"stats.{name}")
