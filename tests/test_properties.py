@@ -36,7 +36,7 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import given, note, settings
+from hypothesis import assume, given, note, settings
 from hypothesis import strategies as st
 
 import deqfast
@@ -196,7 +196,11 @@ def _alpha_bound(gram, n, slot, lam, F, G, tau, x_next, dtype):
     w_sum = w.sum(dim=1)
     alpha = w / w_sum.unsqueeze(1)
     eps = 8 * n * u * kappa
-    d_alpha = (eps * beta.norm(dim=1)).unsqueeze(1) * (s + alpha.abs() * s.sum(dim=1, keepdim=True)) / w_sum.unsqueeze(1)
+    d_alpha = (eps * beta.norm(dim=1)).unsqueeze(1) * (s + alpha.abs() * s.sum(dim=1, keepdim=True)) / w_sum.abs().unsqueeze(1)
+    # no bound where the weights are not determined at this precision (ε ≥ 1/2: a numerically
+    # singular system) or Σ w ≤ 0 (where either path may fall back to the plain step)
+    undetermined = (eps >= 0.5) | ~(w_sum > 0)
+    d_alpha = torch.where(undetermined.unsqueeze(1), torch.full_like(d_alpha, float("inf")), d_alpha)
     mag = F.double()[:, :n].abs() + (1 - tau) * G.double()[:, :n].abs()  # (B, n, d)
     bound = (d_alpha.unsqueeze(2) * mag).sum(dim=1) + 2 * _gamma(2 * n, u) * (alpha.abs().unsqueeze(2) * mag).sum(dim=1)
     bound = bound + 2 * us * x_next.double().abs() + torch.finfo(dtype).tiny
@@ -401,6 +405,35 @@ def test_reference_ridge_in_state_dtype():
     _anderson_lockstep(cell, torch.randn(B, d, dtype=torch.float64), m, 8, lam, 1.0, 1e-14, "rel")
 
 
+def _broyden_case():
+    """Found by the long profile: f = tanh(W z + U x + b), ‖W‖₂ = 0.75, d = 5, one sample."""
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(5, 5, generator=g, dtype=torch.float64)
+    W = 0.75 * W / torch.linalg.matrix_norm(W, 2)
+    U = torch.randn(5, 1, generator=g, dtype=torch.float64)
+    b = 0.1 * torch.randn(5, generator=g, dtype=torch.float64)
+    x = torch.randn(1, 1, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    f = lambda z: torch.tanh(z @ W.T + x @ U.T + b)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return deqfast.solvers.broyden(f, torch.zeros(1, 5, dtype=torch.float64), max_iter=300, tol=1e-12, m=5)
+
+
+@pytest.mark.xfail(strict=True, reason="broyden (m=5) on this 5-dim contraction reaches rel residual 7.7e-11, then its "
+                                       "iterates grow to 1e154 and it stops without converging (fixed_point "
+                                       "converges to 8e-13 in 50 steps)")
+def test_broyden_stays_on_a_contraction():
+    _, stats = _broyden_case()
+    assert bool(stats.converged.all()), stats.summary()
+
+
+@pytest.mark.xfail(strict=True, reason="issue 9 (scaled norms): the same solve is reported failed (NaN/Inf) when its "
+                                       "iterate's squared norm overflows, although f = tanh(...) is finite everywhere")
+def test_broyden_divergence_is_not_reported_as_nan():
+    _, stats = _broyden_case()
+    assert not bool(stats.failed.any()), stats.summary()
+
+
 # ---------------------------------------------------------------------------------------------
 # (b) gradients == the float64 dense oracle
 # ---------------------------------------------------------------------------------------------
@@ -442,6 +475,10 @@ def _vjp_params(cell, x, z_star, u):
 def _model_grads(cell, x, z0, weight, **keywords):
     layer = deqfast.DEQ(cell, **keywords)
     z = layer(x, z0)
+    # Rarely (about 1 example in 1,000) Broyden walks off a contraction after stagnating near
+    # tol = 1e-12 and reports the sample failed: a known bug, test_broyden_stays_on_a_contraction
+    # below (strict xfail). Drop this line once that test passes.
+    assume(not (keywords.get("solver") == "broyden" and bool(layer.stats.failed.any())))
     grads = torch.autograd.grad((z * weight).sum(), list(cell.parameters()) + [x])
     return z, grads, layer.stats
 
