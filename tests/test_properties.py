@@ -124,7 +124,7 @@ def problems(draw, dtypes, norms=(0.3, 1.5), nan=True):
     else:
         g = torch.Generator().manual_seed(seed + 1)
         z0 = (amp * torch.randn(B, d, generator=g, dtype=torch.float64)).to(dtype)
-    note(f"dtype={dtype} B={B} d={d} norm={norm:.3f} amp={amp:.3g} seed={seed} nan_sample={nan_sample} "
+    note(f"dtype={dtype} B={B} d={d} norm={norm!r} amp={amp!r} seed={seed} nan_sample={nan_sample} "
          f"nan_after={nan_after} z0={z0_kind}")
     return cell, z0
 
@@ -471,7 +471,7 @@ def grad_problems(draw):
     d_in = draw(st.integers(1, 4))
     norm = draw(st.floats(0.1, 0.8))
     seed = draw(st.integers(0, 2 ** 31 - 1))
-    note(f"B={B} d={d} d_in={d_in} contraction={norm:.3f} seed={seed}")
+    note(f"B={B} d={d} d_in={d_in} contraction={norm!r} seed={seed}")
     cell = TanhCell(d, d_in, contraction=norm, seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(B, d_in, generator=g, dtype=torch.float64).requires_grad_()
