@@ -59,3 +59,21 @@ def dense_jacobian(f, z):
 def seed():
     torch.manual_seed(1234)
     return 1234
+
+
+# Hypothesis profiles for tests/test_properties.py. "ci" (the default) is reproducible (derandomized,
+# no example database) and keeps the file within about 2 minutes on 2 busy cores; "long" draws
+# more than 10,000 examples over the properties:
+#     DEQFAST_HYPOTHESIS_PROFILE=long python -m pytest -q tests/test_properties.py
+try:
+    import hypothesis
+except ImportError:  # only test_properties.py needs it (the `test` extra installs it)
+    hypothesis = None
+if hypothesis is not None:
+    _common = dict(deadline=None, database=None, print_blob=True,
+                   suppress_health_check=[hypothesis.HealthCheck.too_slow, hypothesis.HealthCheck.data_too_large])
+    hypothesis.settings.register_profile("ci", max_examples=40, derandomize=True, **_common)
+    hypothesis.settings.register_profile("long", max_examples=2000, derandomize=False, **_common)
+    import os as _os
+
+    hypothesis.settings.load_profile(_os.environ.get("DEQFAST_HYPOTHESIS_PROFILE", "ci"))
