@@ -54,7 +54,11 @@ def broyden(
     state = SampleState(x, problem.tol_for(tol, stop_mode), stop_mode)
     fx = problem(x)
     gx = fx - x
-    state.update(x, *_squared_norms(gx, fx, acc))
+    g_sq, f_sq = _squared_norms(gx, fx, acc)
+    state.update(x, g_sq, f_sq)
+    # Restart point: each sample's iterate of least ‖g‖ and its g (see the restart below).
+    restart_x, restart_g, restart_sq = x, gx, g_sq
+    pending = torch.zeros(B, dtype=torch.bool, device=x.device)  # history to clear at the next check
     # While autograd records through the solve (backward="bptt") the history is a list of the
     # updates' own tensors: a (B, m, d) buffer would have to be copied at every step.
     recording = torch.is_grad_enabled() and (fx.requires_grad or x.requires_grad)
@@ -71,9 +75,24 @@ def broyden(
         x_next = state.freeze(x - _h_times(U, V, gx, filled, acc))
         fx_next = problem(x_next)
         gx_next = fx_next - x_next
-        state.update(x_next, *_squared_norms(gx_next, fx_next, acc))
+        g_sq, f_sq = _squared_norms(gx_next, fx_next, acc)
+        state.update(x_next, g_sq, f_sq)
         if k + 1 == max_iter:
             break
+        # Restart: with a bounded ring of rank-1 updates (the oldest overwritten, as torchdeq's
+        # LBFGS_thres) H can lose the secant structure and walk a sample away from a point it had
+        # nearly solved (seen: rel residual 7.7e-11, then 1e25). A sample whose ‖g‖ grows past
+        # _RESTART × its least ‖g‖ goes back to that point, and its history is cleared at the next
+        # host check (a plain step −H g = g until then is not taken: its H is still used, but no
+        # update from the jump enters it). Nothing changes for a sample that never blows up.
+        better = g_sq < restart_sq
+        restart_x = torch.where(better.unsqueeze(1), x_next, restart_x)
+        restart_g = torch.where(better.unsqueeze(1), gx_next, restart_g)
+        restart_sq = torch.where(better, g_sq, restart_sq)
+        blown = ~state.done & (g_sq > (_RESTART * _RESTART) * restart_sq)
+        pending = pending | blown
+        x_next = torch.where(blown.unsqueeze(1), restart_x, x_next)
+        gx_next = torch.where(blown.unsqueeze(1), restart_g, gx_next)
         # Good Broyden update of H: u = (Δx − H Δg) / (vᵀ Δg), vᵀ = Δxᵀ H.
         dx, dg = x_next - x, gx_next - gx
         v = _h_times(V, U, dx, filled, acc)  # vᵀ = Δxᵀ(−I + Σ u_i v_iᵀ): Hᵀ Δx
@@ -84,7 +103,8 @@ def broyden(
         # though masked below, would make the gradient NaN under backward="bptt" (0 · ∞ in the
         # division's backward).
         u = ((dx - h_dg) / torch.where(usable, denom, torch.ones_like(denom))).to(x.dtype)
-        keep = usable & torch.isfinite(u).all(dim=1, keepdim=True) & torch.isfinite(v).all(dim=1, keepdim=True)
+        keep = usable & ~blown.unsqueeze(1) & torch.isfinite(u).all(dim=1, keepdim=True) \
+            & torch.isfinite(v).all(dim=1, keepdim=True)
         slot = (k - 1) % memory
         if slot < filled:
             # A dropped update leaves the slot's older one in place (a sample frozen early keeps
@@ -96,10 +116,28 @@ def broyden(
             V[:, slot] = torch.where(keep, v, torch.zeros_like(v))
         filled = min(filled + 1, memory)
         x, gx = x_next, gx_next
+        if k % check_every == 0 and bool(pending.any()):  # at a host check (every step on the CPU)
+            _clear(U, V, pending, filled)
+            pending = torch.zeros_like(pending)
     if not recording:
         # H's update pairs (H ≈ (J − I)⁻¹ near z*), for backward_warm_start; kept only when asked.
         _history.offer("broyden", U=U[:, :filled], V=V[:, :filled])
     return _common.finish(problem, state, "broyden")
+
+
+# A sample whose ‖g‖ exceeds this factor times its least ‖g‖ so far restarts from that point.
+_RESTART = 1e3
+
+
+def _clear(U, V, samples: torch.Tensor, filled: int) -> None:
+    """Zero the history of ``samples`` (B,) bool: H = −I for them again."""
+    keep = ~samples
+    if isinstance(U, _ListHistory):
+        for history in (U, V):
+            history.items = [None if t is None else t * keep.unsqueeze(1).to(t.dtype) for t in history.items]
+        return
+    U[:, :filled] *= keep.view(-1, 1, 1).to(U.dtype)
+    V[:, :filled] *= keep.view(-1, 1, 1).to(V.dtype)
 
 
 def _row_sum(p: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
