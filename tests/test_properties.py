@@ -36,7 +36,7 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import assume, given, note, settings
+from hypothesis import given, note, settings
 from hypothesis import strategies as st
 
 import deqfast
