@@ -99,6 +99,24 @@ DEQ_HD TrackOutcome track_sample(const SampleState<acc_t>& s, int64_t b, acc_t r
 // Gaussian elimination with partial pivoting. ``work`` holds n·n + 2n values. Returns false (and
 // α = e_slot, the plain step) when the system is singular or the weights are not finite.
 // The same as deqfast.reference.anderson_weights.
+// The tail of the weight solve, shared by the serial solve below and the warp solve of the CUDA
+// kernel: back substitution of the eliminated (upper triangular) n × n system A x = x, then the
+// Jacobi unscaling x_i ← s_i x_i. Returns Σ x_i (the weights' normaliser).
+template <typename acc_t>
+DEQ_HD acc_t back_substitute(const acc_t* A, acc_t* x, const acc_t* s, int n) {
+  for (int i = n - 1; i >= 0; --i) {
+    acc_t v = x[i];
+    for (int j = i + 1; j < n; ++j) v -= A[i * n + j] * x[j];
+    x[i] = v / A[i * n + i];
+  }
+  acc_t w_sum = acc_t(0);
+  for (int i = 0; i < n; ++i) {
+    x[i] *= s[i];
+    w_sum += x[i];
+  }
+  return w_sum;
+}
+
 template <typename acc_t>
 DEQ_HD bool anderson_weights(const acc_t* gram, int m, int n, int slot, acc_t lam, acc_t* alpha, acc_t* work) {
   acc_t* A = work;          // n × n
@@ -146,15 +164,7 @@ DEQ_HD bool anderson_weights(const acc_t* gram, int m, int n, int slot, acc_t la
   }
   acc_t w_sum = acc_t(0);
   if (ok) {
-    for (int i = n - 1; i >= 0; --i) {
-      acc_t v = x[i];
-      for (int j = i + 1; j < n; ++j) v -= A[i * n + j] * x[j];
-      x[i] = v / A[i * n + i];
-    }
-    for (int i = 0; i < n; ++i) {
-      x[i] *= s[i];
-      w_sum += x[i];
-    }
+    w_sum = back_substitute(A, x, s, n);
     ok = w_sum > acc_t(0) && is_finite(w_sum);
   }
   for (int i = 0; i < m; ++i) alpha[i] = acc_t(0);

@@ -131,15 +131,7 @@ __device__ void anderson_weights_warp(const acc_t* gs, int m, int n, int slot, a
     bool good = *ok != 0;
     acc_t w_sum = acc_t(0);
     if (good) {
-      for (int i = n - 1; i >= 0; --i) {
-        acc_t v = xv[i];
-        for (int j = i + 1; j < n; ++j) v -= A[i * n + j] * xv[j];
-        xv[i] = v / A[i * n + i];
-      }
-      for (int i = 0; i < n; ++i) {
-        xv[i] *= sv[i];
-        w_sum += xv[i];
-      }
+      w_sum = back_substitute(A, xv, sv, n);
       good = w_sum > acc_t(0) && is_finite(w_sum);
     }
     if (good) {
