@@ -372,9 +372,13 @@ def test_whole_solves_fused_equal_reference(problem, data):
         nan_warnings = [w for w in caught if issubclass(w.category, RuntimeWarning) and "NaN" in str(w.message)]
         assert bool(nan_warnings) == bool(results[-1][1].failed.any()), [str(w.message) for w in caught]
     (z_f, s_f), (z_r, s_r) = results
-    for name in ("nstep", "converged", "failed"):
-        _same(getattr(s_f, name), getattr(s_r, name), f"stats.{name}")
     u = _u(torch.float64)
+    # An absolute tol at f's rounding floor (~u·amp·√d: the residual of an exact fixed point, as
+    # each path rounds it) is a tie, not a decision: found by the long profile at amp 750, tol
+    # 1e-13, where the two paths' residuals at the same solution were 5.7e-14 and 1.1e-13.
+    decisive = stop_mode == "rel" or tol > 16 * u * cell.amp * d ** 0.5
+    for name in ("nstep", "converged", "failed") if decisive else ("failed",):
+        _same(getattr(s_f, name), getattr(s_r, name), f"stats.{name}")
     bound = 64 * u * max_iter * (d + min(m, max_iter) * kappa) * cell.amp
     _within(z_f, z_r, torch.tensor(bound), f"solution ({solver}, bound {bound:.3g})")
     # and, sharper where the solves got close: f is a contraction with constant L = norm, so
