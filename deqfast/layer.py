@@ -46,6 +46,12 @@ class DEQ(nn.Module):
         self.cell = cell
         self.compact = compact
         self.options = Options.build("deqfast.DEQ", **keywords)
+        if compact and not self.options.per_sample:
+            raise ValueError("deqfast.DEQ: compact=True gathers the samples still active, which needs per_sample=True "
+                             "(independent samples); got per_sample=False (one coupled state)")
+        if compact and self.options.cuda_graph:
+            raise ValueError("deqfast.DEQ: compact=True changes the shapes f sees as samples finish, which a captured "
+                             "CUDA graph cannot replay; use compact=True or cuda_graph=True, got both")
         self.stats: Optional[SolverStats] = None
         self.rows_evaluated: Optional[int] = None  # compact=True: cell rows evaluated by the last solve
 

@@ -96,3 +96,11 @@ def test_compact_bad_input():
     layer.train()
     with pytest.raises(ValueError, match="VariationalDropout"):
         layer(torch.ones(2, 3))
+
+
+@pytest.mark.parametrize("keywords", [dict(per_sample=False), dict(cuda_graph=True)])
+def test_compact_refuses_what_it_cannot_gather(keywords):
+    """compact=True needs independent samples (per_sample=True) and shapes a CUDA graph can replay."""
+    name = next(iter(keywords))
+    with pytest.raises(ValueError, match=rf"deqfast.DEQ: compact=True .*{name}"):
+        deqfast.DEQ(lambda z, x: 0.5 * z + x, compact=True, **keywords)
