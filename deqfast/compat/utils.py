@@ -11,6 +11,8 @@ import warnings
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from .. import _checks
+
 __all__ = ["DEQConfig", "add_deq_args", "mem_gc", "mixed_init"]
 
 _warned = set()
@@ -22,8 +24,9 @@ def warn_once(where: str, names, what: str) -> None:
     new = [n for n in sorted(names) if (where, n) not in _warned]
     if new:
         _warned.update((where, n) for n in new)
-        warnings.warn(f"{where}: ignoring {what} {', '.join(map(repr, new))} (torchdeq 0.1.0 accepts and ignores "
-                      f"{'it' if len(new) == 1 else 'them'}); this warning is shown once", UserWarning, stacklevel=3)
+        # Attributed to the user's line (the DEQ call runs under nn.Module.__call__).
+        _checks.warn(f"{where}: ignoring {what} {', '.join(map(repr, new))} (torchdeq 0.1.0 accepts and ignores "
+                     f"{'it' if len(new) == 1 else 'them'}); this warning is shown once", UserWarning)
 
 
 class DEQConfig:
