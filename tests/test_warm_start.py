@@ -2,6 +2,7 @@
 against the dense float64 oracle, with its VJP count against the adjoint from zero."""
 import pytest
 import torch
+from torch import nn
 
 import deqfast
 from conftest import ConvCell, TanhCell, dense_jacobian
@@ -96,3 +97,45 @@ def test_bad_warm_start_arguments(kwargs, error, match):
         deqfast.DEQ(torch.nn.Identity(), **kwargs)
     with pytest.raises(error, match=match):
         deqfast.fixed_point(lambda z: 0.5 * z, torch.ones(2, 3), **kwargs)
+
+
+@pytest.mark.parametrize("hook_ift", [False, True])
+def test_compat_backward_warm_start_same_gradient_fewer_vjps(hook_ift):
+    """get_deq(..., backward_warm_start=True): torchdeq's IFT gradient (J at f(z*), or at z* with
+    hook_ift) from an adjoint started and preconditioned by the forward Anderson history: the
+    gradient of the plain adjoint (both to b_tol 1e-10) and of the dense float64 solve, in fewer VJPs."""
+    from deqfast.compat import get_deq
+    g = torch.Generator().manual_seed(5)
+    d, B = 24, 5
+    W = torch.randn(d, d, generator=g, dtype=torch.float64)
+    W = nn.Parameter(0.95 * W / torch.linalg.matrix_norm(W, 2))
+    x = torch.randn(B, d, generator=g, dtype=torch.float64)
+    f = lambda z: torch.tanh(z @ W.T + x)  # noqa: E731
+    grads, vjps = [], []
+    for warm in (False, True):
+        deq = get_deq(f_solver="anderson", f_max_iter=100, f_tol=1e-11, b_tol=1e-10, b_max_iter=400,
+                      ift=not hook_ift, hook_ift=hook_ift, backward_warm_start=warm)
+        stats = []
+        W.grad = None
+        z_list, _ = deq(f, torch.zeros(B, d, dtype=torch.float64), backward_writer=stats.append)
+        z_list[-1].square().sum().backward()
+        grads.append(W.grad.clone())
+        vjps.append(float(stats[0]["nstep"].sum()))
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-8, atol=1e-9)  # both adjoints to b_tol 1e-10
+    # the dense oracle: u = (I − Jᵀ)⁻¹ ∂L/∂z at z*, then uᵀ ∂f/∂W
+    with torch.no_grad():
+        z = torch.zeros(B, d, dtype=torch.float64)
+        for _ in range(2000):
+            z = f(z)
+    J = dense_jacobian(lambda zz: torch.tanh(zz @ W.detach().T + x), z)
+    u = torch.linalg.solve((torch.eye(d, dtype=torch.float64) - J).transpose(1, 2), (2 * z).unsqueeze(2)).squeeze(2)
+    z_leaf = z.clone().requires_grad_()
+    exact = torch.autograd.grad(f(z_leaf), W, u)[0]
+    torch.testing.assert_close(grads[1], exact, rtol=1e-7, atol=1e-12)
+    assert vjps[1] < vjps[0], vjps
+
+
+def test_compat_backward_warm_start_must_be_a_bool():
+    from deqfast.compat import get_deq
+    with pytest.raises(TypeError, match="backward_warm_start must be a bool"):
+        get_deq(backward_warm_start="yes")

@@ -20,6 +20,7 @@ extension) fixes the choice without the probe.
 """
 from __future__ import annotations
 
+import contextlib
 import types
 from typing import Callable, Optional
 
@@ -30,6 +31,7 @@ from .. import _checks
 from .._state import PackedState
 from ..backward import AdjointFunction
 from ..options import Options
+from ..solvers import _history
 from . import solver as _solver
 from .dropout import reset_dropout
 from .loss import power_method
@@ -61,8 +63,9 @@ TORCHDEQ_DEFAULTS = {
     "n_states": 1,
     "indexing": None,
 }
-# deqfast's own configuration keys (not torchdeq's): None (decide), True or False.
-EXTENSION_KEYS = ("per_sample",)
+# deqfast's own configuration keys (not torchdeq's): per_sample None (decide), True or False;
+# backward_warm_start a bool (the IFT adjoint started from the forward solve's history).
+EXTENSION_KEYS = ("per_sample", "backward_warm_start")
 _KNOWN_CONFIG = frozenset(TORCHDEQ_DEFAULTS) | ARG_KEYS | frozenset(EXTENSION_KEYS)
 
 # What torchdeq's solvers read from solver_kwargs (f_max_iter is the DEQ's).
@@ -164,6 +167,11 @@ class DEQBase(nn.Module):
             raise ValueError(f"{caller}: per_sample must be None (decide), True or False, got {per_sample!r}")
         # None: undecided; True: rows coupled (solve the state as one sample); False: independent rows.
         self._coupled: Optional[bool] = None if per_sample is None else not per_sample
+        warm = get("backward_warm_start", False)
+        if not isinstance(warm, bool):
+            raise TypeError(f"{caller}: backward_warm_start must be a bool, got {type(warm).__name__} {warm!r}")
+        self._warm = warm
+        self._history = None  # the last training solve's history, handed to the IFT gradient (warm start)
         self.hook = None
         # The adjoint solve of the implicit gradient (deqfast's, b_solver's algorithm).
         self._b_options = Options.build(
@@ -201,9 +209,12 @@ class DEQBase(nn.Module):
         if self._coupled is None:
             self._coupled = _probe_coupling(deq_func, z_init)
         extra = dict(_compat=dict(whole=bool(self._coupled))) if own else {}
-        with torch.no_grad():
+        # backward_warm_start: keep the solver's history for the IFT gradient (training only).
+        warm = self._warm and own and torch.is_grad_enabled() and self.produce_grad[-1] == self._ift
+        with torch.no_grad(), (_history.capture() if warm else contextlib.nullcontext()) as history:
             z_star, trajectory, info = self.f_solver(deq_func, x0=z_init, max_iter=f_max_iter, tol=self.f_tol,
                                                      stop_mode=self.f_stop_mode, **kw, **extra)
+        self._history = history
         return z_star, trajectory, info
 
     def forward(self, func, z_init, solver_kwargs=None, sradius_mode=False, backward_writer=None, **kwargs):
@@ -298,20 +309,22 @@ class _GradMixin:
             z_leaf = (z_pred.reshape(1, -1) if whole else z_pred).requires_grad_()
             with torch.enable_grad():
                 fz = deq_func(z_leaf.view(shape)).reshape(z_leaf.shape)
+            history, self._history = self._history, None
             out = AdjointFunction.apply(fz, z_leaf, self._b_options, types.SimpleNamespace(backward=None), on_backward,
-                                      "deqfast.compat")
+                                      "deqfast.compat", history)
             return [out.view(shape)]
         new_z = deq_func(z_pred)
         at = z_pred if self.hook_ift else new_z.detach()
-        return [_IFTGrad.apply(new_z, at, deq_func, self, writer if not own else on_backward)]
+        history, self._history = self._history, None
+        return [_IFTGrad.apply(new_z, at, deq_func, self, writer if not own else on_backward, history)]
 
 
 class _IFTGrad(autograd.Function):
     """Identity on new_z = f(z_pred); backward solves the adjoint equation with J at ``at``."""
 
     @staticmethod
-    def forward(ctx, new_z, at, deq_func, deq, writer):
-        ctx.deq_func, ctx.deq, ctx.writer = deq_func, deq, writer
+    def forward(ctx, new_z, at, deq_func, deq, writer, history=None):
+        ctx.deq_func, ctx.deq, ctx.writer, ctx.history = deq_func, deq, writer, history
         ctx.save_for_backward(at)
         return new_z.detach().clone()
 
@@ -328,7 +341,8 @@ class _IFTGrad(autograd.Function):
                 fh = ctx.deq_func(h.view(shape)).reshape(h.shape)
             fake = types.SimpleNamespace(saved_tensors=(fh, h), options=deq._b_options,
                                          stats=types.SimpleNamespace(backward=None), on_backward=ctx.writer,
-                                         caller="deqfast.compat", history=None)
+                                         caller="deqfast.compat", history=ctx.history)
+            ctx.history = None
             u = AdjointFunction.backward(fake, grad.reshape(h.shape))[0].view(shape)
         else:  # a registered b_solver, called as torchdeq calls it
             h = at.detach().requires_grad_()
@@ -339,7 +353,7 @@ class _IFTGrad(autograd.Function):
                                       stop_mode=deq.b_stop_mode)
             if ctx.writer:
                 ctx.writer(info)
-        return u, None, None, None, None
+        return u, None, None, None, None, None
 
 
 class DEQIndexing(_GradMixin, DEQBase):
