@@ -25,7 +25,6 @@ Writes time_to_loss.{json,md,png}.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

@@ -420,8 +420,6 @@ def anderson_parity(B, d, m, n_filled, dtype, tau=1.0, lam=1e-3, seed=0, with_fu
 
 
 def _anderson_fused_once(x, fx, F_ref, G_ref, gram0, state, n_filled, slot, lam, tau):
-    import torch
-
     from deqfast import ops
 
     B, m, d = F_ref.shape

@@ -41,7 +41,7 @@ def test_compact_equals_full_batch_and_the_dense_oracle(solver):
         out = layer(x, z0)
         grads = torch.autograd.grad((out * c).sum(), list(cell.parameters()) + [x])
         results[compact] = (out.detach(), grads, layer)
-    (z_full, g_full, full), (z_c, g_c, comp) = results[False], results[True]
+    (z_full, g_full, _), (z_c, g_c, comp) = results[False], results[True]
     assert bool(comp.stats.converged.all())
     assert len(set(comp.stats.nstep.tolist())) > 2, "samples should converge at different speeds"
     torch.testing.assert_close(z_c, z_full, rtol=0, atol=1e-10)

@@ -147,7 +147,7 @@ def test_implicit_neural_representation():
         torch.manual_seed(5)
         model = _INR(lib, args)
         opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-        losses, nsteps = [], []
+        losses = []
         for _ in range(3):
             pred, info = model(coords)
             loss = (pred - rgb).square().mean()

@@ -68,6 +68,7 @@ def anderson(
     F = G = None
     recording = fused = False
     workspace = graphs = x_in = x_out = None
+    first_graphed = 0  # the first iteration replayed from a graph (set with graphs)
     one_call = False  # the fused path through anderson_fused_step (one op call per step)
 
     def fused_step(k: int, x: torch.Tensor) -> torch.Tensor:
