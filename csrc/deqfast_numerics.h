@@ -99,6 +99,23 @@ DEQ_HD TrackOutcome track_sample(const SampleState<acc_t>& s, int64_t b, acc_t r
 // Gaussian elimination with partial pivoting. ``work`` holds n·n + 2n values. Returns false (and
 // α = e_slot, the plain step) when the system is singular or the weights are not finite.
 // The same as deqfast.reference.anderson_weights.
+// Partial pivoting of column col of the n × n matrix A (rows col..n−1): the row of largest |A[r][col]|
+// (the first on ties) and that magnitude in *best. Shared by the serial and the CUDA warp solve.
+template <typename acc_t>
+DEQ_HD int find_pivot(const acc_t* A, int n, int col, acc_t* best) {
+  int pivot = col;
+  acc_t b = A[col * n + col] < acc_t(0) ? -A[col * n + col] : A[col * n + col];
+  for (int r = col + 1; r < n; ++r) {
+    const acc_t v = A[r * n + col] < acc_t(0) ? -A[r * n + col] : A[r * n + col];
+    if (v > b) {
+      b = v;
+      pivot = r;
+    }
+  }
+  *best = b;
+  return pivot;
+}
+
 // The tail of the weight solve, shared by the serial solve below and the warp solve of the CUDA
 // kernel: back substitution of the eliminated (upper triangular) n × n system A x = x, then the
 // Jacobi unscaling x_i ← s_i x_i. Returns Σ x_i (the weights' normaliser).
@@ -133,15 +150,8 @@ DEQ_HD bool anderson_weights(const acc_t* gram, int m, int n, int slot, acc_t la
   }
   bool ok = true;
   for (int col = 0; col < n && ok; ++col) {
-    int pivot = col;
-    acc_t best = A[col * n + col] < acc_t(0) ? -A[col * n + col] : A[col * n + col];
-    for (int r = col + 1; r < n; ++r) {
-      const acc_t v = A[r * n + col] < acc_t(0) ? -A[r * n + col] : A[r * n + col];
-      if (v > best) {
-        best = v;
-        pivot = r;
-      }
-    }
+    acc_t best;
+    const int pivot = find_pivot(A, n, col, &best);
     if (!(best > acc_t(0))) {  // zero or NaN pivot
       ok = false;
       break;

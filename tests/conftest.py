@@ -77,3 +77,16 @@ if hypothesis is not None:
     import os as _os
 
     hypothesis.settings.load_profile(_os.environ.get("DEQFAST_HYPOTHESIS_PROFILE", "ci"))
+
+
+def solve_path(path, solver, monkeypatch):
+    """Force the fused CPU ops (skip where they are absent; Broyden has none) or the reference."""
+    from deqfast import ops
+    from deqfast._extension import fused_available
+    if path == "fused":
+        if solver == "broyden":
+            pytest.skip("Broyden has no fused op")
+        if not fused_available(torch.device("cpu")):
+            pytest.skip("deqfast._C not compiled")
+    else:
+        monkeypatch.setattr(ops, "use_fused", lambda *a, **k: False)

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 import deqfast
-from deqfast import ops
-from deqfast._extension import fused_available
+from conftest import solve_path
 
 SOLVERS = {"anderson": deqfast.solvers.anderson, "fixed_point": deqfast.solvers.fixed_point_iteration,
            "broyden": deqfast.solvers.broyden}
@@ -35,14 +34,6 @@ def _criterion(f, z, stop_mode, per_sample):
     return r if stop_mode == "abs" else r / torch.linalg.vector_norm(fz.reshape(rows, -1), dim=1), r
 
 
-def _path(path, solver, monkeypatch):
-    if path == "fused":
-        if solver == "broyden":
-            pytest.skip("Broyden has no fused op")
-        if not fused_available(torch.device("cpu")):
-            pytest.skip("deqfast._C not compiled")
-    else:
-        monkeypatch.setattr(ops, "use_fused", lambda *a, **k: False)
 
 
 @pytest.mark.parametrize("stop_mode", ["rel", "abs"])
@@ -62,7 +53,7 @@ def test_per_sample_rows_drift_in_a_coupled_f(solver, stop_mode):
 @pytest.mark.parametrize("stop_mode", ["rel", "abs"])
 @pytest.mark.parametrize("solver", list(SOLVERS))
 def test_whole_state_meets_tol(solver, stop_mode, path, dtype, monkeypatch):
-    _path(path, solver, monkeypatch)
+    solve_path(path, solver, monkeypatch)
     f, _ = _coupled(dtype)
     z, stats = SOLVERS[solver](f, torch.zeros(N, D, dtype=dtype), tol=TOL, stop_mode=stop_mode, max_iter=100,
                                per_sample=False)

@@ -14,8 +14,7 @@ import pytest
 import torch
 
 import deqfast
-from deqfast import ops
-from deqfast._extension import fused_available
+from conftest import solve_path
 
 SOLVERS = {"anderson": deqfast.solvers.anderson, "fixed_point": deqfast.solvers.fixed_point_iteration,
            "broyden": deqfast.solvers.broyden}
@@ -23,14 +22,6 @@ MAGNITUDES = [(torch.float32, m) for m in (1e-20, 1e-30, 1e19, 1e30)] + [(torch.
 B, D = 4, 24
 
 
-def _path(path, solver, monkeypatch):
-    if path == "fused":
-        if solver == "broyden":
-            pytest.skip("Broyden has no fused op")
-        if not fused_available(torch.device("cpu")):
-            pytest.skip("deqfast._C not compiled")
-    else:
-        monkeypatch.setattr(ops, "use_fused", lambda *a, **k: False)
 
 
 def _unit_map(dtype):
@@ -59,7 +50,7 @@ def _oracle(f, z, mag):
 @pytest.mark.parametrize("solver", list(SOLVERS))
 @pytest.mark.parametrize("dtype, mag", MAGNITUDES)
 def test_stats_true_at_any_magnitude(dtype, mag, solver, path, stop_mode, monkeypatch):
-    _path(path, solver, monkeypatch)
+    solve_path(path, solver, monkeypatch)
     h = _unit_map(dtype)
     f = lambda z: mag * h(z / mag)
     tol = 1e-5 if stop_mode == "rel" else 1e-5 * mag
@@ -88,7 +79,7 @@ def test_stats_true_at_any_magnitude(dtype, mag, solver, path, stop_mode, monkey
 @pytest.mark.parametrize("dtype, k", [(torch.float32, k) for k in (-100, -66, 64, 100)] + [(torch.float64, k) for k in (-532, 532)])
 def test_power_of_two_magnitude_is_the_unit_solve_exactly(dtype, k, solver, path, stop_mode, monkeypatch):
     """f(z) = 2^k h(z / 2^k): every iterate, and the stats, are exactly 2^k times those of h's solve."""
-    _path(path, solver, monkeypatch)
+    solve_path(path, solver, monkeypatch)
     h = _unit_map(dtype)
     mag = 2.0 ** k
     tol = 1e-5 if stop_mode == "rel" else 1e-5

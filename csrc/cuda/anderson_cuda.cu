@@ -92,15 +92,8 @@ __device__ void anderson_weights_warp(const acc_t* gs, int m, int n, int slot, a
   for (int col = 0; col < n; ++col) {
     __shared__ int pivot_row;
     if (lane == 0) {
-      int pivot = col;
-      acc_t best = A[col * n + col] < acc_t(0) ? -A[col * n + col] : A[col * n + col];
-      for (int r = col + 1; r < n; ++r) {
-        const acc_t v = A[r * n + col] < acc_t(0) ? -A[r * n + col] : A[r * n + col];
-        if (v > best) {
-          best = v;
-          pivot = r;
-        }
-      }
+      acc_t best;
+      const int pivot = find_pivot(A, n, col, &best);
       if (!(best > acc_t(0))) *ok = 0;  // zero or NaN pivot
       pivot_row = pivot;
     }

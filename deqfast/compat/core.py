@@ -217,6 +217,20 @@ class DEQBase(nn.Module):
         self._history = history
         return z_star, trajectory, info
 
+    def _prepare(self, func, z_init, solver_kwargs, kwargs):
+        """The start of both cores' call: warn once about keywords torchdeq ignores, pack z_init."""
+        if kwargs:
+            warn_once("deqfast.compat: the DEQ call", kwargs, "keyword(s)")
+        deq_func = _DEQFunc(func, z_init, "deqfast.compat")
+        return deq_func, deq_func.list2vec(z_init), self._solver_kwargs(solver_kwargs)
+
+    def _eval(self, deq_func, z_init, solver_kwargs, sradius_mode):
+        """Both cores in eval mode: [z*] (f at the best iterate, no gradient) and the solver's info."""
+        z_star, _, info = self._run_solver(deq_func, z_init, solver_kwargs.get("f_max_iter", self.eval_f_max_iter),
+                                           solver_kwargs)
+        info["sradius"] = self._sradius(deq_func, z_star) if sradius_mode else torch.zeros(1, device=z_star.device)
+        return [deq_func.vec2list(z_star)], info
+
     def forward(self, func, z_init, solver_kwargs=None, sradius_mode=False, backward_writer=None, **kwargs):
         raise NotImplementedError
 
@@ -382,11 +396,7 @@ class DEQIndexing(_GradMixin, DEQBase):
     def forward(self, func, z_init, solver_kwargs=None, sradius_mode=False, backward_writer=None, **kwargs):
         """(z_out, info) as torchdeq: in training the sampled states with their gradients, in eval
         [z*] (f at the best iterate, no gradient); info is torchdeq's SolverStat dict."""
-        if kwargs:
-            warn_once("deqfast.compat: the DEQ call", kwargs, "keyword(s)")
-        deq_func = _DEQFunc(func, z_init, "deqfast.compat")
-        z_init = deq_func.list2vec(z_init)
-        solver_kwargs = self._solver_kwargs(solver_kwargs)
+        deq_func, z_init, solver_kwargs = self._prepare(func, z_init, solver_kwargs, kwargs)
         if self.training:
             fm = solver_kwargs.get("f_max_iter")
             indexing = self._compute_f_iter(fm) if type(fm) in (int, float) else self.indexing
@@ -396,12 +406,8 @@ class DEQIndexing(_GradMixin, DEQBase):
             for z_pred, produce_grad in zip(trajectory, self.produce_grad):
                 z_out += produce_grad(deq_func, z_pred.detach(), writer=backward_writer)
             z_out = [deq_func.vec2list(each) for each in z_out]
-        else:
-            z_star, _, info = self._run_solver(deq_func, z_init, solver_kwargs.get("f_max_iter", self.eval_f_max_iter),
-                                               solver_kwargs)
-            info["sradius"] = self._sradius(deq_func, z_star) if sradius_mode else torch.zeros(1, device=z_star.device)
-            z_out = [deq_func.vec2list(z_star)]
-        return z_out, info
+            return z_out, info
+        return self._eval(deq_func, z_init, solver_kwargs, sradius_mode)
 
 
 class DEQSliced(_GradMixin, DEQBase):
@@ -423,11 +429,7 @@ class DEQSliced(_GradMixin, DEQBase):
     def forward(self, func, z_star, solver_kwargs=None, sradius_mode=False, backward_writer=None, **kwargs):
         """(z_out, info) as torchdeq: in training one state per slice with its gradient, in eval [z*]
         (f at the best iterate, no gradient); info is torchdeq's SolverStat dict (the last solve's)."""
-        if kwargs:
-            warn_once("deqfast.compat: the DEQ call", kwargs, "keyword(s)")
-        deq_func = _DEQFunc(func, z_star, "deqfast.compat")
-        z_star = deq_func.list2vec(z_star)
-        solver_kwargs = self._solver_kwargs(solver_kwargs)
+        deq_func, z_star, solver_kwargs = self._prepare(func, z_star, solver_kwargs, kwargs)
         if self.training:
             fm = solver_kwargs.get("f_max_iter")
             indexing = self._compute_f_iter(fm) if type(fm) in (int, float) else self.indexing
@@ -438,12 +440,8 @@ class DEQSliced(_GradMixin, DEQBase):
                 z_out += produce_grad(deq_func, z_star, writer=backward_writer)
                 z_star = z_out[-1]
             z_out = [deq_func.vec2list(each) for each in z_out]
-        else:
-            z_star, _, info = self._run_solver(deq_func, z_star, solver_kwargs.get("f_max_iter", self.eval_f_max_iter),
-                                               solver_kwargs)
-            info["sradius"] = self._sradius(deq_func, z_star) if sradius_mode else torch.zeros(1, device=z_star.device)
-            z_out = [deq_func.vec2list(z_star)]
-        return z_out, info
+            return z_out, info
+        return self._eval(deq_func, z_star, solver_kwargs, sradius_mode)
 
 
 _core = {"indexing": DEQIndexing, "sliced": DEQSliced}
