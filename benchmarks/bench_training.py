@@ -23,10 +23,13 @@ parameters counts as one).
 
 A second table per cell, backward_warm_start: not forced, but to tolerance (forward tol 1e-4,
 backward_tol 1e-6, deqfast's defaults), the implicit adjoint from zero against the one started and
-preconditioned from the forward's history (Anderson m = 5, m = 10; Broyden m = 10): VJPs to reach
-backward_tol (mean per sample, from stats.backward.nstep), backward time (median), and each
-gradient's relative error against a float64 reference (the same cell in float64, forward tol 1e-11,
-plain adjoint to 1e-12).
+preconditioned from the forward's history (Anderson m = 5, m = 10; Broyden m = 10), with the
+fixed-point adjoint (the default) and with the Anderson adjoint: VJPs to reach backward_tol (mean
+per sample, from stats.backward.nstep), backward time (median), and each gradient's relative error
+against a float64 reference (the same cell in float64, forward tol 1e-11, plain adjoint to 1e-12).
+Its last row is the Krylov reference: the adjoint from zero by Anderson with more memory than steps
+(GMRES on the linear adjoint system), the fewest VJPs any method from zero that sees J only through
+VJPs reaches -- what bounds the cells' ratios.
 """
 from __future__ import annotations
 
@@ -162,7 +165,12 @@ def run_cell(problem, T: int, m: int, cfg, progress, repeats: int, warmup: int) 
     return {"cell": problem.name, "sizes": problem.sizes, "params": problem.params, "T": T, "m": m, "methods": rows}
 
 
-WARM_CONFIGS = [("anderson", 5), ("anderson", 10), ("broyden", 10)]
+# (forward solver, m, adjoint solver); each from zero and warm-started.
+WARM_CONFIGS = [("anderson", 5, "fixed_point"), ("anderson", 10, "fixed_point"), ("broyden", 10, "fixed_point"),
+                ("anderson", 5, "anderson"), ("anderson", 10, "anderson"), ("broyden", 10, "anderson")]
+# The adjoint from zero by Anderson with a memory longer than the steps it takes: for a linear
+# system that is GMRES (Walker & Ni 2011), the fewest VJPs any Krylov method from zero can reach.
+KRYLOV_M = 64
 
 
 def _param_grads(problem, w, **kwargs):
@@ -175,7 +183,8 @@ def _param_grads(problem, w, **kwargs):
 
 
 def warm_start_cell(problem, cfg, repeats: int) -> dict:
-    """The adjoint to backward_tol from zero vs backward_warm_start, per forward solver (see above)."""
+    """The adjoint to backward_tol from zero vs backward_warm_start, per forward and adjoint solver
+    (see above), and the Krylov reference: the adjoint from zero by full-memory Anderson."""
     import copy
     g = torch.Generator(device="cpu").manual_seed(2)
     w = torch.randn(problem.z0.shape, generator=g).to(cfg.device)
@@ -184,30 +193,34 @@ def warm_start_cell(problem, cfg, repeats: int) -> dict:
     ref_problem.x, ref_problem.z0 = problem.x.double(), problem.z0.double()
     reference, _ = _param_grads(ref_problem, w.double(), solver="anderson", m=10, max_iter=500, tol=1e-11,
                                 backward_max_iter=3000, backward_tol=1e-12)
+    params = list(problem.cell.parameters())
+    runs = [(solver, m, backward_solver, warm) for solver, m, backward_solver in WARM_CONFIGS for warm in (False, True)]
+    runs.append(("anderson", 5, f"anderson m{KRYLOV_M}", False))
     rows = []
-    for solver, m in WARM_CONFIGS:
-        for warm in (False, True):
-            kwargs = dict(solver=solver, m=m, max_iter=100, tol=1e-4, backward_tol=1e-6, backward_max_iter=500,
-                          backward_warm_start=warm)
-            grad, stats = _param_grads(problem, w, **kwargs)
-            params = list(problem.cell.parameters())
+    for solver, m, backward_solver, warm in runs:
+        kwargs = dict(solver=solver, m=m, max_iter=100, tol=1e-4, backward_tol=1e-6, backward_max_iter=500,
+                      backward_solver="anderson" if backward_solver.startswith("anderson") else backward_solver,
+                      backward_warm_start=warm)
+        if backward_solver == f"anderson m{KRYLOV_M}":
+            kwargs["m"] = KRYLOV_M  # the forward too (one m for both); its NFE is not compared here
+        grad, stats = _param_grads(problem, w, **kwargs)
 
-            def step(clock):
-                z, _ = deqfast_fixed_point()(lambda z: problem.cell(z, problem.x), problem.z0, **kwargs)
-                loss = (z * w).sum()
-                clock.lap("forward")
-                torch.autograd.grad(loss, params)
-                clock.lap("backward")
+        def step(clock):
+            z, _ = deqfast_fixed_point()(lambda z: problem.cell(z, problem.x), problem.z0, **kwargs)
+            loss = (z * w).sum()
+            clock.lap("forward")
+            torch.autograd.grad(loss, params)
+            clock.lap("backward")
 
-            times = common.time_repeats(step, cfg.device, repeats=repeats, warmup=1,
-                                        budget_s=cfg.pick(quick=3, cpu=20, cuda=20, cuda_quick=3))
-            rows.append({"solver": solver, "m": m, "warm_start": warm,
-                         "forward_nfe": float(stats.nstep.double().mean()),
-                         "vjps": float(stats.backward.nstep.double().mean()),
-                         "backward_converged": float(stats.backward.converged.double().mean()),
-                         "forward_ms": times["forward"]["median_s"] * 1e3,
-                         "backward_ms": times["backward"]["median_s"] * 1e3,
-                         "grad_rel_error": float((grad.double() - reference).norm() / reference.norm())})
+        times = common.time_repeats(step, cfg.device, repeats=repeats, warmup=1,
+                                    budget_s=cfg.pick(quick=3, cpu=20, cuda=20, cuda_quick=3))
+        rows.append({"solver": solver, "m": m, "backward_solver": backward_solver, "warm_start": warm,
+                     "forward_nfe": float(stats.nstep.double().mean()),
+                     "vjps": float(stats.backward.nstep.double().mean()),
+                     "backward_converged": float(stats.backward.converged.double().mean()),
+                     "forward_ms": times["forward"]["median_s"] * 1e3,
+                     "backward_ms": times["backward"]["median_s"] * 1e3,
+                     "grad_rel_error": float((grad.double() - reference).norm() / reference.norm())})
     return {"cell": problem.name, "rows": rows}
 
 
@@ -216,18 +229,28 @@ def deqfast_fixed_point():
     return deqfast.fixed_point
 
 
-WARM_HEADERS = ["forward", "adjoint", "fwd NFE", "VJPs to backward_tol", "VJPs plain/warm", "converged",
-                "fwd ms", "bwd ms", "bwd ms plain/warm", "grad rel err vs float64"]
+WARM_HEADERS = ["forward", "adjoint", "start", "fwd NFE", "VJPs to backward_tol", "fixed-point from zero / this",
+                "same adjoint from zero / this", "converged", "bwd ms", "bwd ms same adjoint from zero / this",
+                "grad rel err vs float64"]
 
 
 def warm_table_rows(cell_result):
-    out = []
     rows = cell_result["rows"]
-    for plain, warm in zip(rows[0::2], rows[1::2]):
-        for r in (plain, warm):
-            out.append([f"{r['solver']} m{r['m']}", "warm start" if r["warm_start"] else "from zero", r["forward_nfe"],
-                        r["vjps"], plain["vjps"] / r["vjps"], r["backward_converged"], r["forward_ms"],
-                        r["backward_ms"], plain["backward_ms"] / r["backward_ms"], r["grad_rel_error"]])
+
+    def zero(r):
+        """The run from zero with r's forward solver and m and the adjoint named."""
+        return next(p for p in rows if (p["solver"], p["m"], p["backward_solver"], p["warm_start"])
+                    == (r["solver"], r["m"], r["backward_solver"], False))
+
+    out = []
+    for r in rows:
+        baseline = next((p for p in rows if (p["solver"], p["m"], p["backward_solver"], p["warm_start"])
+                         == (r["solver"], r["m"], "fixed_point", False)), rows[0])
+        same = zero(r)
+        out.append([f"{r['solver']} m{r['m']}", r["backward_solver"], "warm start" if r["warm_start"] else "from zero",
+                    r["forward_nfe"], r["vjps"], baseline["vjps"] / r["vjps"], same["vjps"] / r["vjps"],
+                    r["backward_converged"], r["backward_ms"], same["backward_ms"] / r["backward_ms"],
+                    r["grad_rel_error"]])
     return out
 
 
@@ -307,8 +330,11 @@ def run(cfg, info: dict) -> dict:
             f"backward_warm_start, {res['cell']} cell: adjoint to backward_tol 1e-6 (forward tol 1e-4), {label}",
             WARM_HEADERS, warm_table_rows(res)))
     sections.append((None, (
-        "VJPs to backward_tol: mean per sample (stats.backward.nstep). plain/warm: the adjoint from zero's figure over "
-        "this row's. grad rel err: ‖∇θ − ∇θ(float64 reference)‖/‖∇θ(reference)‖, the reference solved in float64 to "
+        "VJPs to backward_tol: mean per sample (stats.backward.nstep). fixed-point from zero / this: the default "
+        "adjoint's VJPs (fixed-point iteration from zero, same forward) over this row's; same adjoint from zero / "
+        "this: the same adjoint solver's from zero. The last row, Anderson with a memory of "
+        f"{KRYLOV_M} from zero, is GMRES-equivalent: the fewest VJPs any Krylov method from zero reaches, so a "
+        "ratio it cannot reach says the cell's Jacobian leaves no room for it. grad rel err: ‖∇θ − ∇θ(float64 reference)‖/‖∇θ(reference)‖, the reference solved in float64 to "
         "1e-11 / 1e-12; both rows of a pair share the forward tolerance, which dominates it.")))
     result = {"benchmark": "training", "device_label": label, "deqfast_path": info["deqfast_path"], "T": T, "m": m, "repeats": repeats, "cells": results,
               "warm_start": warm_results}

@@ -154,6 +154,9 @@ class AdjointFunction(torch.autograd.Function):
                     if precondition is not None and options.backward_solver == "fixed_point":
                         del kwargs["tau"]
                         u, stats = warm_adjoint_iteration(vjp, grad, precondition, **kwargs)
+                    elif precondition is not None and options.backward_solver == "anderson":
+                        del kwargs["tau"]
+                        u, stats = warm_adjoint_anderson(vjp, grad, precondition, **kwargs)
                     elif options.backward_solver == "fixed_point":
                         del kwargs["tau"]
                         u, stats = adjoint_iteration(vjp, grad, **kwargs)
@@ -183,6 +186,8 @@ class AdjointFunction(torch.autograd.Function):
 # steps: where those hold J's slow modes (eigenvalues near 1; the same for J and Jᵀ) the adjoint
 # converges faster. It stops on the same residual ‖g + Jᵀu − u‖ and tolerance as the plain adjoint,
 # so the gradient is as exact; a sample whose residual fails to decrease takes plain steps from there.
+# With backward_solver="anderson" the preconditioned steps are Anderson-mixed (warm_adjoint_anderson).
+# With "broyden" only the start u₀ = M g is taken from the forward (its history starts empty).
 
 
 def _row_sum(p: torch.Tensor, acc) -> torch.Tensor:
@@ -236,9 +241,10 @@ def warm_preconditioner(history, like: torch.Tensor, lam: float):
     inverse = torch.where(ok.view(-1, 1, 1), inverse, torch.zeros_like(inverse))  # M = I for a bad sample
 
     def apply_anderson(r):
-        c = _row_sum(D * r.unsqueeze(1), acc)  # (B, k): (s_j − y_j) · r
-        w = (inverse * c.unsqueeze(1)).sum(dim=2).to(r.dtype)  # (B, k), per sample
-        return r + (Y * w.unsqueeze(2)).sum(dim=1)
+        c = _row_sum(D * r.unsqueeze(1), acc)  # (B, k): (s_j − y_j) · r, in an order set by d alone
+        # Sums over the k slots only, which torch.bmm does not split: the same for any batch size.
+        w = torch.bmm(inverse, c.unsqueeze(2)).transpose(1, 2).to(r.dtype)  # (B, 1, k)
+        return r + torch.bmm(w, Y).squeeze(1)
 
     return apply_anderson
 
@@ -277,3 +283,61 @@ def warm_adjoint_iteration(vjp, g: torch.Tensor, precondition, *, max_iter: int,
         if _common.should_stop(state, k, check_every, max_iter):
             break
     return _common.finish(problem, state, "fixed_point")
+
+
+def warm_adjoint_anderson(vjp, g: torch.Tensor, precondition, *, max_iter: int, tol: float, stop_mode: str,
+                          m: int, lam: float, check_every=None, per_sample: bool = True):
+    """Solve u = g + Jᵀu by Anderson acceleration of the preconditioned map u ↦ u + M r,
+    r = g + Jᵀu − u, from u₀ = M g (one VJP per step).
+
+    The history holds the preconditioned steps p = M r (the map's residuals) and the mixing weights
+    minimise ‖Σ α_j p_j‖ (type-II Anderson on the map, with the ridge of :func:`anderson`), but every
+    decision -- best iterate, convergence, the stats -- is taken on the true residual ‖r‖ (relative:
+    ‖r‖ / ‖g + Jᵀu‖), as in the plain adjoint: the same tolerance means the same gradient. A sample
+    whose best ‖r‖ has not improved for max(2m, 8) steps drops M (p = r: plain Anderson on the
+    adjoint) from there on, so a poor M costs steps, never the answer."""
+    from . import ops
+    caller = "deqfast backward (implicit, warm-started Anderson adjoint)"
+    rows = g.shape[0] if per_sample else 1
+    g_flat = g.contiguous().reshape(rows, -1)
+    problem = _common.FlatProblem(caller, vjp, precondition(g_flat).reshape(g.shape), per_sample, stop_mode)
+    u = problem.x0
+    if problem.scale is not None:
+        g_flat = g_flat * problem.scale
+    acc = accumulation_dtype(g.dtype)
+    check_every = _common.resolve_check_every(check_every, u)
+    B, d = u.shape
+    m = min(m, max_iter)
+    F = torch.zeros(B, m, d, dtype=u.dtype, device=u.device)
+    G = torch.zeros_like(F)
+    gram = torch.zeros(B, m, m, dtype=acc, device=u.device)
+    state = SampleState(u, problem.tol_for(tol, stop_mode), stop_mode)  # decisions: the true residual
+    # The Anderson step's own bookkeeping (on p): tolerance 0, so it never finishes a sample.
+    mixing = SampleState(u, 0.0, "abs")
+    patience = max(2 * m, 8)
+    plain = torch.zeros(B, dtype=torch.bool, device=u.device)
+    stalled = torch.zeros(B, dtype=torch.int64, device=u.device)
+    fused = workspace = None
+    for k in range(max_iter):
+        h = g_flat + problem(u)
+        r = h - u
+        best = state.rel_residual if state.rel else state.residual
+        done = state.update(u, _row_sum(r * r, acc), _row_sum(h * h, acc))
+        improved = (state.rel_residual if state.rel else state.residual) < best
+        stalled = torch.where(improved, 0, stalled + 1)
+        plain = plain | (stalled >= patience)
+        fu = u + torch.where(plain.unsqueeze(1), r, precondition(r))  # the map's value u + p
+        if fused is None:
+            fused = ops.use_fused(u, fu, F, G, m=m)
+            workspace = ops.AndersonWorkspace(u, m) if fused else None
+        slot, n_filled = k % m, min(k + 1, m)
+        if fused:
+            u_next = ops.anderson_fused_step(u.contiguous(), fu.contiguous(), F, G, gram, mixing, workspace, n_filled,
+                                             slot, lam, 1.0)
+        else:
+            _, _, partials = ops.anderson_history(u, fu, F, G, slot, fused=False)
+            gram, u_next = ops.anderson_step(u, F, G, gram, partials, mixing, n_filled, slot, lam, 1.0, fused=False)
+        u = torch.where(done.unsqueeze(1), state.best_x, u_next)
+        if _common.should_stop(state, k, check_every, max_iter):
+            break
+    return _common.finish(problem, state, "anderson")

@@ -139,3 +139,107 @@ def test_compat_backward_warm_start_must_be_a_bool():
     from deqfast.compat import get_deq
     with pytest.raises(TypeError, match="backward_warm_start must be a bool"):
         get_deq(backward_warm_start="yes")
+
+
+# --- backward_solver="anderson": Anderson on the preconditioned map, decisions on the true residual
+
+
+def _linear_adjoint_problem(B=4, d=40, seed=3, radius=0.9):
+    """A linear Jᵀ with a known dense solution: u* = (I − Jᵀ)⁻¹ g per sample."""
+    g = torch.Generator().manual_seed(seed)
+    J = torch.randn(B, d, d, generator=g, dtype=torch.float64)
+    J = radius * J / torch.linalg.matrix_norm(J, 2).view(B, 1, 1)
+    rhs = torch.randn(B, d, generator=g, dtype=torch.float64)
+    exact = torch.linalg.solve(torch.eye(d, dtype=torch.float64) - J.transpose(1, 2), rhs)
+    vjp = lambda v: torch.einsum("bij,bi->bj", J, v)  # noqa: E731  Jᵀv
+    return vjp, rhs, exact
+
+
+@pytest.mark.parametrize("name", ["identity", "bad", "exact-ish"])
+def test_warm_anderson_adjoint_converges_to_the_dense_solution_whatever_m(name):
+    """Any M (even a harmful one) gives the dense solution to the tolerance: M only changes the
+    steps, the decisions are taken on ‖g + Jᵀu − u‖ and a stalled sample drops M."""
+    from deqfast.backward import warm_adjoint_anderson
+    vjp, rhs, exact = _linear_adjoint_problem()
+    g = torch.Generator().manual_seed(9)
+    if name == "identity":
+        M = lambda r: r  # noqa: E731
+    elif name == "bad":
+        Q = torch.randn(rhs.shape[1], 3, generator=g, dtype=torch.float64)
+        M = lambda r: -5.0 * r + 40.0 * (r @ Q) @ Q.T  # noqa: E731  nothing like (I − Jᵀ)⁻¹
+    else:
+        M = lambda r: 1.5 * r  # noqa: E731
+    u, stats = warm_adjoint_anderson(vjp, rhs, M, max_iter=400, tol=1e-12, stop_mode="rel", m=6, lam=1e-10)
+    assert bool(stats.converged.all()), stats.rel_residual
+    torch.testing.assert_close(u, exact, rtol=1e-9, atol=1e-10)
+    # The stats are the true residual of the returned u.
+    true = (rhs + vjp(u) - u).norm(dim=1)
+    torch.testing.assert_close(stats.residual, true, rtol=1e-6, atol=1e-14)
+
+
+def test_warm_anderson_adjoint_is_the_anderson_adjoint_when_m_is_identity():
+    """With M = I the preconditioned map is the plain adjoint map: the same VJPs as
+    solvers.anderson from u₀ = g on u ↦ g + Jᵀu (the same iterates), to the tolerance."""
+    from deqfast.backward import warm_adjoint_anderson
+    vjp, rhs, exact = _linear_adjoint_problem(seed=4)
+    kw = dict(max_iter=300, tol=1e-10, stop_mode="rel", m=5, lam=1e-4)
+    u_warm, s_warm = warm_adjoint_anderson(vjp, rhs, lambda r: r, **kw)
+    u_plain, s_plain = deqfast.solvers.anderson(lambda v: rhs + vjp(v), rhs.clone(), **kw)
+    assert torch.equal(s_warm.nstep, s_plain.nstep)
+    torch.testing.assert_close(u_warm, u_plain, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("solver,m", [("anderson", 10), ("broyden", 10)])
+def test_warm_anderson_adjoint_needs_fewer_vjps_than_the_anderson_adjoint(solver, m):
+    """The slowly contracting conv cell: the warm-started Anderson adjoint reaches the same
+    gradient as the Anderson adjoint from zero in fewer VJPs."""
+    cell, x, c = _slow_conv()
+    kw = dict(solver=solver, m=m, max_iter=300, tol=1e-8, backward_solver="anderson", backward_tol=1e-8,
+              backward_max_iter=3000)
+    results = {}
+    for warm in (False, True):
+        layer = deqfast.DEQ(cell, backward_warm_start=warm, **kw)
+        out = layer(x)
+        grads = torch.autograd.grad((out * c).sum(), list(cell.parameters()))
+        assert bool(layer.stats.backward.converged.all())
+        results[warm] = (grads, layer.stats.backward.nstep.sum().item())
+    (g_plain, n_plain), (g_warm, n_warm) = results[False], results[True]
+    assert n_warm < n_plain, (n_warm, n_plain)
+    for a, b in zip(g_warm, g_plain):
+        assert float((a - b).norm() / b.norm()) < 1e-6
+
+
+@pytest.mark.parametrize("path", ["fused", "reference"])
+def test_warm_anderson_adjoint_sample_independent_of_the_batch(path, monkeypatch):
+    """A sample's warm-started Anderson adjoint does not depend on its neighbours (bitwise), as
+    the forward solve's result does not (tests/test_batch_independence.py; f per sample and
+    elementwise, so f itself cannot mix samples)."""
+    from test_batch_independence import _path, _problem as _elementwise
+    _path(path, monkeypatch)
+    d = 4500
+    kw = dict(solver="anderson", m=6, max_iter=40, tol=1e-9, backward_solver="anderson", backward_tol=1e-10,
+              backward_max_iter=200, backward_warm_start=True)
+    results = []
+    for B in (1, 7):
+        f, x, i = _elementwise(d, torch.float64, B - 1, B)
+        x = x.clone().requires_grad_()
+        c = torch.linspace(-1, 1, d, dtype=torch.float64).expand(B, d)
+        f_x = lambda z: f(z) - x.detach() + x  # noqa: E731  the same values, differentiable in x
+        z, stats = deqfast.fixed_point(f_x, torch.zeros(B, d, dtype=torch.float64), **kw)
+        (gx,) = torch.autograd.grad((z * c).sum(), x)
+        results.append((gx[i], stats.backward.nstep[i], stats.backward.residual[i]))
+    (g_alone, n_alone, r_alone), (g_batch, n_batch, r_batch) = results
+    assert int(n_alone) > 2
+    assert torch.equal(g_alone, g_batch), (g_alone - g_batch).abs().max()
+    assert torch.equal(n_alone, n_batch) and torch.equal(r_alone, r_batch)
+
+
+def test_warm_anderson_adjoint_coupled_state():
+    """per_sample=False: the whole state is one row, in the forward and the warm-started adjoint."""
+    cell, x, z0, c = _problem("tanh", B=4)
+    grads = []
+    for warm in (False, True):
+        layer = deqfast.DEQ(cell, per_sample=False, backward_solver="anderson", backward_warm_start=warm, **TIGHT)
+        grads.append(_grads(layer(x, z0), cell, x, c))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
