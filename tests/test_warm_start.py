@@ -99,8 +99,9 @@ def test_bad_warm_start_arguments(kwargs, error, match):
         deqfast.fixed_point(lambda z: 0.5 * z, torch.ones(2, 3), **kwargs)
 
 
+@pytest.mark.parametrize("b_solver", ["fixed_point_iter", "anderson"])
 @pytest.mark.parametrize("hook_ift", [False, True])
-def test_compat_backward_warm_start_same_gradient_fewer_vjps(hook_ift):
+def test_compat_backward_warm_start_same_gradient_fewer_vjps(hook_ift, b_solver):
     """get_deq(..., backward_warm_start=True): torchdeq's IFT gradient (J at f(z*), or at z* with
     hook_ift) from an adjoint started and preconditioned by the forward Anderson history: the
     gradient of the plain adjoint (both to b_tol 1e-10) and of the dense float64 solve, in fewer VJPs."""
@@ -113,7 +114,7 @@ def test_compat_backward_warm_start_same_gradient_fewer_vjps(hook_ift):
     f = lambda z: torch.tanh(z @ W.T + x)  # noqa: E731
     grads, vjps = [], []
     for warm in (False, True):
-        deq = get_deq(f_solver="anderson", f_max_iter=100, f_tol=1e-11, b_tol=1e-10, b_max_iter=400,
+        deq = get_deq(f_solver="anderson", b_solver=b_solver, f_max_iter=100, f_tol=1e-11, b_tol=1e-10, b_max_iter=400,
                       ift=not hook_ift, hook_ift=hook_ift, backward_warm_start=warm)
         stats = []
         W.grad = None
