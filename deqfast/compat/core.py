@@ -238,8 +238,10 @@ class DEQBase(nn.Module):
 def _probe_coupling(deq_func, z) -> Optional[bool]:
     """Whether f's rows (dim 0) are coupled: f at z, and at z with one random half of the rows
     perturbed, then the other half; coupled if f changed at a row that was not perturbed. Three f
-    calls, once per DEQ module (a fixed generator: the global RNG is not touched). A single row is
-    one sample either way: False, without a call."""
+    calls, once per DEQ module. Each call starts from the same RNG state and the state is restored
+    afterwards: an f that draws random numbers (dropout) sees the same draws in the three calls --
+    its randomness is not mistaken for coupling -- and the user's RNG stream is left where it was.
+    A single row is one sample either way: False, without a call."""
     rows = z.reshape(z.shape[0], -1) if z.dim() >= 2 else z.reshape(-1, 1)
     B = rows.shape[0]
     if B < 2:
@@ -248,13 +250,22 @@ def _probe_coupling(deq_func, z) -> Optional[bool]:
     half = torch.zeros(B, dtype=torch.bool)
     half[torch.randperm(B, generator=g)[: B // 2]] = True
     half = half.to(z.device)
-    with torch.no_grad():
-        f0 = deq_func(z).reshape(B, -1)
+    cuda = z.device.type == "cuda"
+    with torch.no_grad(), torch.random.fork_rng(devices=[z.device] if cuda else []):
+        cpu_state = torch.get_rng_state()
+        cuda_state = torch.cuda.get_rng_state(z.device) if cuda else None
+
+        def call(t):
+            torch.set_rng_state(cpu_state)
+            if cuda:
+                torch.cuda.set_rng_state(cuda_state, z.device)
+            return deq_func(t).reshape(B, -1)
+
+        f0 = call(z)
         scale = 1e-3 * (1.0 + rows.abs().max())
         for part in (half, ~half):
             bumped = rows + scale * part.unsqueeze(1).to(rows.dtype)
-            f1 = deq_func(bumped.view(z.shape)).reshape(B, -1)
-            if bool(((f1 != f0).any(dim=1) & ~part).any()):
+            if bool(((call(bumped.view(z.shape)) != f0).any(dim=1) & ~part).any()):
                 return True
     return False
 
