@@ -458,14 +458,16 @@ def test_call_keywords_torchdeq_ignores_warn_once():
 
 def test_coupling_probe_with_random_f():
     """An f that draws random numbers at every call (plain dropout) on independent rows: its
-    randomness is not taken for coupling, and the probe leaves the global RNG where it was."""
+    randomness is not taken for coupling, and the probe advances the global RNG by one call's draws."""
     from deqfast.compat.core import _probe_coupling
     f, z0 = _cell(15)
     noisy = lambda z: torch.nn.functional.dropout(f(z), p=0.5, training=True)  # noqa: E731
     torch.manual_seed(3)
-    state = torch.get_rng_state()
+    noisy(z0)
+    one_call = torch.get_rng_state()
+    torch.manual_seed(3)
     assert _probe_coupling(noisy, z0) is False
-    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(torch.get_rng_state(), one_call)
     mix = torch.full((4, 4), 0.1, dtype=F64)
     assert _probe_coupling(lambda z: noisy(z) + 0.1 * (mix @ z), z0) is True
 

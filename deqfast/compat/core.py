@@ -238,10 +238,12 @@ class DEQBase(nn.Module):
 def _probe_coupling(deq_func, z) -> Optional[bool]:
     """Whether f's rows (dim 0) are coupled: f at z, and at z with one random half of the rows
     perturbed, then the other half; coupled if f changed at a row that was not perturbed. Three f
-    calls, once per DEQ module. Each call starts from the same RNG state and the state is restored
-    afterwards: an f that draws random numbers (dropout) sees the same draws in the three calls --
-    its randomness is not mistaken for coupling -- and the user's RNG stream is left where it was.
-    A single row is one sample either way: False, without a call."""
+    calls, once per DEQ module. The second and third start from the RNG state the first started
+    from, and the state after the first is restored at the end: an f that draws random numbers at
+    every call (plain dropout) sees the same draws in the three -- its randomness is not mistaken
+    for coupling -- and the RNG stream advances by one call's draws, those the solver's first call
+    makes (variational dropout's masks, drawn once, exactly as there). A single row is one sample
+    either way: False, without a call."""
     rows = z.reshape(z.shape[0], -1) if z.dim() >= 2 else z.reshape(-1, 1)
     B = rows.shape[0]
     if B < 2:
@@ -251,22 +253,29 @@ def _probe_coupling(deq_func, z) -> Optional[bool]:
     half[torch.randperm(B, generator=g)[: B // 2]] = True
     half = half.to(z.device)
     cuda = z.device.type == "cuda"
-    with torch.no_grad(), torch.random.fork_rng(devices=[z.device] if cuda else []):
-        cpu_state = torch.get_rng_state()
-        cuda_state = torch.cuda.get_rng_state(z.device) if cuda else None
 
-        def call(t):
-            torch.set_rng_state(cpu_state)
-            if cuda:
-                torch.cuda.set_rng_state(cuda_state, z.device)
-            return deq_func(t).reshape(B, -1)
+    def rng_state():
+        return torch.get_rng_state(), torch.cuda.get_rng_state(z.device) if cuda else None
 
-        f0 = call(z)
-        scale = 1e-3 * (1.0 + rows.abs().max())
-        for part in (half, ~half):
-            bumped = rows + scale * part.unsqueeze(1).to(rows.dtype)
-            if bool(((call(bumped.view(z.shape)) != f0).any(dim=1) & ~part).any()):
-                return True
+    def set_rng_state(state):
+        torch.set_rng_state(state[0])
+        if cuda:
+            torch.cuda.set_rng_state(state[1], z.device)
+
+    with torch.no_grad():
+        before = rng_state()
+        f0 = deq_func(z).reshape(B, -1)  # draws what the solver's first call would (e.g. dropout masks)
+        after = rng_state()
+        try:
+            scale = 1e-3 * (1.0 + rows.abs().max())
+            for part in (half, ~half):
+                bumped = rows + scale * part.unsqueeze(1).to(rows.dtype)
+                set_rng_state(before)  # the same random draws as the first call
+                f1 = deq_func(bumped.view(z.shape)).reshape(B, -1)
+                if bool(((f1 != f0).any(dim=1) & ~part).any()):
+                    return True
+        finally:
+            set_rng_state(after)
     return False
 
 
