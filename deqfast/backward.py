@@ -195,8 +195,23 @@ def _row_sum(p: torch.Tensor, acc) -> torch.Tensor:
     return row_sum(p, acc)
 
 
+class LowRankPreconditioner:
+    """M = I + Σ_i P_i Q_iᵀ per sample, P and Q (B, k, d): M r = r + Σ_i P_i (Q_i · r).
+
+    The per-sample dot products run over d in an order set by d alone (_row_sum) and the sum over
+    the k terms by torch.bmm, which does not split it: a sample's M r does not depend on the batch."""
+
+    def __init__(self, P: torch.Tensor, Q: torch.Tensor, acc: torch.dtype):
+        self.P, self.Q, self.acc = P, Q, acc
+
+    def __call__(self, r: torch.Tensor) -> torch.Tensor:
+        coef = _row_sum(self.Q * r.unsqueeze(1), self.acc).unsqueeze(1).to(self.P.dtype)  # (B, 1, k)
+        return r + torch.bmm(coef, self.P).squeeze(1).to(r.dtype)
+
+
 def warm_preconditioner(history, like: torch.Tensor, lam: float):
-    """r (B, d) -> M r ≈ (I − Jᵀ)⁻¹ r from the forward solver's history, or None (no history)."""
+    """M ≈ (I − Jᵀ)⁻¹ from the forward solver's history (a :class:`LowRankPreconditioner`, r (B, d)
+    -> M r), or None (no history)."""
     if history is None or history.kind is None:
         return None
     t = history.tensors
@@ -206,15 +221,11 @@ def warm_preconditioner(history, like: torch.Tensor, lam: float):
         U, V = t["U"], t["V"]
         if U.shape[1] == 0:
             return None
-
-        def apply_broyden(r):
-            coef = _row_sum(U * r.unsqueeze(1), acc).to(r.dtype)
-            return r - (V * coef.unsqueeze(2)).sum(dim=1)
-
-        return apply_broyden
+        return LowRankPreconditioner(-V, U, acc)
     # Anderson: slots hold f(x_j) and g_j; pairs against the newest slot r: s_j = x_j − x_r,
     # y_j = −(g_j − g_r). H = I + (S − Y)(YᵀY)⁻¹Yᵀ (the least change from I with H Y = S), so
-    # M = Hᵀ: M r = r + Y (YᵀY)⁻¹ (S − Y)ᵀ r, with a Jacobi-scaled ridge λ on YᵀY.
+    # M = Hᵀ: M r = r + Y (YᵀY)⁻¹ (S − Y)ᵀ r, with a Jacobi-scaled ridge λ on YᵀY; as I + P Qᵀ:
+    # Q = S − Y and P = Y (YᵀY + ridge)⁻ᵀ.
     F, G, n, newest = t["F"], t["G"], t["filled"], t["newest"]
     others = [j for j in range(n) if j != newest]
     if not others:
@@ -239,14 +250,9 @@ def warm_preconditioner(history, like: torch.Tensor, lam: float):
     inverse = inverse * (inv_sqrt.unsqueeze(2) * inv_sqrt.unsqueeze(1))  # (YᵀY + ridge)⁻¹, unscaled
     ok = (info == 0) & torch.isfinite(inverse).flatten(1).all(dim=1)
     inverse = torch.where(ok.view(-1, 1, 1), inverse, torch.zeros_like(inverse))  # M = I for a bad sample
-
-    def apply_anderson(r):
-        c = _row_sum(D * r.unsqueeze(1), acc)  # (B, k): (s_j − y_j) · r, in an order set by d alone
-        # Sums over the k slots only, which torch.bmm does not split: the same for any batch size.
-        w = torch.bmm(inverse, c.unsqueeze(2)).transpose(1, 2).to(r.dtype)  # (B, 1, k)
-        return r + torch.bmm(w, Y).squeeze(1)
-
-    return apply_anderson
+    # P_j = Σ_i inverse_ij Y_i: M r = r + Σ_i Y_i Σ_j inverse_ij (D_j · r). A sum over k: bmm.
+    P = torch.bmm(inverse.transpose(1, 2), Y.to(acc))
+    return LowRankPreconditioner(P, D, acc)
 
 
 def warm_adjoint_iteration(vjp, g: torch.Tensor, precondition, *, max_iter: int, tol: float, stop_mode: str,

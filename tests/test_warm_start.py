@@ -244,3 +244,35 @@ def test_warm_anderson_adjoint_coupled_state():
         grads.append(_grads(layer(x, z0), cell, x, c))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_anderson_preconditioner_inverts_i_minus_j_on_the_secant_span():
+    """For a linear f(z) = J z + b the forward Anderson history's pairs satisfy A S = Y exactly
+    (A = I − J); M = I + P Qᵀ built from them is the least change from I with Mᵀ Y = S, i.e.
+    Yᵀ (M r) = Sᵀ r for every r, and it leaves the directions orthogonal to span(S − Y) alone."""
+    from deqfast.backward import warm_preconditioner
+    from deqfast.solvers import _history
+    g = torch.Generator().manual_seed(11)
+    B, d, m = 3, 30, 6
+    J = torch.randn(B, d, d, generator=g, dtype=torch.float64)
+    J = 0.9 * J / torch.linalg.matrix_norm(J, 2).view(B, 1, 1)
+    b = torch.randn(B, d, generator=g, dtype=torch.float64)
+    f = lambda z: torch.einsum("bij,bj->bi", J, z) + b  # noqa: E731
+    with _history.capture() as history:
+        deqfast.solvers.anderson(f, torch.zeros(B, d, dtype=torch.float64), m=m, max_iter=m + 2, tol=0.0)
+    M = warm_preconditioner(history, b, lam=1e-12)
+    t = history.tensors
+    F, G, newest = t["F"], t["G"], t["newest"]
+    X = F - G
+    others = [j for j in range(t["filled"]) if j != newest]
+    S = X[:, others] - X[:, newest:newest + 1]
+    Y = G[:, newest:newest + 1] - G[:, others]
+    A = torch.eye(d, dtype=torch.float64) - J
+    torch.testing.assert_close(torch.einsum("bij,bkj->bki", A, S), Y)  # the pairs are exact secants
+    r = torch.randn(B, d, generator=g, dtype=torch.float64)
+    Mr = M(r)
+    torch.testing.assert_close(torch.einsum("bkd,bd->bk", Y, Mr), torch.einsum("bkd,bd->bk", S, r), rtol=1e-6, atol=1e-8)
+    q = torch.linalg.qr((S - Y).transpose(1, 2)).Q  # (B, d, k): span(S − Y)
+    w = torch.randn(B, d, generator=g, dtype=torch.float64)
+    w = w - torch.einsum("bdk,bk->bd", q, torch.einsum("bdk,bd->bk", q, w))  # ⟂ span(S − Y)
+    torch.testing.assert_close(M(w), w)
