@@ -98,6 +98,7 @@ class DEQ(nn.Module):
         return (isinstance(_first(z0), torch.Tensor) and _graph.supported(_first(z0)) and isinstance(self.cell, nn.Module)
                 and type(xs) in (list, tuple) and all(isinstance(t, torch.Tensor) for t in xs)
                 and not (self.options.backward == "bptt" and torch.is_grad_enabled())  # recorded: no graphs
+                and not torch.compiler.is_compiling()  # traced: the solver runs eagerly, no graphs
                 and not (self.training and any(isinstance(mod, VariationalDropout) and mod.p > 0
                                                for mod in self.cell.modules())))  # a new mask each forward
 
