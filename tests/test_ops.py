@@ -632,6 +632,14 @@ def test_deq_cuda_graph_other_inputs_and_per_solve_graphs(monkeypatch):
     assert len(layer_g._graphs) == 1 and len(copied._graphs) == 0
     assert torch.equal(copied(x, zeros), layer_0(x, zeros))
 
+    # backward_warm_start keeps the solver's history until backward: two forwards, then their backwards
+    layer_w = deqfast.DEQ(cell, cuda_graph=True, backward_warm_start=True, **options)
+    eager_w = deqfast.DEQ(cell, backward_warm_start=True, **options)
+    xs = [rand(5, 8).requires_grad_() for _ in range(2)]
+    z_g, z_e = [layer_w(x, zeros) for x in xs], [eager_w(x, zeros) for x in xs]
+    for i in (0, 1):
+        assert torch.equal(torch.autograd.grad(z_g[i].sum(), xs[i])[0], torch.autograd.grad(z_e[i].sum(), xs[i])[0])
+
     # backward="bptt" without autograd: the solver's own result is returned, which must not be the
     # buffers the next call reuses
     layer_b = deqfast.DEQ(cell, cuda_graph=True, backward="bptt", **options)
