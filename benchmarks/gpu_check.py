@@ -12,7 +12,8 @@ Stages, in order, each in its own process under its own timeout (a timeout is a 
   shapes        fused ops against the reference at shapes no test reaches (m = 32, fewer filled
                 slots than m, the fixed-point track kernel at B > 128, the four sizes of
                 benchmarks/README.md, B*m*d > 2^31 elements), a non-default stream, CUDA-graph
-                replay equal to eager, fixed_point(cuda_graph=True) equal to eager;
+                replay equal to eager, fixed_point(cuda_graph=True) equal to eager, DEQ(cuda_graph=True)
+                replaying its kept graphs at later calls equal to eager (no capture after the first);
   sanitizers    compute-sanitizer memcheck, initcheck, racecheck, synccheck (concurrently) over a
                 small parity subset, PYTORCH_NO_CUDA_MEMORY_CACHING=1, --kernel-name kns=deqfast,
                 --error-exitcode 1;
@@ -550,6 +551,47 @@ def solver_graph_parity() -> dict:
     return {"equal": bool(equal), "nstep": int(s_e.nstep.max()), "passed": bool(equal)}
 
 
+def deq_graph_reuse() -> dict:
+    """DEQ(cuda_graph=True) replays the graphs its first call captured at later calls (new x and z0,
+    the same key): the eager DEQ's bits, gradients included, and nothing captured after the first
+    call; under float16 autocast too (the cast weights must not come from autocast's cache)."""
+    import torch
+
+    import deqfast
+
+    B, d = 64, 1024
+
+    class Cell(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(d, d, device=DEVICE)
+            with torch.no_grad():
+                self.lin.weight.mul_(0.25 / self.lin.weight.norm(dim=1, keepdim=True))  # ‖W‖₂ about 0.5
+
+        def forward(self, z, x):
+            return torch.tanh(self.lin(z) + x)
+
+    cell = Cell()
+    options = dict(max_iter=40, tol=0.0, check_every=4, backward_tol=1e-4)  # every block from iteration 4 on replayed
+    graphed, eager = deqfast.DEQ(cell, cuda_graph=True, **options), deqfast.DEQ(cell, **options)
+    equal, captures = True, []
+    for call in range(4):
+        autocast = call == 3
+        x = _rand((B, d), torch.float32, 20 + call).requires_grad_()
+        z0 = None if call == 0 else _rand((B, d), torch.float32, 30 + call)
+        with torch.autocast(DEVICE, dtype=torch.float16, enabled=autocast):
+            for _ in range(2 if autocast else 1):  # the second autocast call replays
+                z_g, z_e = graphed(x, z0), eager(x, z0)
+                equal &= torch.equal(z_g, z_e) and torch.equal(graphed.stats.nstep, eager.stats.nstep)
+                grads = [torch.autograd.grad(z.square().sum(), [x, cell.lin.weight]) for z in (z_g, z_e)]
+                equal &= all(torch.equal(a, b) for a, b in zip(*grads))
+                captures.append(graphed.graph_captures)
+    # captures after each call: first key at call 0, the autocast key at the first autocast call
+    reused = captures[0] > 0 and captures[0] == captures[1] == captures[2] < captures[3] == captures[4]
+    return {"equal": bool(equal), "captures_after_each_call": captures, "replayed_without_capture": bool(reused),
+            "nstep": int(eager.stats.nstep.max()), "passed": bool(equal and reused)}
+
+
 def shape_cases():
     """(name, thunk) for stage 'shapes'."""
     import torch
@@ -571,6 +613,7 @@ def shape_cases():
     cases.append(("non_default_stream", stream_parity))
     cases.append(("cuda_graph_replay", graph_parity))
     cases.append(("fixed_point_cuda_graph_keyword", solver_graph_parity))
+    cases.append(("deq_cuda_graph_kept_across_calls", deq_graph_reuse))
     return cases
 
 
@@ -735,7 +778,9 @@ def _short_kernel_name(name: str) -> str:
 
 def solver_overhead(B, d, m, T=30) -> dict:
     """Per-iteration time of whole solves, f = sin(z + c) (µs): f alone, deqfast eager, deqfast
-    cuda_graph=True, torchdeq (if importable); overhead = iteration - f."""
+    cuda_graph=True (graphs captured per solve), DEQ eager and DEQ(cuda_graph=True) (graphs kept
+    across calls: replayed, not captured, in the timed calls), torchdeq (if importable);
+    overhead = iteration - f. The DEQ rows include its forward's one f at z* and stats."""
     import torch
 
     import deqfast
@@ -759,6 +804,19 @@ def solver_overhead(B, d, m, T=30) -> dict:
                 lambda: deqfast.solvers.anderson(f, z0, max_iter=T, tol=0.0, m=m, cuda_graph=True), repeats=5) / T * 1e6
         except Exception as exc:
             row["deqfast_graph_error"] = f"{type(exc).__name__}: {exc}"
+
+        class SinCell(torch.nn.Module):
+            def forward(self, z, x):
+                return torch.sin(z + x)
+
+        for key, graphed in (("deq_eager_us", False), ("deq_graph_kept_us", True)):
+            try:
+                layer = deqfast.DEQ(SinCell(), max_iter=T, tol=0.0, m=m, cuda_graph=graphed)
+                row[key] = _events_time(lambda: layer(c), repeats=5) / T * 1e6
+                if graphed:
+                    row["deq_graph_captures"] = layer.graph_captures  # all in the warm-up calls
+            except Exception as exc:
+                row[key.replace("_us", "_error")] = f"{type(exc).__name__}: {exc}"
         try:
             from torchdeq.solver import get_solver
 
@@ -767,7 +825,7 @@ def solver_overhead(B, d, m, T=30) -> dict:
                 lambda: anderson(f, z0, max_iter=T, tol=0.0, stop_mode="abs", m=m, lam=1e-4), repeats=3) / T * 1e6
         except Exception as exc:
             row["torchdeq_error"] = f"{type(exc).__name__}: {exc}"
-    for key in ("deqfast_eager_us", "deqfast_graph_us", "torchdeq_us"):
+    for key in ("deqfast_eager_us", "deqfast_graph_us", "deq_eager_us", "deq_graph_kept_us", "torchdeq_us"):
         if key in row:
             row[key.replace("_us", "_overhead_us")] = row[key] - row["f_us"]
     return row

@@ -75,7 +75,9 @@ def fixed_point(
             backward_tol (see the README).
         cuda_graph: solver "anderson" on a CUDA state: replay the check_every iterations between
             host checks from CUDA graphs captured once per solve (same result, less launch
-            overhead; f must not synchronise with the host). Ignored on the CPU.
+            overhead; f must not synchronise with the host). Here the graphs are captured anew at
+            every call, since the tensors f closes over are unknown; :class:`deqfast.DEQ` keeps
+            them across calls. Ignored on the CPU.
 
     Returns:
         (z, stats): f(z*) at each sample's best iterate z* (one differentiable step) for

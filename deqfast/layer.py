@@ -1,13 +1,16 @@
 """deqfast.DEQ: a drop-in equilibrium layer around a cell f(z, x) -> z."""
 from __future__ import annotations
 
+import collections
+import contextlib
+import itertools
 from typing import Optional
 
 import torch
 from torch import nn
 
 from .dropout import VariationalDropout, reset_dropout
-from .solvers import _active
+from .solvers import _active, _graph
 from .functional import solve
 from .options import Options
 from .stats import SolverStats
@@ -25,12 +28,26 @@ class DEQ(nn.Module):
             for cells whose samples are independent (no batch statistics); same result as
             compact=False to the tolerance. Not for backward="bptt" (ignored there).
         **keywords: those of :func:`deqfast.fixed_point` (solver, max_iter, tol, backward, ...).
+            With ``cuda_graph=True`` the layer keeps the solve's CUDA graphs across calls (below).
 
     In training mode each forward first resets the masks of the cell's
     :class:`deqfast.VariationalDropout` modules, so every f call of one forward shares a mask.
 
+    ``cuda_graph=True`` on a CUDA state: the graphs of the forward solve's iterations are captured
+    once per key and replayed by later calls with the same key -- z's and x's shapes, dtypes and
+    devices, the options, the cell's training flags, the autocast and inference modes, and the
+    address, shape and dtype of each of the cell's parameters and buffers (a parameter replaced by
+    a new tensor changes the key; one updated in place, as by an optimiser, does not). The layer
+    copies each call's x (a tensor or a list/tuple of tensors) into static tensors that the cell
+    reads during the solve, and the solver resets its buffers in place: the same bits as the eager
+    solve. The cell must read nothing else that changes between calls (a tensor attribute that is
+    not a parameter or buffer, a global). The ``graph_cache_size`` most recently used keys are
+    kept. Where this does not apply (a cell that is not an nn.Module, another x, a training-mode
+    VariationalDropout in the cell) the graphs live for one solve, as with :func:`deqfast.fixed_point`.
+
     Attributes:
         stats: :class:`SolverStats` of the last forward solve (``stats.backward`` after backward).
+        graph_captures: CUDA graphs this layer has captured (cuda_graph=True; 0 on the CPU).
 
     Example:
         >>> layer = deqfast.DEQ(cell, solver="anderson", max_iter=30, backward="implicit")
@@ -54,6 +71,10 @@ class DEQ(nn.Module):
                              "CUDA graph cannot replay; use compact=True or cuda_graph=True, got both")
         self.stats: Optional[SolverStats] = None
         self.rows_evaluated: Optional[int] = None  # compact=True: cell rows evaluated by the last solve
+        self.graph_captures = 0
+        self._graphs: "collections.OrderedDict[tuple, _KeptGraphs]" = collections.OrderedDict()
+
+    graph_cache_size = 4  # keys whose CUDA graphs a DEQ(cuda_graph=True) keeps, least recently used dropped
 
     def forward(self, x, z0=None):
         if z0 is None:
@@ -66,8 +87,64 @@ class DEQ(nn.Module):
             reset_dropout(self.cell)  # one variational-dropout mask per forward, fixed during the solve
         if self.compact and self.options.backward != "bptt":
             return self._compact_forward(x, z0)
+        if self.options.cuda_graph and self._graphs_keepable(x, z0):
+            return self._graphed_forward(x, z0)
         z, self.stats = solve(lambda z: self.cell(z, x), z0, self.options, caller="deqfast.DEQ")
         return z
+
+    def _graphs_keepable(self, x, z0) -> bool:
+        """Whether the forward solve's graphs can be kept across calls (see the class docstring)."""
+        xs = [x] if isinstance(x, torch.Tensor) else x
+        return (isinstance(_first(z0), torch.Tensor) and _graph.supported(_first(z0)) and isinstance(self.cell, nn.Module)
+                and type(xs) in (list, tuple) and all(isinstance(t, torch.Tensor) for t in xs)
+                and not (self.options.backward == "bptt" and torch.is_grad_enabled())  # recorded: no graphs
+                and not torch.compiler.is_compiling()  # traced: the solver runs eagerly, no graphs
+                and not (self.training and any(isinstance(mod, VariationalDropout) and mod.p > 0
+                                               for mod in self.cell.modules())))  # a new mask each forward
+
+    def _graph_key(self, xs, z0) -> tuple:
+        zs = z0 if isinstance(z0, (list, tuple)) else [z0]
+        device = _first(z0).device.type
+        return (
+            type(z0), tuple((tuple(t.shape), t.dtype, t.device) for t in zs),
+            tuple((tuple(t.shape), t.stride(), t.dtype, t.device) for t in xs),
+            self.options, tuple(mod.training for mod in self.cell.modules()),
+            torch.is_autocast_enabled(device), torch.get_autocast_dtype(device), torch.is_inference_mode_enabled(),
+            tuple((t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
+                  for t in itertools.chain(self.cell.parameters(), self.cell.buffers())),
+        )
+
+    def _graphed_forward(self, x, z0):
+        """The solve with the cell reading static copies of x, and the graphs of the last solve
+        with the same key replayed (captured on the first)."""
+        xs = [x] if isinstance(x, torch.Tensor) else list(x)
+        key = self._graph_key(xs, z0)
+        kept = self._graphs.pop(key, None) or _KeptGraphs(xs)
+        self._graphs[key] = kept  # the most recently used last
+        while len(self._graphs) > self.graph_cache_size:
+            self._graphs.popitem(last=False)
+        with torch.no_grad():
+            for static, t in zip(kept.xs, xs):
+                static.copy_(t)
+        x_static = kept.xs[0] if isinstance(x, torch.Tensor) else type(x)(kept.xs)
+        solving = [True]
+
+        def f(z):  # the solver's iterations read the static x; f at z* (autograd) the caller's x
+            return self.cell(z, x_static if solving[0] else x)
+
+        def solver_done(_stats):
+            solving[0] = False
+
+        before = kept.graphs.captures
+        with _graph.reuse(kept.graphs), _no_autocast_cache(_first(z0).device.type):
+            z, self.stats = solve(f, z0, self.options, caller="deqfast.DEQ", after_solver=solver_done)
+        self.graph_captures += kept.graphs.captures - before
+        return z
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        state["_graphs"] = collections.OrderedDict()  # CUDA graphs are neither copied nor pickled
+        return state
 
     def _compact_forward(self, x, z0):
         """The solve with the cell evaluated on the samples still active at the last host check.
@@ -111,3 +188,27 @@ class DEQ(nn.Module):
     def extra_repr(self) -> str:
         o = self.options
         return f"solver={o.solver!r}, max_iter={o.max_iter}, tol={o.tol}, backward={o.backward!r}"
+
+
+def _first(z0):
+    """The (first) tensor of a state z0: a tensor or a list/tuple of them."""
+    return z0[0] if isinstance(z0, (list, tuple)) and z0 else z0
+
+
+def _no_autocast_cache(device: str):
+    """Autocast as it is, without its cache of cast weights: the cache is emptied when the caller's
+    autocast region ends, and a graph that read a cached cast would read freed memory at the next
+    call (torch.cuda.make_graphed_callables asks for cache_enabled=False for the same reason)."""
+    if not torch.is_autocast_enabled(device):
+        return contextlib.nullcontext()
+    return torch.autocast(device, dtype=torch.get_autocast_dtype(device), cache_enabled=False)
+
+
+class _KeptGraphs:
+    """What a DEQ(cuda_graph=True) keeps per key: static copies of the call's x, which the cell
+    reads during the solve, and the solver's buffers and graphs (:class:`_graph.BlockGraphs`)."""
+
+    def __init__(self, xs):
+        with torch.no_grad():
+            self.xs = [torch.empty_like(t) for t in xs]
+        self.graphs = _graph.BlockGraphs()

@@ -216,6 +216,22 @@ class SampleState:
         self.converged = torch.zeros(B, dtype=torch.bool, device=dev)
         self.failed = torch.zeros(B, dtype=torch.bool, device=dev)
 
+    def reset(self, x0: torch.Tensor) -> None:
+        """Back to the state of a new solve from x0, in place (a CUDA graph keeps the addresses)."""
+        self.best_x.copy_(x0)
+        self.residual.fill_(float("inf"))
+        self.rel_residual.fill_(float("inf"))
+        self.nstep.zero_()
+        self.converged.zero_()
+        self.failed.zero_()
+
+    def clone(self) -> "SampleState":
+        """A copy whose tensors share nothing with this state's."""
+        copy = object.__new__(SampleState)
+        copy.__dict__.update({name: value.clone() if isinstance(value, torch.Tensor) else value
+                              for name, value in self.__dict__.items()})
+        return copy
+
     @property
     def done(self) -> torch.Tensor:
         return self.converged | self.failed

@@ -111,3 +111,41 @@ def test_cuda_graph_with_a_host_sync_in_f_names_the_fallback():
 
     with pytest.raises(RuntimeError, match="cuda_graph=False"):
         deqfast.fixed_point(f, torch.zeros_like(x), max_iter=40, tol=0.0, check_every=4, cuda_graph=True)
+
+
+def test_cuda_graph_deq_replays_its_kept_graphs_bitwise():
+    """DEQ(cuda_graph=True) captures at its first call and replays at the next ones (new x and z0):
+    the eager layer's bits and gradients; a replaced parameter is a new key (captured anew)."""
+    cell, x = _problem("cuda", torch.float32)
+    options = dict(max_iter=40, tol=0.0, check_every=4)
+    graphed, eager = deqfast.DEQ(cell, cuda_graph=True, **options), deqfast.DEQ(cell, **options)
+    g = torch.Generator().manual_seed(2)
+    captures = []
+    for call in range(4):
+        if call == 3:
+            cell.b = torch.nn.Parameter(cell.b.detach() + 0.05)
+        x = torch.randn(8, 32, generator=g).cuda().requires_grad_()
+        z0 = torch.randn(8, 32, generator=g).cuda()
+        z_g, z_e = graphed(x, z0), eager(x, z0)
+        assert torch.equal(z_g, z_e) and torch.equal(graphed.stats.residual, eager.stats.residual)
+        for a, b in zip(*[torch.autograd.grad(z.sin().sum(), [x] + list(cell.parameters())) for z in (z_g, z_e)]):
+            assert torch.equal(a, b)
+        captures.append(graphed.graph_captures)
+    assert 0 < captures[0] == captures[1] == captures[2] < captures[3]
+
+
+def test_cuda_graph_deq_under_autocast_replays_bitwise():
+    """Under float16 autocast the kept graphs must not read autocast's cached weight casts, which
+    are freed when each call's autocast region ends."""
+    cell, x = _problem("cuda", torch.float32)
+    options = dict(max_iter=40, tol=0.0, check_every=4)
+    graphed, eager = deqfast.DEQ(cell, cuda_graph=True, **options), deqfast.DEQ(cell, **options)
+    g = torch.Generator().manual_seed(3)
+    for call in range(3):
+        x = torch.randn(8, 32, generator=g).cuda()
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
+            z_g, z_e = graphed(x), eager(x)
+        poison = [torch.full((32, 32), float("nan"), device="cuda", dtype=torch.float16) for _ in range(64)]
+        del poison  # freed blocks of a cast weight's size hold NaN now
+        assert torch.equal(z_g, z_e)
+    assert graphed.graph_captures > 0

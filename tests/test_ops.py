@@ -5,6 +5,8 @@ suite on the reference alone); CUDA cases are marked and shown as skipped withou
 """
 import pytest
 import torch
+from torch.utils import _pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import deqfast
 from deqfast import ops, reference
@@ -340,18 +342,60 @@ def _contraction_problem(B=4, d=50, seed=12, dtype=torch.float64):
     return (lambda z: torch.tanh(z @ W.T + c)), torch.zeros(B, d, dtype=dtype)
 
 
+class _MemoryTrace(TorchDispatchMode):
+    """Records what a block of work reads: per op, its name and arguments, a tensor made before the
+    block as ("in", address, shape, strides, dtype), one in memory allocated inside it as ("tmp",
+    the allocation's rank). A CUDA graph replays exactly this: the same kernels with the same
+    numbers on the same memory."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.made = [], {}  # made: storage address -> rank of the allocation inside the block
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        def describe(a):
+            if not isinstance(a, torch.Tensor):
+                return a
+            rank = self.made.get(a.untyped_storage().data_ptr())
+            if rank is not None:
+                return ("tmp", rank, a.storage_offset(), tuple(a.shape), a.stride())
+            return ("in", a.data_ptr(), tuple(a.shape), a.stride(), a.dtype)
+
+        kwargs = kwargs or {}
+        inputs = _pytree.tree_flatten((args, kwargs))[0]
+        self.ops.append((str(func), tuple(describe(a) for a in inputs)))
+        out = func(*args, **kwargs)
+        read = {a.untyped_storage().data_ptr() for a in inputs if isinstance(a, torch.Tensor)}
+        for i, o in enumerate(_pytree.tree_flatten(out)[0]):
+            if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in read:  # new memory, not a view
+                self.made[o.untyped_storage().data_ptr()] = (len(self.ops), i)
+        return out
+
+
 def _fake_graphs(monkeypatch):
-    """Replace the CUDA graph by a fake whose replay runs the block eagerly (capture runs nothing)."""
+    """Replace the CUDA graph by a fake whose replay runs the current solve's block eagerly (capture
+    runs nothing) and fails when that block would not do what the captured graph does: other ops,
+    other numbers, or a tensor at another address than at capture (a stale address: the graph would
+    read memory the solve no longer writes). The capture is recorded at its first replay, which
+    follows it at once (_graph.BlockGraphs.run)."""
     from deqfast.solvers import _graph
 
     log = {"captures": 0, "replays": 0}
 
     def capture(fn, pool):
         log["captures"] += 1
+        captured = []
 
         def replay():
             log["replays"] += 1
-            fn()
+            with _MemoryTrace() as trace:
+                fn()
+            if not captured:
+                captured.append(trace.ops)
+            elif trace.ops != captured[0]:
+                diff = next(i for i, (a, b) in enumerate(zip(trace.ops + [None], captured[0] + [None])) if a != b)
+                pytest.fail(f"a replay differs from its captured graph at op {diff}: "
+                            f"{(trace.ops + [None])[diff]} instead of {(captured[0] + [None])[diff]}")
 
         return replay
 
@@ -412,6 +456,199 @@ def test_cuda_graph_keyword_errors():
         deqfast.fixed_point(f, z0, solver="broyden", cuda_graph=True)
     with pytest.raises(TypeError, match="cuda_graph must be a bool, got str"):
         deqfast.DEQ(lambda z, x: z, cuda_graph="yes")
+
+
+def test_fake_graph_catches_a_replay_of_stale_memory(monkeypatch):
+    """The fake graph above must fail where a real one would replay stale addresses: graphs kept
+    across solves whose f reads a new tensor. f reading the same tensor, updated in place, is fine."""
+    from deqfast.solvers import _graph
+
+    f, z0 = _contraction_problem()
+    c = torch.randn(4, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    g = lambda c: (lambda z: f(z) + 0.1 * c)
+    log = _fake_graphs(monkeypatch)
+    kept = _graph.BlockGraphs()
+    options = dict(m=3, check_every=2, max_iter=20, tol=0.0, cuda_graph=True)
+    with _graph.reuse(kept):
+        deqfast.solvers.anderson(g(c), z0, **options)
+    captures = log["captures"]
+    c.mul_(-0.5)  # the same memory, new values: the kept graphs read them
+    with _graph.reuse(kept):
+        z, _ = deqfast.solvers.anderson(g(c), z0 + 0.1, **options)
+    assert log["captures"] == captures == kept.captures > 0
+    assert torch.equal(z, deqfast.solvers.anderson(g(c), z0 + 0.1, **dict(options, cuda_graph=False))[0])
+    with _graph.reuse(kept), pytest.raises(pytest.fail.Exception, match="differs from its captured graph"):
+        deqfast.solvers.anderson(g(c.clone()), z0, **options)  # a new tensor: the graph would read the old one
+
+
+class _ModeCell(torch.nn.Module):
+    """tanh(W z + U x + b), b halved in eval mode: a Python branch a captured graph bakes in."""
+
+    def __init__(self, d=24, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        W = torch.randn(d, d, generator=g, dtype=torch.float64)
+        self.W = torch.nn.Parameter(0.8 * W / torch.linalg.matrix_norm(W, 2))
+        self.U = torch.nn.Parameter(torch.randn(d, d, generator=g, dtype=torch.float64) / d ** 0.5)
+        self.b = torch.nn.Parameter(0.1 * torch.randn(d, generator=g, dtype=torch.float64))
+
+    def forward(self, z, x):
+        return torch.tanh(z @ self.W.T + x @ self.U.T + (self.b if self.training else 0.5 * self.b))
+
+
+def _same_solve(layer_g, layer_e, x, z0):
+    """layer_g (cuda_graph=True) gives layer_e's output, stats and gradients, bit for bit."""
+    x = x.detach().requires_grad_()
+    z_g, z_e = layer_g(x, z0), layer_e(x, z0)
+    assert torch.equal(z_g, z_e)
+    for name in ("nstep", "residual", "rel_residual", "converged", "failed"):
+        assert torch.equal(getattr(layer_g.stats, name), getattr(layer_e.stats, name)), name
+    inputs = [x] + list(layer_g.cell.parameters())
+    for a, b in zip(torch.autograd.grad(z_g.sin().sum(), inputs), torch.autograd.grad(z_e.sin().sum(), inputs)):
+        assert torch.equal(a, b)
+    return z_g
+
+
+def test_deq_cuda_graph_replays_its_graphs_across_calls(monkeypatch):
+    cell = _ModeCell()
+    options = dict(m=4, check_every=3, max_iter=30, tol=0.0)
+    layer_g, layer_e = deqfast.DEQ(cell, cuda_graph=True, **options), deqfast.DEQ(cell, **options)
+    log = _fake_graphs(monkeypatch)
+    g = torch.Generator().manual_seed(5)
+    rand = lambda: torch.randn(6, 24, generator=g, dtype=torch.float64)
+    z1 = _same_solve(layer_g, layer_e, rand(), None)
+    captures = layer_g.graph_captures
+    assert captures == log["captures"] == 4  # every phase k0 % m of 30 iterations, blocks of 3
+    returned = z1.clone(), layer_g.stats.nstep.clone(), layer_g.stats.residual.clone()
+    stats1 = layer_g.stats
+    for _ in range(3):  # new x and z0, the same key: the graphs are replayed, nothing captured
+        replays = log["replays"]
+        _same_solve(layer_g, layer_e, rand(), rand())
+        assert layer_g.graph_captures == log["captures"] == captures and log["replays"] > replays
+    assert torch.equal(z1, returned[0]) and torch.equal(stats1.nstep, returned[1])  # nothing returned aliases
+    assert torch.equal(stats1.residual, returned[2])  # the buffers the next solve reuses
+
+    with torch.no_grad():
+        cell.W.mul_(0.9)  # an optimiser's step: the same addresses, the same key
+    _same_solve(layer_g, layer_e, rand(), rand())
+    assert layer_g.graph_captures == captures
+    layer_g.eval(), layer_e.eval()  # the cell's Python branch changes: a new key
+    _same_solve(layer_g, layer_e, rand(), rand())
+    assert layer_g.graph_captures == 2 * captures
+    layer_g.train(), layer_e.train()  # the first key again, still kept
+    _same_solve(layer_g, layer_e, rand(), rand())
+    assert layer_g.graph_captures == 2 * captures
+    cell.b = torch.nn.Parameter(cell.b.detach() + 0.1)  # a parameter replaced by a new tensor: a new key
+    _same_solve(layer_g, layer_e, rand(), rand())
+    assert layer_g.graph_captures == 3 * captures
+    layer_g.float(), layer_e.float()  # a new dtype (and new parameters)
+    _same_solve(layer_g, layer_e, rand().float(), rand().float())
+    assert layer_g.graph_captures == 4 * captures == log["captures"]
+    assert len(layer_g._graphs) == 4
+    layer_g.graph_cache_size = 2  # the least recently used keys go
+    _same_solve(layer_g, layer_e, rand().float(), None)
+    assert len(layer_g._graphs) == 2 and layer_g.graph_captures == 4 * captures
+
+
+class _LinearCell(torch.nn.Module):
+    """tanh(lin(z) + x): nn.Linear casts its weight itself, the cast autocast caches."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.lin = torch.nn.Linear(d, d)
+        with torch.no_grad():
+            self.lin.weight.mul_(0.5 / torch.linalg.matrix_norm(self.lin.weight, 2))
+
+    def forward(self, z, x):
+        return torch.tanh(self.lin(z) + x)
+
+
+def test_deq_cuda_graph_under_autocast_reads_no_cached_cast(monkeypatch):
+    """Autocast caches a parameter's cast until the caller's autocast region ends: a kept graph
+    that read the cache would read freed memory at the next call (the fake graph sees the address)."""
+    torch.manual_seed(0)
+    cell = _LinearCell(16)
+    options = dict(m=3, check_every=2, max_iter=16, tol=0.0)
+    layer_g, layer_e = deqfast.DEQ(cell, cuda_graph=True, **options), deqfast.DEQ(cell, **options)
+    log = _fake_graphs(monkeypatch)
+    g = torch.Generator().manual_seed(7)
+    for _ in range(3):
+        x = torch.randn(5, 16, generator=g)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(layer_g(x), layer_e(x))
+    assert layer_g.graph_captures == log["captures"] > 0
+
+
+class _PairCell(torch.nn.Module):
+    """A two-part state [(B, 10), (B, 6)] and a pair of inputs, around a TanhCell of width 16."""
+
+    def __init__(self, cell):
+        super().__init__()
+        self.cell = cell
+
+    def forward(self, z, x):
+        z = torch.cat(z, 1)
+        return [self.cell(z, x[0] + x[1])[:, :10], self.cell(z, x[0] - x[1])[:, 10:]]
+
+
+def test_deq_cuda_graph_other_inputs_and_per_solve_graphs(monkeypatch):
+    import copy
+
+    from conftest import TanhCell
+
+    cell = TanhCell(d=16, d_in=8)
+    options = dict(m=3, check_every=2, max_iter=20, tol=1e-12)
+    log = _fake_graphs(monkeypatch)
+    g = torch.Generator().manual_seed(6)
+    rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    # x a tuple of tensors and z a list of two parts: static copies of each
+    layer_g, layer_e = deqfast.DEQ(_PairCell(cell), cuda_graph=True, **options), deqfast.DEQ(_PairCell(cell), **options)
+    for _ in range(3):
+        x, z0 = (rand(5, 8), rand(5, 8)), [rand(5, 10), rand(5, 6)]
+        z_g, z_e = layer_g(x, z0), layer_e(x, z0)
+        assert all(torch.equal(a, b) for a, b in zip(z_g, z_e)) and torch.equal(layer_g.stats.nstep, layer_e.stats.nstep)
+        assert layer_g.graph_captures == log["captures"] > 0
+    start = log["captures"]
+
+    # A z0 so large that the solve is rescaled (its f reads a scale of this call): graphs for this solve only
+    # (tol=0: the rescaled solve, whose tiny residuals underflow, runs to max_iter)
+    layer_g, layer_0 = deqfast.DEQ(cell, cuda_graph=True, **dict(options, tol=0.0)), deqfast.DEQ(cell, **dict(options, tol=0.0))
+    layer_e = deqfast.DEQ(cell, **options)
+    x, zeros = rand(5, 8), torch.zeros(5, 16, dtype=torch.float64)
+    for z0 in (zeros, torch.full((5, 16), 1e200, dtype=torch.float64), zeros):
+        assert torch.equal(layer_g(x, z0), layer_0(x, z0))
+    assert 0 < layer_g.graph_captures < log["captures"] - start
+
+    # A cell that is not a module, and fixed_point: f's inputs unknown, graphs captured per solve
+    for solve in (lambda x: deqfast.DEQ(lambda z, x: cell(z, x), cuda_graph=True, **options)(x, zeros),
+                  lambda x: deqfast.fixed_point(lambda z: cell(z, x), zeros, cuda_graph=True, **options)[0]):
+        for x in (rand(5, 8), rand(5, 8)):
+            captured = log["captures"]
+            assert torch.equal(solve(x), layer_e(x, zeros))
+            assert log["captures"] > captured
+
+    copied = copy.deepcopy(layer_g)  # the graphs are not copied
+    assert len(layer_g._graphs) == 1 and len(copied._graphs) == 0
+    assert torch.equal(copied(x, zeros), layer_0(x, zeros))
+
+    # backward_warm_start keeps the solver's history until backward: two forwards, then their backwards
+    layer_w = deqfast.DEQ(cell, cuda_graph=True, backward_warm_start=True, **options)
+    eager_w = deqfast.DEQ(cell, backward_warm_start=True, **options)
+    xs = [rand(5, 8).requires_grad_() for _ in range(2)]
+    z_g, z_e = [layer_w(x, zeros) for x in xs], [eager_w(x, zeros) for x in xs]
+    for i in (0, 1):
+        assert torch.equal(torch.autograd.grad(z_g[i].sum(), xs[i])[0], torch.autograd.grad(z_e[i].sum(), xs[i])[0])
+
+    # backward="bptt" without autograd: the solver's own result is returned, which must not be the
+    # buffers the next call reuses
+    layer_b = deqfast.DEQ(cell, cuda_graph=True, backward="bptt", **options)
+    with torch.no_grad():
+        z1 = layer_b(rand(5, 8), zeros)
+        kept = z1.clone()
+        x = rand(5, 8)
+        assert torch.equal(layer_b(x, zeros), deqfast.DEQ(cell, backward="bptt", **options)(x, zeros))
+    assert torch.equal(z1, kept) and layer_b.graph_captures > 0
 
 
 def test_fused_available_falls_back_when_no_kernel_image_fits_the_device(monkeypatch):

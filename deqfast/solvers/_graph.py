@@ -9,13 +9,20 @@ comes again. The history-filling iterations (n_filled < m) and at least one bloc
 eagerly first: they are the warm-up that lazy initialisations (cuBLAS handles, the allocator) need
 before a capture. The replayed kernels are the eager ones on the same memory: the same bits.
 
-Graphs live for one solve: f's captured inputs (e.g. the x a DEQ closes over) change between calls.
-``capture`` and ``supported`` are module attributes so the tests can replace the CUDA graph with a
-fake that runs the block eagerly on replay (tests/test_ops.py, on the CPU).
+A graph reads and writes fixed addresses: the solver's buffers (history, Gram, per-sample state,
+workspace, x_in, x_out) and whatever f reads (e.g. the x a DEQ closes over, the parameters).
+``fixed_point`` cannot know f's inputs, so its graphs live for one solve. ``DEQ(cuda_graph=True)``
+can make them static (deqfast/layer.py): it keeps one :class:`BlockGraphs` per key and opens
+:func:`reuse` around each solve; the solver then resets the buffers of the previous solve in place
+and replays its graphs (no capture). ``capture`` and ``supported`` are module attributes so the
+tests can replace the CUDA graph with a fake that runs the block eagerly on replay (tests/test_ops.py,
+on the CPU).
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+import contextlib
+import contextvars
+from typing import Any, Callable, Dict, Optional
 
 import torch
 
@@ -40,16 +47,40 @@ def new_pool():
 class BlockGraphs:
     """Runs blocks of ``check_every`` iterations from captured graphs, one per phase k0 % m.
 
-    ``block(k0)`` runs iterations k0 .. k0 + check_every - 1 from ``x_in`` and copies the last
-    iterate into ``x_out`` (two static buffers of the state's shape)."""
+    The solver calls :meth:`prepare` once per solve and sets ``block``: ``block(k0)`` runs
+    iterations k0 .. k0 + check_every - 1 from ``x_in`` and copies the last iterate into ``x_out``
+    (two static buffers of the state's shape). Kept across solves (DEQ), the graphs captured by one
+    solve are replayed by the next ones with the same signature.
 
-    def __init__(self, caller: str, block: Callable[[int], None], x_in: torch.Tensor, x_out: torch.Tensor,
-                 check_every: int, m: int):
-        self.caller, self.block, self.x_in, self.x_out = caller, block, x_in, x_out
-        self.check_every, self.m = check_every, m
+    Attributes:
+        captures: graphs captured so far (over all solves that used this object).
+    """
+
+    def __init__(self):
+        self.signature = None
+        self.buffers: Any = None  # the solver's static tensors (Anderson: history, Gram, state, workspace)
+        self.x_in = self.x_out = None
+        self.block: Optional[Callable[[int], None]] = None
+        self.caller = ""
+        self.check_every = self.m = 1
         self.replays: Dict[int, Callable[[], None]] = {}
         self.pool = None
         self.captures = 0
+
+    def prepare(self, caller: str, signature: tuple, x: torch.Tensor, check_every: int, m: int,
+                make_buffers: Callable[[], Any]):
+        """This solve's static buffers, and whether they are those of an earlier solve (same
+        signature: shape, dtype, device, and every number the captured kernels take), which the
+        solver must then reset in place. A new signature drops the graphs and makes new buffers."""
+        self.caller = caller
+        if signature == self.signature:
+            return self.buffers, True
+        self.signature, self.check_every, self.m = signature, check_every, m
+        self.buffers = make_buffers()
+        self.x_in = torch.empty_like(x, memory_format=torch.contiguous_format)
+        self.x_out = torch.empty_like(self.x_in)
+        self.replays, self.pool = {}, None
+        return self.buffers, False
 
     def run(self, k0: int, x: torch.Tensor) -> torch.Tensor:
         self.x_in.copy_(x)  # the graph reads its input at the captured address
@@ -64,6 +95,8 @@ class BlockGraphs:
         if self.pool is None:
             self.pool = new_pool()
         try:
+            # self.block is looked up when the work runs: on a GPU only at this capture; the tests'
+            # fake graph runs the current solve's block at each replay and checks it reads the same memory.
             replay = capture(lambda: self.block(k0), self.pool)
         except RuntimeError as exc:
             raise RuntimeError(
@@ -84,9 +117,26 @@ def graph_start(m: int, check_every: int) -> int:
     return -(-first // check_every) * check_every
 
 
-def maybe_graphs(enabled: bool, x: torch.Tensor, fused: bool, caller: str, block, x_in, x_out, check_every: int,
-                 m: int) -> Optional[BlockGraphs]:
-    """A BlockGraphs when ``cuda_graph=True`` applies (fused ops on a CUDA state), else None."""
-    if not (enabled and fused and supported(x)):
-        return None
-    return BlockGraphs(caller, block, x_in, x_out, check_every, m)
+# The BlockGraphs a caller that keeps f's inputs static (DEQ) lends to the next solve.
+_REUSE: contextvars.ContextVar[Optional[BlockGraphs]] = contextvars.ContextVar("deqfast_graph_reuse", default=None)
+
+
+@contextlib.contextmanager
+def reuse(graphs: BlockGraphs):
+    """The solve run inside this block keeps its buffers and graphs in ``graphs`` (and replays
+    those of an earlier solve there). The caller guarantees that f reads the same memory at every
+    solve: its inputs copied into static tensors, its parameters unchanged (deqfast/layer.py)."""
+    token = _REUSE.set(graphs)
+    try:
+        yield graphs
+    finally:
+        _REUSE.reset(token)
+
+
+def take() -> Optional[BlockGraphs]:
+    """The BlockGraphs lent by :func:`reuse`, to the first solve that asks (a solve nested inside f
+    gets None), or None outside a reuse block."""
+    graphs = _REUSE.get()
+    if graphs is not None:
+        _REUSE.set(None)
+    return graphs

@@ -44,7 +44,9 @@ def anderson(
             between host checks (f and the step) from CUDA graphs captured during this solve: the
             same bits as the eager solve, less launch overhead. f must then be capturable (no host
             synchronisation inside it; else a RuntimeError says so and names cuda_graph=False).
-            Ignored (the eager solve) on the CPU and wherever the fused ops are not used.
+            The graphs live for this solve (f's inputs are unknown here); :class:`deqfast.DEQ`
+            keeps them across calls. Ignored (the eager solve) on the CPU and wherever the fused
+            ops are not used.
 
     Returns:
         (z, stats): each sample's best iterate (shape of z0) and its :class:`SolverStats`.
@@ -56,6 +58,7 @@ def anderson(
     _checks.check_damping(caller, "tau", tau)
     if not isinstance(cuda_graph, bool):
         raise TypeError(f"{caller}: cuda_graph must be a bool, got {type(cuda_graph).__name__}")
+    kept = _graph.take() if cuda_graph else None  # DEQ's graphs of earlier solves (before f runs)
     problem = _common.FlatProblem(caller, f, z0, per_sample, stop_mode)
     x = problem.x0
     check_every = _common.resolve_check_every(check_every, x)
@@ -106,14 +109,22 @@ def anderson(
                 fused = ops.use_fused(x, fx, F, G, m=m)  # the same for every iteration of the solve
                 one_call = fused and not _is_compiling()  # traced by dynamo: the two ops, as before
                 if one_call:
-                    # One op call per step; its scratch buffers are allocated once per solve.
-                    workspace = ops.AndersonWorkspace(x, m)
                     x = x.contiguous()
-                    if cuda_graph:
-                        x_in = torch.empty_like(x, memory_format=torch.contiguous_format)
-                        x_out = torch.empty_like(x_in)
-                    graphs = _graph.maybe_graphs(cuda_graph, x, fused, caller, fused_block, x_in, x_out, check_every, m)
-                    first_graphed = _graph.graph_start(m, check_every)
+                    if cuda_graph and _graph.supported(x):
+                        # The rescaled problem's f reads this solve's scale: its graphs cannot be kept.
+                        graphs = kept if kept is not None and problem.scale is None else _graph.BlockGraphs()
+                        signature = (tuple(x.shape), x.dtype, x.device, m, check_every, lam, tau, state.tol, stop_mode)
+                        buffers, reused = graphs.prepare(caller, signature, x, check_every, m,
+                                                         lambda: _GraphBuffers(x, m, state, F, G, gram))
+                        if reused:
+                            buffers.reset(x)
+                        F, G, gram, state, workspace = buffers.F, buffers.G, buffers.gram, buffers.state, buffers.workspace
+                        x_in, x_out = graphs.x_in, graphs.x_out
+                        graphs.block = fused_block
+                        first_graphed = _graph.graph_start(m, check_every)
+                    else:
+                        # One op call per step; its scratch buffers are allocated once per solve.
+                        workspace = ops.AndersonWorkspace(x, m)
         else:
             fx = problem(x)
         slot = k % m
@@ -128,6 +139,27 @@ def anderson(
         if _common.should_stop(state, k, check_every, max_iter):
             break
         k += 1
+    if graphs is not None and graphs is kept:
+        # The buffers stay with the graphs for the next solve: what is returned must not alias them.
+        state = state.clone()
+        if _history.wanted():
+            F, G = F.clone(), G.clone()
     if not recording:  # for backward_warm_start (kept only when asked; see solvers/_history.py)
         _history.offer("anderson", F=F, G=G, filled=min(evaluated, m), newest=(evaluated - 1) % m)
     return _common.finish(problem, state, "anderson")
+
+
+class _GraphBuffers:
+    """The tensors the captured blocks read and write besides x_in, x_out: the history F, G, the
+    Gram, the per-sample state and the fused step's workspace (the solve's own, at its start)."""
+
+    def __init__(self, x: torch.Tensor, m: int, state: SampleState, F, G, gram):
+        self.F, self.G, self.gram, self.state = F, G, gram, state
+        self.workspace = ops.AndersonWorkspace(x, m)
+
+    def reset(self, x0: torch.Tensor) -> None:
+        """In place, as a new solve from x0 would allocate them (the graphs keep their addresses)."""
+        self.F.zero_()
+        self.G.zero_()
+        self.gram.zero_()
+        self.state.reset(x0)
