@@ -294,3 +294,26 @@ def test_fused_update_keeps_a_frozen_samples_slots():
         ops.broyden_update(dx, dg, U, V, accept, 3, slot)
     assert torch.equal(U[1], U0[1]) and torch.equal(V[1], V0[1])
     assert not torch.equal(U[0], U0[0])
+
+
+def test_cpu_ops_give_the_same_bits_at_any_thread_count_and_batch():
+    """Fixed-order per-sample sums: 1 or 2 threads, and a sample alone or in a batch, the same bits."""
+    U, V, x, dx, dg = _random(4, 9000, 3, torch.float32, "cpu", seed=21)
+    accept = torch.ones(4, dtype=torch.bool)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            U1, V1 = U.clone(), V.clone()
+            ops.broyden_update(dx, dg, U1, V1, accept, 3, 1)
+            results.append((ops.broyden_direction(U, V, x, 3), U1, V1))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    alone = ops.broyden_direction(U[2:3].contiguous(), V[2:3].contiguous(), x[2:3], 3)
+    assert torch.equal(alone[0], results[0][0][2])
+    U2, V2 = U[2:3].clone(), V[2:3].clone()
+    ops.broyden_update(dx[2:3], dg[2:3], U2, V2, accept[2:3], 3, 1)
+    assert torch.equal(U2[0], results[0][1][2]) and torch.equal(V2[0], results[0][2][2])
