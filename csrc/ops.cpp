@@ -9,6 +9,7 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
+#include <algorithm>
 #include <sstream>
 
 #include "deqfast_numerics.h"
@@ -131,6 +132,51 @@ bool check_fixed_point_step_args(const char* op, const at::Tensor& x, const at::
   return has_offset;
 }
 
+namespace {
+// A (B, m, d) ring buffer like x (B, d): contiguous, x's dtype and device, m >= 1.
+void check_ring(const char* op, const char* name, const char* like_name, const at::Tensor& t, const at::Tensor& x) {
+  TORCH_CHECK(t.dim() == 3 && t.size(0) == x.size(0) && t.size(2) == x.size(1) && t.size(1) >= 1 &&
+                  t.scalar_type() == x.scalar_type() && t.device() == x.device() && t.is_contiguous(),
+              op, ": ", name, " must be a contiguous (B, m, d) history of ", like_name,
+              "'s dtype and device with (B, d) = ", x.sizes(), ", got ", describe(t));
+}
+}  // namespace
+
+void check_broyden_direction_args(const char* op, const at::Tensor& U, const at::Tensor& V, const at::Tensor& x,
+                                  int64_t filled) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), op, ": x must be a contiguous (B, d) tensor, got ", describe(x));
+  TORCH_CHECK(x.is_floating_point(), op, ": x must be floating point, got ", x.scalar_type());
+  check_ring(op, "U", "x", U, x);
+  check_same(op, "V", V, U);
+  TORCH_CHECK(filled >= 0 && filled <= U.size(1), op, ": filled must be in [0, m] = [0, ", U.size(1), "], got ",
+              filled);
+}
+
+void check_broyden_update_args(const char* op, const at::Tensor& dx, const at::Tensor& dg, const at::Tensor& U,
+                               const at::Tensor& V, const at::Tensor& accept, int64_t filled, int64_t slot) {
+  TORCH_CHECK(dx.dim() == 2 && dx.is_contiguous(), op, ": dx must be a contiguous (B, d) tensor, got ", describe(dx));
+  TORCH_CHECK(dx.is_floating_point(), op, ": dx must be floating point, got ", dx.scalar_type());
+  TORCH_CHECK(dg.sizes() == dx.sizes() && dg.scalar_type() == dx.scalar_type() && dg.device() == dx.device() &&
+                  dg.is_contiguous(),
+              op, ": dg must be a contiguous tensor like dx (", describe(dx), "), got ", describe(dg));
+  check_ring(op, "U", "dx", U, dx);
+  check_same(op, "V", V, U);
+  const int64_t B = dx.size(0), m = U.size(1);
+  TORCH_CHECK(accept.dim() == 1 && accept.size(0) == B && accept.scalar_type() == at::kBool &&
+                  accept.device() == dx.device() && accept.is_contiguous(),
+              op, ": accept must be a contiguous (", B, ",) bool tensor on ", dx.device(), ", got ", describe(accept));
+  TORCH_CHECK(filled >= 0 && filled <= m, op, ": filled must be in [0, m] = [0, ", m, "], got ", filled);
+  TORCH_CHECK(slot >= 0 && slot < m && slot <= filled, op, ": slot must be in [0, min(filled, m - 1)] = [0, ",
+              std::min(filled, m - 1), "], got ", slot);
+  // U and V are written; the kernels read every input through __restrict__ pointers.
+  for (const at::Tensor* written : {&U, &V}) {
+    at::assert_no_overlap(*written, dx);
+    at::assert_no_overlap(*written, dg);
+    at::assert_no_overlap(*written, accept);
+  }
+  at::assert_no_overlap(U, V);
+}
+
 }  // namespace deqfast
 
 TORCH_LIBRARY(deqfast, m) {
@@ -160,6 +206,13 @@ TORCH_LIBRARY(deqfast, m) {
       "Tensor(e!) alpha, Tensor(f!) flags, Tensor(g!) best_x, Tensor(h!) best_residual, Tensor(i!) best_rel, "
       "Tensor(j!) nstep, Tensor(k!) converged, Tensor(l!) failed, int n_filled, int slot, "
       "float lam, float tau, float tol, bool rel_mode) -> Tensor");
+  // Broyden: (-I + sum_{i < filled} U_i V_i^T) x per sample, over the filled slots of the (B, m, d) ring
+  // buffers U, V; x (B, d). With U and V swapped, the transpose's product. Returns a new (B, d) tensor.
+  m.def("broyden_direction(Tensor U, Tensor V, Tensor x, int filled) -> Tensor");
+  // Broyden's rank-1 "good" update from dx, dg (B, d), with H = -I + sum_{i < filled} U_i V_i^T:
+  // v = H^T dx, u = (dx - H dg) / (v . dg); slot `slot` of U, V gets (u, v) where accept (B,) and
+  // |v . dg| > tiny and u, v are finite; else it keeps its update (slot < filled) or is zeroed.
+  m.def("broyden_update(Tensor dx, Tensor dg, Tensor(a!) U, Tensor(b!) V, Tensor accept, int filled, int slot) -> ()");
 }
 
 #ifndef DEQFAST_NO_PYTHON
@@ -181,7 +234,7 @@ pybind11::dict build_info() {
 }  // namespace
 
 PYBIND11_MODULE(_C, module) {
-  module.doc() = "deqfast's fused Anderson and fixed-point/adjoint steps (ops under torch.ops.deqfast)";
+  module.doc() = "deqfast's fused Anderson, Broyden and fixed-point/adjoint steps (ops under torch.ops.deqfast)";
   module.def("build_info", &build_info, "How this extension was built: torch and CUDA versions, backends, archs.");
   module.def("has_cuda", [] { return !deqfast::cuda_build_info().empty(); }, "Whether the CUDA kernels are compiled in.");
   module.def("cuda_kernel_status", &deqfast::cuda_kernel_status, pybind11::arg("device"),

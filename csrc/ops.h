@@ -36,6 +36,14 @@ void check_anderson_fused_step_args(const char* op, const at::Tensor& x, const a
                                     const at::Tensor& nstep, const at::Tensor& converged, const at::Tensor& failed,
                                     int64_t n_filled, int64_t slot);
 
+// broyden_direction's checks (both backends): U, V (B, m, d) like x (B, d), filled in [0, m].
+void check_broyden_direction_args(const char* op, const at::Tensor& U, const at::Tensor& V, const at::Tensor& x,
+                                  int64_t filled);
+// broyden_update's checks (both backends): dx, dg (B, d); U, V (B, m, d) like them; accept (B,) bool;
+// filled in [0, m], slot in [0, m) with slot <= filled; U, V overlap no input nor each other.
+void check_broyden_update_args(const char* op, const at::Tensor& dx, const at::Tensor& dg, const at::Tensor& U,
+                               const at::Tensor& V, const at::Tensor& accept, int64_t filled, int64_t slot);
+
 // "" when the CUDA backend is not compiled in, else e.g. "CUDA 13.0, archs sm_80 sm_90".
 std::string cuda_build_info();
 // The architectures nvcc compiled the kernels for (__CUDA_ARCH_LIST__), e.g. {"sm_80", "sm_90"}; {} without CUDA.

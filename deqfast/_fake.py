@@ -24,3 +24,11 @@ def register() -> None:
     def _(x, fx, F, G, gram, partials, alpha, flags, best_x, best_residual, best_rel, nstep, converged, failed,
           n_filled, slot, lam, tau, tol, rel_mode):
         return torch.empty_like(x)
+
+    @torch.library.register_fake("deqfast::broyden_direction")
+    def _(U, V, x, filled):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("deqfast::broyden_update")
+    def _(dx, dg, U, V, accept, filled, slot):
+        return None

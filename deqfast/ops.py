@@ -98,3 +98,17 @@ def fixed_point_step(x, fx, offset, state: SampleState, tau: float, fused: Optio
         return torch.ops.deqfast.fixed_point_step(x.contiguous(), fx.contiguous(), offset, *_state_tensors(state), float(tau),
                                                     float(state.tol), state.rel)
     return reference.fixed_point_step(x, fx, offset, state, tau)
+
+
+def broyden_direction(U, V, x, filled: int):
+    """(−I + Σ_{i<filled} U_i V_iᵀ) x per sample (deqfast::broyden_direction), a new (B, d) tensor; with U
+    and V swapped, the transpose's product. The fused path of deqfast.solvers.broyden's ``_h_times``:
+    U, V contiguous (B, m, d) buffers; x is made contiguous."""
+    return torch.ops.deqfast.broyden_direction.default(U, V, x.contiguous(), filled)
+
+
+def broyden_update(dx, dg, U, V, accept, filled: int, slot: int) -> None:
+    """Broyden's good rank-1 update into slot ``slot`` of U, V in place (deqfast::broyden_update): the
+    fused path of deqfast.solvers.broyden's ``_update``, with the same keep rule (``accept`` (B,) bool:
+    the samples whose update may be kept)."""
+    torch.ops.deqfast.broyden_update.default(dx.contiguous(), dg.contiguous(), U, V, accept.contiguous(), filled, slot)

@@ -80,12 +80,10 @@ if hypothesis is not None:
 
 
 def solve_path(path, solver, monkeypatch):
-    """Force the fused CPU ops (skip where they are absent; Broyden has none) or the reference."""
+    """Force the fused CPU ops (skip where they are absent) or the reference."""
     from deqfast import ops
     from deqfast._extension import fused_available
     if path == "fused":
-        if solver == "broyden":
-            pytest.skip("Broyden has no fused op")
         if not fused_available(torch.device("cpu")):
             pytest.skip("deqfast._C not compiled")
     else:

@@ -1,9 +1,12 @@
 """Broyden over the filled slots only: the same iterates as a dense float64 Broyden, and a sample's
-result independent of the other samples of its batch (bitwise)."""
+result independent of the other samples of its batch (bitwise), on the fused ops and the reference."""
 import pytest
 import torch
 
 import deqfast
+from conftest import solve_path
+
+PATHS = ["fused", "reference"]
 
 F64 = torch.float64
 
@@ -53,9 +56,11 @@ def _problem(B, d, seed=0):
     return (lambda z: torch.tanh(z @ W.T + c)), 0.1 * torch.randn(B, d, generator=g, dtype=F64)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("m", [3, 30])
-def test_matches_dense_float64_broyden(m):
+def test_matches_dense_float64_broyden(m, path, monkeypatch):
     """Forced T = 12 evaluations (tol 0): the ring of m = 3 wraps, m = 30 never does."""
+    solve_path(path, "broyden", monkeypatch)
     f, z0 = _problem(3, 10)
     T = 12
     expected, _ = _dense_broyden(f, z0, T, m)
@@ -94,11 +99,13 @@ def _solve_rows(c, a, z0, rows, **kw):
     return deqfast.solvers.broyden(f, z0[rows], **kw)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("d", [300, 40000])
-def test_sample_independent_of_its_batch_neighbours(d):
+def test_sample_independent_of_its_batch_neighbours(d, path, monkeypatch):
     """Sample 0 alone and in batches of 2, 7 and 64 (2 and 3 at large d) with random other samples: the
     same z and the same stats, bitwise. d = 40000 exceeds torch's 32768-element threshold above
     which a single-output sum is split between threads."""
+    solve_path(path, "broyden", monkeypatch)
     n = 80 if d == 300 else 4
     c, a, z0 = _elementwise_problem(n, d, seed=1)
     kw = dict(max_iter=25, tol=1e-5, m=8)

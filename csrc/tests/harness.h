@@ -102,6 +102,22 @@ inline c10::TypedOperatorHandle<FixedPointFn>& fixed_point_op() {
   return op;
 }
 
+using BroydenDirectionFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t);
+using BroydenUpdateFn = void(const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&, const at::Tensor&, int64_t,
+                             int64_t);
+
+inline c10::TypedOperatorHandle<BroydenDirectionFn>& broyden_direction_op() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("deqfast::broyden_direction", "")
+                       .typed<BroydenDirectionFn>();
+  return op;
+}
+inline c10::TypedOperatorHandle<BroydenUpdateFn>& broyden_update_op() {
+  static auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("deqfast::broyden_update", "").typed<BroydenUpdateFn>();
+  return op;
+}
+
 struct State {  // the per-sample state tensors of the ops
   at::Tensor best_x, best_residual, best_rel, nstep, converged, failed;
   State(const at::Tensor& x0) {

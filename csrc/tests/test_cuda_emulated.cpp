@@ -11,6 +11,7 @@
 #include "cuda_emulation.h"  // first: the .cu files below compile against it
 
 #include "../cuda/anderson_cuda.cu"
+#include "../cuda/broyden_cuda.cu"
 #include "../cuda/fixed_point_cuda.cu"
 
 #include <ATen/ATen.h>
@@ -349,6 +350,75 @@ void test_fixed_point_solve(at::ScalarType dtype, int64_t B, int64_t d, double t
              "nstep " << s_emu.nstep << " vs " << s_cpu.nstep);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Broyden's ring-buffer ops, emulated CUDA vs CPU.
+// ---------------------------------------------------------------------------------------------
+
+struct BroydenCase {
+  int64_t B, d, m, filled, slot;
+};
+
+void test_broyden(at::ScalarType dtype, const BroydenCase& k) {
+  std::ostringstream c;
+  c << "broyden " << dtype << " B=" << k.B << " d=" << k.d << " m=" << k.m << " filled=" << k.filled
+    << " slot=" << k.slot;
+  g_case = c.str();
+  const Tol tol = tol_for(dtype);
+  const auto opts = at::TensorOptions().dtype(dtype);
+  // U scaled so that H = −I + Σ U_i V_iᵀ is O(1); the slots past `filled` are garbage the ops must not read.
+  at::Tensor U = (at::randn({k.B, k.m, k.d}, opts) / std::sqrt(double(k.d))).to(dtype);
+  at::Tensor V = at::randn({k.B, k.m, k.d}, opts);
+  if (k.filled < k.m) {
+    U.slice(1, k.filled, k.m).fill_(std::numeric_limits<double>::quiet_NaN());
+    V.slice(1, k.filled, k.m).fill_(std::numeric_limits<double>::quiet_NaN());
+  }
+  const at::Tensor x = at::randn({k.B, k.d}, opts), dx = at::randn({k.B, k.d}, opts);
+  at::Tensor dg = at::randn({k.B, k.d}, opts);
+  at::Tensor accept = at::ones({k.B}, opts.dtype(at::kBool));
+  // The coefficients are sums over d in another order than the CPU's: an error of tol.reduce relative
+  // to the largest |value| (not to each element, which may cancel).
+  auto atol = [&](const at::Tensor& want) {
+    return std::max(tol.value, tol.reduce * at::nan_to_num(want.to(at::kDouble), 0.0, 0.0, 0.0).abs().max().item<double>());
+  };
+  if (k.B >= 2) accept[1] = false;                   // frozen: dropped
+  if (k.B >= 3) dg[2].zero_();                       // v · dg = 0: dropped
+  if (k.B >= 4) dx[3][k.d / 2] = std::numeric_limits<double>::infinity();  // non-finite: dropped
+
+  // direction, and the transpose's product
+  for (bool transpose : {false, true}) {
+    const at::Tensor& A = transpose ? V : U;
+    const at::Tensor& Bm = transpose ? U : V;
+    const at::Tensor want = broyden_direction_op().call(A, Bm, x, k.filled);
+    const int64_t before = emu::launches;
+    const at::Tensor got = deqfast::cuda::broyden_direction_cuda(A, Bm, x, k.filled);
+    check_no_emulation_errors("broyden_direction");
+    EXPECT_MSG(emu::launches - before == (k.filled > 0 ? 2 : 1),
+               "broyden_direction: " << emu::launches - before << " launches");
+    check_close(got, want, tol.value, atol(want), transpose ? "direction (transpose)" : "direction");
+    EXPECT_MSG(!got.isnan().any().item<bool>(), "direction has NaN (an unwritten element, or a stale slot read)");
+  }
+
+  // update
+  at::Tensor U_cpu = U.clone(), V_cpu = V.clone(), U_emu = U.clone(), V_emu = V.clone();
+  broyden_update_op().call(dx, dg, U_cpu, V_cpu, accept, k.filled, k.slot);
+  const int64_t before = emu::launches;
+  deqfast::cuda::broyden_update_cuda(dx, dg, U_emu, V_emu, accept, k.filled, k.slot);
+  check_no_emulation_errors("broyden_update");
+  EXPECT_MSG(emu::launches - before == (k.filled > 0 ? 4 : 3), "broyden_update: " << emu::launches - before << " launches");
+  check_close(U_emu, U_cpu, tol.value, atol(U_cpu), "U");  // NaN == NaN: the stale slots stay as they were
+  check_close(V_emu, V_cpu, tol.value, atol(V_cpu), "V");
+  // the dropped samples: the slot unchanged (slot < filled) or zeroed
+  for (int64_t b = 1; b < std::min<int64_t>(k.B, 4); ++b) {
+    const at::Tensor want_u = k.slot < k.filled ? U[b][k.slot] : at::zeros_like(U[b][k.slot]);
+    const at::Tensor want_v = k.slot < k.filled ? V[b][k.slot] : at::zeros_like(V[b][k.slot]);
+    check_close(U_emu[b][k.slot], want_u, 0.0, 0.0, "dropped u");
+    check_close(V_emu[b][k.slot], want_v, 0.0, 0.0, "dropped v");
+  }
+  // the kept sample 0 really changed its slot, to finite values
+  EXPECT_MSG(at::isfinite(U_emu[0][k.slot]).all().item<bool>() && at::isfinite(V_emu[0][k.slot]).all().item<bool>(),
+             "the kept update is not finite");
+}
+
 // Empty batches and empty states: nothing to launch, outputs of the right shape.
 void test_empty() {
   g_case = "empty shapes";
@@ -378,6 +448,11 @@ void test_empty() {
                           s2_cpu.converged, s2_cpu.failed, 1.0, 1e-6, false);
     EXPECT(y.sizes() == x.sizes());
     check_state_equal(s2, s2_cpu, 0.0);
+    at::Tensor U = at::randn({B, m, d}, kD), V = at::randn({B, m, d}, kD);
+    const at::Tensor U0 = U.clone();
+    EXPECT(deqfast::cuda::broyden_direction_cuda(U, V, x, 2).sizes() == x.sizes());
+    deqfast::cuda::broyden_update_cuda(x, fx, U, V, at::ones({B}, kD.dtype(at::kBool)), 1, 1);
+    check_equal(U, U0, "broyden_update on an empty state");
     check_no_emulation_errors(g_case);
   }
 }
@@ -391,6 +466,10 @@ void test_cuda_argument_checks() {
   EXPECT_THROWS_WITH(deqfast::cuda::anderson_history_cuda(x, fx, F, G, 0), "m <= 32");
   at::Tensor F2 = at::zeros({2, 4, 3}, kD), G2 = at::zeros({2, 4, 4}, kD);
   EXPECT_THROWS_WITH(deqfast::cuda::anderson_history_cuda(x, fx, F2, G2, 0), "G");
+  EXPECT_THROWS_WITH(deqfast::cuda::broyden_direction_cuda(F, G, x, 1), "m <= 32");
+  EXPECT_THROWS_WITH(deqfast::cuda::broyden_update_cuda(x, fx, F, G, at::ones({2}, kD.dtype(at::kBool)), 1, 1),
+                     "m <= 32");
+  EXPECT_THROWS_WITH(deqfast::cuda::broyden_direction_cuda(F2, G2, x, 1), "V must be");
 }
 
 }  // namespace
@@ -432,6 +511,16 @@ int main(int argc, char** argv) {
       }
     }
     test_fixed_point_step(at::kFloat, 130, 33, true, 1.0, false);  // two blocks of the per-sample kernel
+    const std::vector<BroydenCase> broyden_cases = {
+        {1, 1, 1, 1, 0},     // B = 1, d = 1, m = 1
+        {4, 7, 4, 2, 2},     // filled < m, odd d, every dropped-update case
+        {4, 8193, 3, 3, 1},  // three chunks (the last of one element), the ring wrapping
+        {3, 300, 32, 0, 0},  // the first update, the longest history the CUDA kernels take
+        {2, 4096, 32, 32, 31},
+    };
+    for (auto dtype : dtypes) {
+      for (const auto& k : broyden_cases) test_broyden(dtype, k);
+    }
     if (!races_only) {
       test_fixed_point_solve(at::kDouble, 3, 5000, 1.0);
       test_fixed_point_solve(at::kFloat, 2, 64, 0.8);

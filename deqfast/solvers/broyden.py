@@ -5,7 +5,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .. import _checks
+from .. import _checks, ops
 from ..reference import SampleState, accumulation_dtype
 from . import _common, _history
 
@@ -67,12 +67,16 @@ def broyden(
     else:
         U = torch.empty(B, memory, d, dtype=x.dtype, device=x.device)
         V = torch.empty_like(U)
+    # The fused ops (deqfast::broyden_direction, deqfast::broyden_update) where ops.use_fused takes the
+    # state, decided once per solve; the reference below (_h_times, _update) otherwise and while recording.
+    fused = not recording and ops.use_fused(x, U, m=memory)
     filled = 0  # slots 0 .. filled − 1 of the ring hold updates
     for k in range(1, max_iter):
         if _common.should_stop(state, k - 1, check_every, max_iter):
             break
         # Step: −H g = g − Σ u_i (v_i · g)
-        x_next = state.freeze(x - _h_times(U, V, gx, filled, acc))
+        h_g = ops.broyden_direction(U, V, gx, filled) if fused else _h_times(U, V, gx, filled, acc)
+        x_next = state.freeze(x - h_g)
         fx_next = problem(x_next)
         gx_next = fx_next - x_next
         g_sq, f_sq = _squared_norms(gx_next, fx_next, acc)
@@ -94,26 +98,12 @@ def broyden(
         x_next = torch.where(blown.unsqueeze(1), restart_x, x_next)
         gx_next = torch.where(blown.unsqueeze(1), restart_g, gx_next)
         # Good Broyden update of H: u = (Δx − H Δg) / (vᵀ Δg), vᵀ = Δxᵀ H.
-        dx, dg = x_next - x, gx_next - gx
-        v = _h_times(V, U, dx, filled, acc)  # vᵀ = Δxᵀ(−I + Σ u_i v_iᵀ): Hᵀ Δx
-        h_dg = _h_times(U, V, dg, filled, acc)
-        denom = _row_sum(v * dg, acc).unsqueeze(1)
-        usable = (~state.done).unsqueeze(1) & (denom.abs() > torch.finfo(denom.dtype).tiny)
-        # Divide by 1 where the update is dropped: a frozen sample has Δx = Δg = 0, and its 0/0,
-        # though masked below, would make the gradient NaN under backward="bptt" (0 · ∞ in the
-        # division's backward).
-        u = ((dx - h_dg) / torch.where(usable, denom, torch.ones_like(denom))).to(x.dtype)
-        keep = usable & ~blown.unsqueeze(1) & torch.isfinite(u).all(dim=1, keepdim=True) \
-            & torch.isfinite(v).all(dim=1, keepdim=True)
+        accept = ~state.done & ~blown
         slot = (k - 1) % memory
-        if slot < filled:
-            # A dropped update leaves the slot's older one in place (a sample frozen early keeps
-            # its H, which backward_warm_start reuses).
-            U[:, slot] = torch.where(keep, u, U[:, slot])
-            V[:, slot] = torch.where(keep, v, V[:, slot])
+        if fused:
+            ops.broyden_update(x_next - x, gx_next - gx, U, V, accept, filled, slot)
         else:
-            U[:, slot] = torch.where(keep, u, torch.zeros_like(u))
-            V[:, slot] = torch.where(keep, v, torch.zeros_like(v))
+            _update(x_next - x, gx_next - gx, U, V, accept, filled, slot, acc)
         filled = min(filled + 1, memory)
         x, gx = x_next, gx_next
         if k % check_every == 0 and bool(pending.any()):  # at a host check (every step on the CPU)
@@ -138,6 +128,28 @@ def _clear(U, V, samples: torch.Tensor, filled: int) -> None:
         return
     U[:, :filled] *= keep.view(-1, 1, 1).to(U.dtype)
     V[:, :filled] *= keep.view(-1, 1, 1).to(V.dtype)
+
+
+def _update(dx, dg, U, V, accept: torch.Tensor, filled: int, slot: int, acc: torch.dtype) -> None:
+    """The good Broyden update of H = −I + Σ_{i<filled} U_i V_iᵀ into slot ``slot`` (the reference of
+    deqfast::broyden_update): v = Hᵀ Δx, u = (Δx − H Δg) / (v · Δg). A sample keeps it where ``accept``
+    (not done, not restarted), |v · Δg| > tiny and u, v are finite; else the slot keeps its older update
+    (slot < filled: a sample frozen early keeps its H, which backward_warm_start reuses) or is zeroed."""
+    v = _h_times(V, U, dx, filled, acc)  # vᵀ = Δxᵀ(−I + Σ u_i v_iᵀ): Hᵀ Δx
+    h_dg = _h_times(U, V, dg, filled, acc)
+    denom = _row_sum(v * dg, acc).unsqueeze(1)
+    usable = accept.unsqueeze(1) & (denom.abs() > torch.finfo(denom.dtype).tiny)
+    # Divide by 1 where the update is dropped: a frozen sample has Δx = Δg = 0, and its 0/0,
+    # though masked below, would make the gradient NaN under backward="bptt" (0 · ∞ in the
+    # division's backward).
+    u = ((dx - h_dg) / torch.where(usable, denom, torch.ones_like(denom))).to(dx.dtype)
+    keep = usable & torch.isfinite(u).all(dim=1, keepdim=True) & torch.isfinite(v).all(dim=1, keepdim=True)
+    if slot < filled:
+        U[:, slot] = torch.where(keep, u, U[:, slot])
+        V[:, slot] = torch.where(keep, v, V[:, slot])
+    else:
+        U[:, slot] = torch.where(keep, u, torch.zeros_like(u))
+        V[:, slot] = torch.where(keep, v, torch.zeros_like(v))
 
 
 def _row_sum(p: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
