@@ -24,7 +24,7 @@ parameters counts as one).
 A second table per cell, backward_warm_start: not forced, but to tolerance (forward tol 1e-4,
 backward_tol 1e-6, deqfast's defaults), the implicit adjoint from zero against the one started and
 preconditioned from the forward's history (Anderson m = 5, m = 10; Broyden m = 10), with the
-fixed-point adjoint (the default) and with the Anderson adjoint: VJPs to reach backward_tol (mean
+fixed-point adjoint (the default), the Anderson adjoint and the Broyden adjoint: VJPs to reach backward_tol (mean
 per sample, from stats.backward.nstep), backward time (median), and each gradient's relative error
 against a float64 reference (the same cell in float64, forward tol 1e-11, plain adjoint to 1e-12).
 Its last row is the Krylov reference: the adjoint from zero by Anderson with more memory than steps
@@ -167,7 +167,8 @@ def run_cell(problem, T: int, m: int, cfg, progress, repeats: int, warmup: int) 
 
 # (forward solver, m, adjoint solver); each from zero and warm-started.
 WARM_CONFIGS = [("anderson", 5, "fixed_point"), ("anderson", 10, "fixed_point"), ("broyden", 10, "fixed_point"),
-                ("anderson", 5, "anderson"), ("anderson", 10, "anderson"), ("broyden", 10, "anderson")]
+                ("anderson", 5, "anderson"), ("anderson", 10, "anderson"), ("broyden", 10, "anderson"),
+                ("anderson", 10, "broyden"), ("broyden", 10, "broyden")]
 # The adjoint from zero by Anderson with a memory longer than the steps it takes: for a linear
 # system that is GMRES (Walker & Ni 2011), the fewest VJPs any Krylov method from zero can reach.
 KRYLOV_M = 64

@@ -10,13 +10,14 @@ With g the gradient arriving at z* and J = ∂f/∂z at z*:
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
 
 from . import _checks
 from . import solvers as _solvers
-from .solvers import _common
+from .solvers import _common, _history
 from .solvers.fixed_point import adjoint_iteration
 from .options import Options
 from .reference import SampleState, accumulation_dtype
@@ -165,7 +166,10 @@ class AdjointFunction(torch.autograd.Function):
                         rows = grad.shape[0] if options.per_sample else 1
                         u0 = torch.zeros_like(grad) if precondition is None else \
                             precondition(grad.reshape(rows, -1)).reshape(grad.shape)
-                        u, stats = solver(lambda v: grad + vjp(v), u0, **kwargs)
+                        # Broyden warm-started: H starts at −M (from the forward's history), not −I.
+                        seeded = precondition is not None and options.backward_solver == "broyden"
+                        with _history.seed(*precondition.broyden_seed(grad.dtype)) if seeded else contextlib.nullcontext():
+                            u, stats = solver(lambda v: grad + vjp(v), u0, **kwargs)
             if options.backward == "implicit":
                 _warn_inexact_adjoint(caller, options, stats)
         ctx.stats.backward = stats
@@ -187,7 +191,7 @@ class AdjointFunction(torch.autograd.Function):
 # converges faster. It stops on the same residual ‖g + Jᵀu − u‖ and tolerance as the plain adjoint,
 # so the gradient is as exact; a sample whose residual fails to decrease takes plain steps from there.
 # With backward_solver="anderson" the preconditioned steps are Anderson-mixed (warm_adjoint_anderson).
-# With "broyden" only the start u₀ = M g is taken from the forward (its history starts empty).
+# With "broyden" the adjoint's Broyden starts at u₀ = M g with H = −M instead of −I (SHINE's refine).
 
 
 def _row_sum(p: torch.Tensor, acc) -> torch.Tensor:
@@ -207,6 +211,11 @@ class LowRankPreconditioner:
     def __call__(self, r: torch.Tensor) -> torch.Tensor:
         coef = _row_sum(self.Q * r.unsqueeze(1), self.acc).unsqueeze(1).to(self.P.dtype)  # (B, 1, k)
         return r + torch.bmm(coef, self.P).squeeze(1).to(r.dtype)
+
+    def broyden_seed(self, dtype: torch.dtype):
+        """(U, V) with −M = −I + Σ_i U_i V_iᵀ: Broyden's initial inverse Jacobian for the adjoint's
+        g(u) = g + Jᵀu − u, whose Jacobian −(I − Jᵀ) M⁻¹ approximates (SHINE's "refine")."""
+        return (-self.P).to(dtype).contiguous(), self.Q.to(dtype).contiguous()
 
 
 def warm_preconditioner(history, like: torch.Tensor, lam: float):

@@ -190,12 +190,14 @@ def test_warm_anderson_adjoint_is_the_anderson_adjoint_when_m_is_identity():
     torch.testing.assert_close(u_warm, u_plain, rtol=1e-8, atol=1e-12)
 
 
+@pytest.mark.parametrize("backward_solver", ["anderson", "broyden"])
 @pytest.mark.parametrize("solver,m", [("anderson", 10), ("broyden", 10)])
-def test_warm_anderson_adjoint_needs_fewer_vjps_than_the_anderson_adjoint(solver, m):
-    """The slowly contracting conv cell: the warm-started Anderson adjoint reaches the same
-    gradient as the Anderson adjoint from zero in fewer VJPs."""
+def test_warm_accelerated_adjoint_needs_fewer_vjps_than_from_zero(solver, m, backward_solver):
+    """The slowly contracting conv cell: the warm-started Anderson adjoint (preconditioned) and
+    Broyden adjoint (seeded with H = −M) reach the same gradient as the same adjoint solver from
+    zero in fewer VJPs."""
     cell, x, c = _slow_conv()
-    kw = dict(solver=solver, m=m, max_iter=300, tol=1e-8, backward_solver="anderson", backward_tol=1e-8,
+    kw = dict(solver=solver, m=m, max_iter=300, tol=1e-8, backward_solver=backward_solver, backward_tol=1e-8,
               backward_max_iter=3000)
     results = {}
     for warm in (False, True):
@@ -276,3 +278,43 @@ def test_anderson_preconditioner_inverts_i_minus_j_on_the_secant_span():
     w = torch.randn(B, d, generator=g, dtype=torch.float64)
     w = w - torch.einsum("bdk,bk->bd", q, torch.einsum("bdk,bd->bk", q, w))  # ⟂ span(S − Y)
     torch.testing.assert_close(M(w), w)
+
+
+def test_broyden_seed_is_the_initial_inverse_jacobian():
+    """solvers.broyden inside _history.seed(U, V) starts from H = −I + Σ U_i V_iᵀ: seeded with the
+    exact (J − I)⁻¹ of a linear f(z) = J z + b with J of rank k (Woodbury: −I − P (I − QᵀP)⁻¹ Qᵀ
+    for J = P Qᵀ), its first step lands on the fixed point (the dense solve); unseeded it does not."""
+    from deqfast.solvers import _history
+    g = torch.Generator().manual_seed(12)
+    B, d, k = 3, 25, 4
+    P = torch.randn(B, d, k, generator=g, dtype=torch.float64) / d ** 0.5
+    Q = torch.randn(B, d, k, generator=g, dtype=torch.float64) / d ** 0.5
+    b = torch.randn(B, d, generator=g, dtype=torch.float64)
+    J = P @ Q.transpose(1, 2)
+    f = lambda z: torch.einsum("bij,bj->bi", J, z) + b  # noqa: E731
+    exact = torch.linalg.solve(torch.eye(d, dtype=torch.float64) - J, b)
+    inner = torch.linalg.inv(torch.eye(k, dtype=torch.float64) - Q.transpose(1, 2) @ P)  # (B, k, k)
+    U = -(P @ inner).transpose(1, 2).contiguous()  # (B, k, d): U_i = −(P (I − QᵀP)⁻¹)_{:, i}
+    V = Q.transpose(1, 2).contiguous()  # V_i = Q_{:, i}
+    kw = dict(m=5, max_iter=30, tol=1e-12)
+    with _history.seed(U, V):
+        z, stats = deqfast.solvers.broyden(f, torch.zeros(B, d, dtype=torch.float64), **kw)
+    torch.testing.assert_close(z, exact, rtol=1e-10, atol=1e-12)
+    assert bool((stats.nstep <= 2).all()), stats.nstep  # f(z0), then f at the solution
+    z_plain, plain = deqfast.solvers.broyden(f, torch.zeros(B, d, dtype=torch.float64), **kw)
+    assert bool((plain.nstep > 2).all())
+    assert _history.take_seed() is None  # the block is closed: later solves start from −I
+
+
+def test_broyden_seed_is_taken_by_the_first_solve_only():
+    """A solve nested inside f (f itself runs a Broyden solve) does not take the outer seed."""
+    from deqfast.solvers import _history
+    seen = []
+
+    def f(z):
+        seen.append(_history.take_seed())
+        return 0.5 * z + 1.0
+
+    with _history.seed(torch.zeros(1, 1, 3, dtype=torch.float64), torch.zeros(1, 1, 3, dtype=torch.float64)):
+        deqfast.solvers.broyden(f, torch.zeros(1, 3, dtype=torch.float64), max_iter=3, tol=0.0)
+    assert seen and all(s is None for s in seen)

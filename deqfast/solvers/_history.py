@@ -42,3 +42,28 @@ def offer(kind: str, **tensors) -> None:
     if box is not None:
         box.kind = kind
         box.tensors = tensors
+
+
+# --- the other direction: an initial inverse-Jacobian estimate handed to a Broyden solve -------
+
+_SEED: contextvars.ContextVar = contextvars.ContextVar("deqfast_broyden_seed", default=None)
+
+
+@contextlib.contextmanager
+def seed(U, V):
+    """The next Broyden solve inside this block starts from H = −I + Σ_i U_i V_iᵀ (U, V: (B, k, d),
+    the solve's flattened shape) instead of H = −I; its own updates go after these k terms."""
+    token = _SEED.set((U, V))
+    try:
+        yield
+    finally:
+        _SEED.reset(token)
+
+
+def take_seed():
+    """(U, V) of an open :func:`seed` block, for the first solve that asks (a solve nested inside
+    f gets None), else None."""
+    pair = _SEED.get()
+    if pair is not None:
+        _SEED.set(None)
+    return pair

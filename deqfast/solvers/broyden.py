@@ -45,6 +45,7 @@ def broyden(
     caller = "deqfast.solvers.broyden"
     _common.validate_common(caller, max_iter, tol, stop_mode, check_every)
     _checks.check_int(caller, "m", m, 1)
+    seed = _history.take_seed()  # backward_warm_start's initial H (before f runs: no nested solve takes it)
     problem = _common.FlatProblem(caller, f, z0, per_sample, stop_mode)
     x = problem.x0
     check_every = _common.resolve_check_every(check_every, x)
@@ -62,15 +63,24 @@ def broyden(
     # While autograd records through the solve (backward="bptt") the history is a list of the
     # updates' own tensors: a (B, m, d) buffer would have to be copied at every step.
     recording = torch.is_grad_enabled() and (fx.requires_grad or x.requires_grad)
+    # A seed (U0, V0) of k terms (deqfast.backward: H starts at −M, not −I) fills slots 0 .. k − 1 for
+    # the whole solve; the ring of this solve's updates is slots k .. k + memory − 1.
+    base = 0 if seed is None or recording else seed[0].shape[1]
     if recording:
         U, V = _ListHistory(memory), _ListHistory(memory)
     else:
-        U = torch.empty(B, memory, d, dtype=x.dtype, device=x.device)
+        U = torch.empty(B, base + memory, d, dtype=x.dtype, device=x.device)
         V = torch.empty_like(U)
+        if base:
+            if tuple(seed[0].shape) != (B, base, d) or tuple(seed[1].shape) != (B, base, d):
+                raise RuntimeError(f"{caller}: internal: a seed of shapes {tuple(seed[0].shape)}, "
+                                   f"{tuple(seed[1].shape)} for a ({B}, {d}) state")
+            U[:, :base] = seed[0]
+            V[:, :base] = seed[1]
     # The fused ops (deqfast::broyden_direction, deqfast::broyden_update) where ops.use_fused takes the
     # state, decided once per solve; the reference below (_h_times, _update) otherwise and while recording.
-    fused = not recording and ops.use_fused(x, U, m=memory)
-    filled = 0  # slots 0 .. filled − 1 of the ring hold updates
+    fused = not recording and ops.use_fused(x, U, m=base + memory)
+    filled = base  # slots 0 .. filled − 1 hold updates (the seed's, then the ring's)
     for k in range(1, max_iter):
         if _common.should_stop(state, k - 1, check_every, max_iter):
             break
@@ -99,12 +109,12 @@ def broyden(
         gx_next = torch.where(blown.unsqueeze(1), restart_g, gx_next)
         # Good Broyden update of H: u = (Δx − H Δg) / (vᵀ Δg), vᵀ = Δxᵀ H.
         accept = ~state.done & ~blown
-        slot = (k - 1) % memory
+        slot = base + (k - 1) % memory
         if fused:
             ops.broyden_update(x_next - x, gx_next - gx, U, V, accept, filled, slot)
         else:
             _update(x_next - x, gx_next - gx, U, V, accept, filled, slot, acc)
-        filled = min(filled + 1, memory)
+        filled = min(filled + 1, base + memory)
         x, gx = x_next, gx_next
         if k % check_every == 0 and bool(pending.any()):  # at a host check (every step on the CPU)
             _clear(U, V, pending, filled)
