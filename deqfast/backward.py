@@ -264,6 +264,19 @@ def warm_preconditioner(history, like: torch.Tensor, lam: float):
     return LowRankPreconditioner(P, D, acc)
 
 
+def _warm_problem(caller, vjp, g, precondition, tol, stop_mode, check_every, per_sample):
+    """The warm-started adjoint's flat problem from u₀ = M g, with g flattened (and rescaled along
+    with u), its SampleState and check_every. The problem's first VJP, at u₀, is the loop's first;
+    vjp and M are linear, so a power-of-two rescaling of the range (FlatProblem) scales g with u."""
+    rows = g.shape[0] if per_sample else 1
+    g_flat = g.contiguous().reshape(rows, -1)
+    problem = _common.FlatProblem(caller, vjp, precondition(g_flat).reshape(g.shape), per_sample, stop_mode)
+    if problem.scale is not None:
+        g_flat = g_flat * problem.scale
+    state = SampleState(problem.x0, problem.tol_for(tol, stop_mode), stop_mode)
+    return problem, g_flat, state, _common.resolve_check_every(check_every, problem.x0)
+
+
 def warm_adjoint_iteration(vjp, g: torch.Tensor, precondition, *, max_iter: int, tol: float, stop_mode: str,
                            check_every=None, per_sample: bool = True):
     """Solve u = g + Jᵀu from u₀ = M g by u ← u + M (g + Jᵀu − u), per sample (see above).
@@ -272,18 +285,9 @@ def warm_adjoint_iteration(vjp, g: torch.Tensor, precondition, *, max_iter: int,
     returned (best) u. A sample whose residual does not decrease from one step to the next takes
     plain steps u ← g + Jᵀu from there on. With per_sample=False the whole state is one row, as in
     the forward solve whose history M comes from."""
-    caller = "deqfast backward (implicit, warm-started adjoint)"
-    rows = g.shape[0] if per_sample else 1
-    g_flat = g.contiguous().reshape(rows, -1)
-    # The problem starts at u₀ (its first VJP, made by FlatProblem, is the loop's first). vjp and M
-    # are linear, so a power-of-two rescaling of the range (FlatProblem) scales g along with u.
-    problem = _common.FlatProblem(caller, vjp, precondition(g_flat).reshape(g.shape), per_sample, stop_mode)
-    u = problem.x0
-    if problem.scale is not None:
-        g_flat = g_flat * problem.scale
-    acc = accumulation_dtype(g.dtype)
-    check_every = _common.resolve_check_every(check_every, u)
-    state = SampleState(u, problem.tol_for(tol, stop_mode), stop_mode)
+    problem, g_flat, state, check_every = _warm_problem("deqfast backward (implicit, warm-started adjoint)", vjp, g,
+                                                        precondition, tol, stop_mode, check_every, per_sample)
+    u, acc = problem.x0, state.residual.dtype
     plain = torch.zeros(u.shape[0], dtype=torch.bool, device=u.device)
     last = torch.full((u.shape[0],), float("inf"), dtype=acc, device=u.device)
     for k in range(max_iter):
@@ -312,21 +316,15 @@ def warm_adjoint_anderson(vjp, g: torch.Tensor, precondition, *, max_iter: int, 
     whose best ‖r‖ has not improved for max(2m, 8) steps drops M (p = r: plain Anderson on the
     adjoint) from there on, so a poor M costs steps, never the answer."""
     from . import ops
-    caller = "deqfast backward (implicit, warm-started Anderson adjoint)"
-    rows = g.shape[0] if per_sample else 1
-    g_flat = g.contiguous().reshape(rows, -1)
-    problem = _common.FlatProblem(caller, vjp, precondition(g_flat).reshape(g.shape), per_sample, stop_mode)
-    u = problem.x0
-    if problem.scale is not None:
-        g_flat = g_flat * problem.scale
-    acc = accumulation_dtype(g.dtype)
-    check_every = _common.resolve_check_every(check_every, u)
+    # state: every decision, on the true residual
+    problem, g_flat, state, check_every = _warm_problem("deqfast backward (implicit, warm-started Anderson adjoint)",
+                                                        vjp, g, precondition, tol, stop_mode, check_every, per_sample)
+    u, acc = problem.x0, state.residual.dtype
     B, d = u.shape
     m = min(m, max_iter)
     F = torch.zeros(B, m, d, dtype=u.dtype, device=u.device)
     G = torch.zeros_like(F)
     gram = torch.zeros(B, m, m, dtype=acc, device=u.device)
-    state = SampleState(u, problem.tol_for(tol, stop_mode), stop_mode)  # decisions: the true residual
     # The Anderson step's own bookkeeping (on p): tolerance 0, so it never finishes a sample.
     mixing = SampleState(u, 0.0, "abs")
     patience = max(2 * m, 8)

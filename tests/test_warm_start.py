@@ -44,10 +44,18 @@ def _slow_conv(seed=1):
     return cell, x, c
 
 
-@pytest.mark.parametrize("solver,m", [("anderson", 10), ("broyden", 30)])
-def test_warm_start_needs_fewer_vjps_for_the_same_gradient(solver, m):
+@pytest.mark.parametrize("solver,m,backward_solver,at_most", [
+    ("anderson", 10, "fixed_point", 0.8), ("broyden", 30, "fixed_point", 0.8),
+    ("anderson", 10, "anderson", 1.0), ("broyden", 10, "anderson", 1.0),
+    ("anderson", 10, "broyden", 1.0), ("broyden", 10, "broyden", 1.0),
+])
+def test_warm_start_needs_fewer_vjps_for_the_same_gradient(solver, m, backward_solver, at_most):
+    """The slowly contracting conv cell: each warm-started adjoint (fixed point: started and
+    preconditioned; Anderson: preconditioned; Broyden: seeded with H = −M) reaches the same gradient
+    as the same adjoint solver from zero in fewer VJPs (the fixed-point one in < 0.8× as many)."""
     cell, x, c = _slow_conv()
-    kw = dict(solver=solver, m=m, max_iter=300, tol=1e-8, backward_tol=1e-8, backward_max_iter=3000)
+    kw = dict(solver=solver, m=m, max_iter=300, tol=1e-8, backward_solver=backward_solver, backward_tol=1e-8,
+              backward_max_iter=3000)
     results = {}
     for warm in (False, True):
         layer = deqfast.DEQ(cell, backward_warm_start=warm, **kw)
@@ -56,7 +64,7 @@ def test_warm_start_needs_fewer_vjps_for_the_same_gradient(solver, m):
         assert bool(layer.stats.backward.converged.all())
         results[warm] = (grads, layer.stats.backward.nstep.sum().item())
     (g_plain, n_plain), (g_warm, n_warm) = results[False], results[True]
-    assert n_warm < 0.8 * n_plain, (n_warm, n_plain)
+    assert n_warm < at_most * n_plain, (n_warm, n_plain)
     for a, b in zip(g_warm, g_plain):
         assert float((a - b).norm() / b.norm()) < 1e-6
 
@@ -188,28 +196,6 @@ def test_warm_anderson_adjoint_is_the_anderson_adjoint_when_m_is_identity():
     u_plain, s_plain = deqfast.solvers.anderson(lambda v: rhs + vjp(v), rhs.clone(), **kw)
     assert torch.equal(s_warm.nstep, s_plain.nstep)
     torch.testing.assert_close(u_warm, u_plain, rtol=1e-8, atol=1e-12)
-
-
-@pytest.mark.parametrize("backward_solver", ["anderson", "broyden"])
-@pytest.mark.parametrize("solver,m", [("anderson", 10), ("broyden", 10)])
-def test_warm_accelerated_adjoint_needs_fewer_vjps_than_from_zero(solver, m, backward_solver):
-    """The slowly contracting conv cell: the warm-started Anderson adjoint (preconditioned) and
-    Broyden adjoint (seeded with H = −M) reach the same gradient as the same adjoint solver from
-    zero in fewer VJPs."""
-    cell, x, c = _slow_conv()
-    kw = dict(solver=solver, m=m, max_iter=300, tol=1e-8, backward_solver=backward_solver, backward_tol=1e-8,
-              backward_max_iter=3000)
-    results = {}
-    for warm in (False, True):
-        layer = deqfast.DEQ(cell, backward_warm_start=warm, **kw)
-        out = layer(x)
-        grads = torch.autograd.grad((out * c).sum(), list(cell.parameters()))
-        assert bool(layer.stats.backward.converged.all())
-        results[warm] = (grads, layer.stats.backward.nstep.sum().item())
-    (g_plain, n_plain), (g_warm, n_warm) = results[False], results[True]
-    assert n_warm < n_plain, (n_warm, n_plain)
-    for a, b in zip(g_warm, g_plain):
-        assert float((a - b).norm() / b.norm()) < 1e-6
 
 
 @pytest.mark.parametrize("path", ["fused", "reference"])
