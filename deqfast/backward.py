@@ -207,8 +207,21 @@ class LowRankPreconditioner:
 
     def __init__(self, P: torch.Tensor, Q: torch.Tensor, acc: torch.dtype):
         self.P, self.Q, self.acc = P, Q, acc
+        self._fused = None  # (U, V) = (−P, Q) for deqfast::broyden_direction, decided at the first call
 
     def __call__(self, r: torch.Tensor) -> torch.Tensor:
+        if self._fused is None:
+            from . import ops
+            k = self.P.shape[1]
+            U, V = (-self.P).contiguous(), self.Q.contiguous()
+            usable = U.dtype == V.dtype == r.dtype and ops.use_fused(r, U, V, m=k)
+            self._fused = (U, V) if usable else False
+        if self._fused:
+            # M r = r + Σ P_i (Q_i · r) = −(−I + Σ (−P_i) Q_iᵀ) r: Broyden's fused product (no (B, k, d)
+            # temporary; per-sample sums in an order set by d alone).
+            from . import ops
+            U, V = self._fused
+            return -ops.broyden_direction(U, V, r, U.shape[1])
         coef = _row_sum(self.Q * r.unsqueeze(1), self.acc).unsqueeze(1).to(self.P.dtype)  # (B, 1, k)
         return r + torch.bmm(coef, self.P).squeeze(1).to(r.dtype)
 
@@ -234,20 +247,20 @@ def warm_preconditioner(history, like: torch.Tensor, lam: float):
     # Anderson: slots hold f(x_j) and g_j; pairs against the newest slot r: s_j = x_j − x_r,
     # y_j = −(g_j − g_r). H = I + (S − Y)(YᵀY)⁻¹Yᵀ (the least change from I with H Y = S), so
     # M = Hᵀ: M r = r + Y (YᵀY)⁻¹ (S − Y)ᵀ r, with a Jacobi-scaled ridge λ on YᵀY; as I + P Qᵀ:
-    # Q = S − Y and P = Y (YᵀY + ridge)⁻ᵀ.
-    F, G, n, newest = t["F"], t["G"], t["filled"], t["newest"]
+    # Q = S − Y (s_j − y_j = f(x_j) − f(x_r)) and P = Y (YᵀY + ridge)⁻ᵀ.
+    F, G, gram_g, n, newest = t["F"], t["G"], t["gram"], t["filled"], t["newest"]
     others = [j for j in range(n) if j != newest]
     if not others:
         return None
     index = torch.tensor(others, device=F.device)
-    Gs = G.index_select(1, index)
-    Xs = F.index_select(1, index) - Gs
-    x_r = (F[:, newest] - G[:, newest]).unsqueeze(1)
-    S = Xs - x_r
-    Y = G[:, newest].unsqueeze(1) - Gs
-    D = S - Y
-    gram = torch.stack([torch.stack([_row_sum(Y[:, i] * Y[:, j], acc) for j in range(len(others))], dim=1)
-                        for i in range(len(others))], dim=1)  # (B, k, k), per sample
+    D = F.index_select(1, index) - F[:, newest].unsqueeze(1)
+    Y = G[:, newest].unsqueeze(1) - G.index_select(1, index)
+    # YᵀY from the solver's Gram of the g_j (no pass over the history): y_i·y_j = g_r·g_r − g_r·g_i
+    # − g_r·g_j + g_i·g_j.
+    sub = gram_g.index_select(1, index).index_select(2, index)  # (B, k, k): g_i · g_j
+    to_r = gram_g[:, newest].index_select(1, index)  # (B, k): g_r · g_j
+    gram = gram_g[:, newest, newest].view(-1, 1, 1) - to_r.unsqueeze(2) - to_r.unsqueeze(1) + sub
+    gram = gram.to(acc)
     diag = gram.diagonal(dim1=1, dim2=2)
     usable = diag > torch.finfo(acc).tiny
     inv_sqrt = torch.where(usable, diag.clamp_min(torch.finfo(acc).tiny).rsqrt(), 0.0)
@@ -282,23 +295,26 @@ def warm_adjoint_iteration(vjp, g: torch.Tensor, precondition, *, max_iter: int,
     """Solve u = g + Jᵀu from u₀ = M g by u ← u + M (g + Jᵀu − u), per sample (see above).
 
     Stats as :func:`adjoint_iteration`'s: nstep counts VJPs, the residual is ‖g + Jᵀu − u‖ at the
-    returned (best) u. A sample whose residual does not decrease from one step to the next takes
-    plain steps u ← g + Jᵀu from there on. With per_sample=False the whole state is one row, as in
+    returned (best) u. A sample whose best residual does not improve at a step takes plain steps
+    u ← g + Jᵀu from there on. With per_sample=False the whole state is one row, as in
     the forward solve whose history M comes from."""
+    from . import ops
     problem, g_flat, state, check_every = _warm_problem("deqfast backward (implicit, warm-started adjoint)", vjp, g,
                                                         precondition, tol, stop_mode, check_every, per_sample)
-    u, acc = problem.x0, state.residual.dtype
+    u = problem.x0
     plain = torch.zeros(u.shape[0], dtype=torch.bool, device=u.device)
-    last = torch.full((u.shape[0],), float("inf"), dtype=acc, device=u.device)
+    fused = None
     for k in range(max_iter):
-        h = g_flat + problem(u)
-        r = h - u
-        r_sq = _row_sum(r * r, acc)
-        state.update(u, r_sq, _row_sum(h * h, acc))
-        plain = plain | ~(r_sq < last)
-        last = r_sq
-        step = torch.where(plain.unsqueeze(1), r, precondition(r))
-        u = state.freeze(u + step)
+        jtu = problem(u)
+        if fused is None:
+            fused = ops.use_fused(u, jtu, g_flat)
+        best = (state.rel_residual if state.rel else state.residual).clone()
+        # h = g + Jᵀu, recorded in the state at u (residual ‖h − u‖), frozen samples at their best:
+        # the plain adjoint's step, one fused op.
+        h = ops.fixed_point_step(u, jtu, g_flat, state, 1.0, fused=fused)
+        # A sample whose best residual did not improve at this step takes plain steps from here.
+        plain = plain | ~((state.rel_residual if state.rel else state.residual) < best)
+        u = torch.where(plain.unsqueeze(1) | state.done.unsqueeze(1), h, u + precondition(h - u))
         if _common.should_stop(state, k, check_every, max_iter):
             break
     return _common.finish(problem, state, "fixed_point")
