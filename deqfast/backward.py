@@ -231,6 +231,10 @@ class LowRankPreconditioner:
         return (-self.P).to(dtype).contiguous(), self.Q.to(dtype).contiguous()
 
 
+# A secant pair whose ‖y‖ is below this many roundings of ‖f‖ is not used (warm_preconditioner).
+_PAIR_ROUNDING = 16.0
+
+
 def warm_preconditioner(history, like: torch.Tensor, lam: float):
     """M ≈ (I − Jᵀ)⁻¹ from the forward solver's history (a :class:`LowRankPreconditioner`, r (B, d)
     -> M r), or None (no history)."""
@@ -248,21 +252,23 @@ def warm_preconditioner(history, like: torch.Tensor, lam: float):
     # y_j = −(g_j − g_r). H = I + (S − Y)(YᵀY)⁻¹Yᵀ (the least change from I with H Y = S), so
     # M = Hᵀ: M r = r + Y (YᵀY)⁻¹ (S − Y)ᵀ r, with a Jacobi-scaled ridge λ on YᵀY; as I + P Qᵀ:
     # Q = S − Y (s_j − y_j = f(x_j) − f(x_r)) and P = Y (YᵀY + ridge)⁻ᵀ.
-    F, G, gram_g, n, newest = t["F"], t["G"], t["gram"], t["filled"], t["newest"]
+    F, G, n, newest = t["F"], t["G"], t["filled"], t["newest"]
     others = [j for j in range(n) if j != newest]
     if not others:
         return None
     index = torch.tensor(others, device=F.device)
     D = F.index_select(1, index) - F[:, newest].unsqueeze(1)
     Y = G[:, newest].unsqueeze(1) - G.index_select(1, index)
-    # YᵀY from the solver's Gram of the g_j (no pass over the history): y_i·y_j = g_r·g_r − g_r·g_i
-    # − g_r·g_j + g_i·g_j.
-    sub = gram_g.index_select(1, index).index_select(2, index)  # (B, k, k): g_i · g_j
-    to_r = gram_g[:, newest].index_select(1, index)  # (B, k): g_r · g_j
-    gram = gram_g[:, newest, newest].view(-1, 1, 1) - to_r.unsqueeze(2) - to_r.unsqueeze(1) + sub
-    gram = gram.to(acc)
+    # YᵀY from Y itself, not from the solver's Gram of the g_j (y_i·y_j = g_r·g_r − g_r·g_i − ...
+    # cancels catastrophically when y is small against g), one row per pass.
+    gram = torch.stack([_row_sum(Y[:, i].unsqueeze(1) * Y, acc) for i in range(len(others))], dim=1)  # (B, k, k)
     diag = gram.diagonal(dim1=1, dim2=2)
-    usable = diag > torch.finfo(acc).tiny
+    # A pair carries information only if y_j stands well above the rounding of f (in s_j − y_j =
+    # f(x_j) − f(x_r), whose error is about eps·‖f‖): else (s − y)/‖y‖ is noise of size up to 1 and
+    # M would be I plus a random rank-1 term (seen in bfloat16 near convergence). Such pairs are dropped.
+    f_sq = _row_sum(F[:, newest] * F[:, newest], acc)
+    floor = (_PAIR_ROUNDING * torch.finfo(F.dtype).eps) ** 2 * f_sq
+    usable = (diag > torch.finfo(acc).tiny) & (diag > floor.unsqueeze(1))
     inv_sqrt = torch.where(usable, diag.clamp_min(torch.finfo(acc).tiny).rsqrt(), 0.0)
     scaled = gram * (inv_sqrt.unsqueeze(2) * inv_sqrt.unsqueeze(1))
     k = len(others)

@@ -304,3 +304,26 @@ def test_broyden_seed_is_taken_by_the_first_solve_only():
     with _history.seed(torch.zeros(1, 1, 3, dtype=torch.float64), torch.zeros(1, 1, 3, dtype=torch.float64)):
         deqfast.solvers.broyden(f, torch.zeros(1, 3, dtype=torch.float64), max_iter=3, tol=0.0)
     assert seen and all(s is None for s in seen)
+
+
+def test_pairs_at_the_rounding_floor_are_not_used():
+    """An Anderson secant pair whose y is within rounding of f carries no information about J:
+    s − y = f(x_j) − f(x_r) is then rounding noise, and (s − y)/‖y‖ would put a random rank-1 term
+    of size ~1 into M (seen in bfloat16 near convergence: the warm adjoint crawled). Such a pair is
+    dropped: for that sample M = I; a sample with a real pair keeps it."""
+    from deqfast.backward import warm_preconditioner
+    from deqfast.solvers import _history
+    g = torch.Generator().manual_seed(13)
+    d = 8
+    F = torch.randn(2, 2, d, generator=g)
+    G = 0.1 * torch.randn(2, 2, d, generator=g)
+    G[1, 0] = G[1, 1] + 1e-9 * F[1, 1].norm() * torch.randn(d, generator=g) / d ** 0.5  # y_1 ≈ 1e-9 ‖f‖
+    F[1, 0] = F[1, 1] + 1e-7 * torch.randn(d, generator=g)  # s − y: rounding-sized noise
+    history = _history.History()
+    history.kind = "anderson"
+    history.tensors = dict(F=F, G=G, filled=2, newest=1)
+    M = warm_preconditioner(history, F[:, 0], lam=1e-4)
+    r = torch.randn(2, d, generator=g)
+    out = M(r)
+    assert torch.equal(out[1], r[1])
+    assert not torch.allclose(out[0], r[0])

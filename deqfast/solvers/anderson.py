@@ -143,9 +143,9 @@ def anderson(
         # The buffers stay with the graphs for the next solve: what is returned must not alias them.
         state = state.clone()
         if _history.wanted():
-            F, G, gram = F.clone(), G.clone(), gram.clone()
+            F, G = F.clone(), G.clone()
     if not recording:  # for backward_warm_start (kept only when asked; see solvers/_history.py)
-        _history.offer("anderson", F=F, G=G, gram=gram, filled=min(evaluated, m), newest=(evaluated - 1) % m)
+        _history.offer("anderson", F=F, G=G, filled=min(evaluated, m), newest=(evaluated - 1) % m)
     return _common.finish(problem, state, "anderson")
 
 
