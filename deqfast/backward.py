@@ -189,7 +189,7 @@ class AdjointFunction(torch.autograd.Function):
 # I − M Aᵀ = (I − A H)ᵀ has the eigenvalues of I − H A, which H removes on the span of the forward's
 # steps: where those hold J's slow modes (eigenvalues near 1; the same for J and Jᵀ) the adjoint
 # converges faster. It stops on the same residual ‖g + Jᵀu − u‖ and tolerance as the plain adjoint,
-# so the gradient is as exact; a sample whose residual fails to decrease takes plain steps from there.
+# so the gradient is as exact; a sample whose best residual stops improving takes plain steps from there.
 # With backward_solver="anderson" the preconditioned steps are Anderson-mixed (warm_adjoint_anderson).
 # With "broyden" the adjoint's Broyden starts at u₀ = M g with H = −M instead of −I (SHINE's refine).
 
@@ -226,8 +226,8 @@ class LowRankPreconditioner:
         return r + torch.bmm(coef, self.P).squeeze(1).to(r.dtype)
 
     def broyden_seed(self, dtype: torch.dtype):
-        """(U, V) with −M = −I + Σ_i U_i V_iᵀ: Broyden's initial inverse Jacobian for the adjoint's
-        g(u) = g + Jᵀu − u, whose Jacobian −(I − Jᵀ) M⁻¹ approximates (SHINE's "refine")."""
+        """(U, V) with −M = −I + Σ_i U_i V_iᵀ: the initial H of a Broyden solve of the adjoint's
+        g(u) = g + Jᵀu − u, whose Jacobian is −(I − Jᵀ): H ≈ its inverse −(I − Jᵀ)⁻¹ ≈ −M (SHINE's "refine")."""
         return (-self.P).to(dtype).contiguous(), self.Q.to(dtype).contiguous()
 
 
