@@ -327,3 +327,21 @@ def test_pairs_at_the_rounding_floor_are_not_used():
     out = M(r)
     assert torch.equal(out[1], r[1])
     assert not torch.allclose(out[0], r[0])
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(), "no IFT gradient"),  # torchdeq's default: the 1-step gradient, no adjoint solve to start
+    (dict(ift=True, f_solver="fixed_point_iter"), "f_solver='fixed_point_iter'"),
+])
+def test_compat_warm_start_without_effect_warns(kwargs, match):
+    """get_deq(backward_warm_start=True) where it cannot act says so (at the user's line) instead of
+    silently doing nothing; where it acts, no warning."""
+    from deqfast.compat import get_deq
+    with pytest.warns(UserWarning, match=match) as record:
+        get_deq(backward_warm_start=True, **kwargs)
+    assert record[0].filename == __file__
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        get_deq(backward_warm_start=True, ift=True, f_solver="anderson")
+        get_deq(backward_warm_start=True, hook_ift=True, f_solver="broyden")

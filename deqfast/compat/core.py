@@ -311,6 +311,14 @@ class _GradMixin:
         self.hook_ift = bool(get("hook_ift", hook_ift))
         if get("ift", ift) or self.hook_ift:
             self.produce_grad[-1] = self._ift
+        if self._warm and (self.produce_grad[-1] != self._ift or self.f_solver_name not in ("anderson", "broyden")):
+            _checks.warn(
+                f"{caller}: backward_warm_start=True has no effect here: it starts the IFT gradient's adjoint "
+                f"from the forward Anderson/Broyden history, and this DEQ has "
+                + ("no IFT gradient (set ift=True or hook_ift=True)" if self.produce_grad[-1] != self._ift
+                   else f"f_solver={self.f_solver_name!r} (use 'anderson' or 'broyden')"),
+                UserWarning,
+            )
 
     @staticmethod
     def _phantom(n_grad_step, tau, sup_gap, sup_loc):
