@@ -21,7 +21,7 @@ the JSON a "provenance" record (command line, git commit, quick or full, machine
 "Made by" line, the PNG the same in its metadata (Description and Comment text chunks).
 --replot redraws the PNGs from the JSON in --out without measuring anything (results written
 before provenance was recorded get one reconstructed from machine.json, marked so). --quick on the
-CPU uses small sizes and takes well under 3 minutes on 2 idle cores (~25 s); on CUDA it keeps
+CPU uses small sizes and takes well under 3 minutes on 2 idle cores (about 1 minute); on CUDA it keeps
 benchmarks/README.md's sizes with fewer repeats. Timings are medians after warm-up; nothing here asserts a time. CPU timings need
 an otherwise idle machine: machine.json records the cores other processes kept busy before and
 after the run, and a warning is printed when they were not idle.
@@ -50,7 +50,7 @@ BENCHMARKS = ["overhead", "training", "complexity", "convergence", "compaction"]
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="few repeats; small sizes on the CPU (~25 s on 2 idle cores)")
+    p.add_argument("--quick", action="store_true", help="few repeats; small sizes on the CPU (about 1 minute on 2 idle cores)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--out", type=Path, default=None,
                    help="directory for JSON, markdown and PNG (default benchmarks/results, with --quick "

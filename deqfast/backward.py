@@ -15,13 +15,14 @@ from typing import Callable
 
 import torch
 
-from . import _checks
+from . import _checks, ops
 from . import solvers as _solvers
 from .solvers import _common, _history
 from .solvers.fixed_point import adjoint_iteration
 from .options import Options
 from .reference import SampleState, accumulation_dtype
 from .solvers._common import broadcast_stats, row_norms
+from .solvers.broyden import _row_sum  # per-sample sums in an order set by d alone
 from .stats import SolverStats
 
 
@@ -194,11 +195,6 @@ class AdjointFunction(torch.autograd.Function):
 # With "broyden" the adjoint's Broyden starts at u₀ = M g with H = −M instead of −I (SHINE's refine).
 
 
-def _row_sum(p: torch.Tensor, acc) -> torch.Tensor:
-    from .solvers.broyden import _row_sum as row_sum
-    return row_sum(p, acc)
-
-
 class LowRankPreconditioner:
     """M = I + Σ_i P_i Q_iᵀ per sample, P and Q (B, k, d): M r = r + Σ_i P_i (Q_i · r).
 
@@ -211,7 +207,6 @@ class LowRankPreconditioner:
 
     def __call__(self, r: torch.Tensor) -> torch.Tensor:
         if self._fused is None:
-            from . import ops
             k = self.P.shape[1]
             U, V = (-self.P).contiguous(), self.Q.contiguous()
             usable = U.dtype == V.dtype == r.dtype and ops.use_fused(r, U, V, m=k)
@@ -219,7 +214,6 @@ class LowRankPreconditioner:
         if self._fused:
             # M r = r + Σ P_i (Q_i · r) = −(−I + Σ (−P_i) Q_iᵀ) r: Broyden's fused product (no (B, k, d)
             # temporary; per-sample sums in an order set by d alone).
-            from . import ops
             U, V = self._fused
             return -ops.broyden_direction(U, V, r, U.shape[1])
         coef = _row_sum(self.Q * r.unsqueeze(1), self.acc).unsqueeze(1).to(self.P.dtype)  # (B, 1, k)
@@ -304,7 +298,6 @@ def warm_adjoint_iteration(vjp, g: torch.Tensor, precondition, *, max_iter: int,
     returned (best) u. A sample whose best residual does not improve at a step takes plain steps
     u ← g + Jᵀu from there on. With per_sample=False the whole state is one row, as in
     the forward solve whose history M comes from."""
-    from . import ops
     problem, g_flat, state, check_every = _warm_problem("deqfast backward (implicit, warm-started adjoint)", vjp, g,
                                                         precondition, tol, stop_mode, check_every, per_sample)
     u = problem.x0
@@ -337,7 +330,6 @@ def warm_adjoint_anderson(vjp, g: torch.Tensor, precondition, *, max_iter: int, 
     ‖r‖ / ‖g + Jᵀu‖), as in the plain adjoint: the same tolerance means the same gradient. A sample
     whose best ‖r‖ has not improved for max(2m, 8) steps drops M (p = r: plain Anderson on the
     adjoint) from there on, so a poor M costs steps, never the answer."""
-    from . import ops
     # state: every decision, on the true residual
     problem, g_flat, state, check_every = _warm_problem("deqfast backward (implicit, warm-started Anderson adjoint)",
                                                         vjp, g, precondition, tol, stop_mode, check_every, per_sample)
