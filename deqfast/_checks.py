@@ -56,9 +56,33 @@ def check_check_every(caller: str, value) -> None:
 STATE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def eager_under_compile(fn=None, *, recursive: bool = True):
+    """Mark a solver step helper that takes the iteration's slot/count as Python ints so that
+    torch.compile runs it eagerly instead of compiling it. The solver loop is never traced whole
+    (its host checks are graph breaks), so dynamo compiles such helpers frame by frame, and an int
+    guard (``slot == 2``) recompiled them at every iteration up to dynamo's recompile limit, with a
+    warning, for nothing: they then ran eagerly anyway. ``recursive=True``: ``torch.compiler.disable``
+    (the functions fn calls too; about 0.6 µs a call). ``recursive=False``: fn's own frame only,
+    with no wrapper and no cost per call, for op wrappers that call no Python function."""
+    if fn is None:
+        return lambda f: eager_under_compile(f, recursive=recursive)
+    if recursive:
+        return torch.compiler.disable(fn)
+    try:
+        from torch._dynamo.decorators import skip
+    except ImportError:  # pragma: no cover - a torch without it: disable, with its wrapper
+        return torch.compiler.disable(fn)
+    return skip(fn)
+
+
 def in_func_transform(t: torch.Tensor) -> bool:
     """Whether t is a tensor of a torch.func transform (vmap's BatchedTensor; grad, jacrev, jvp's
-    GradTrackingTensor): the solvers' in-place buffers and fused ops have no batching rules."""
+    GradTrackingTensor): the solvers' in-place buffers and fused ops have no batching rules.
+
+    Under torch.compile the check is skipped: dynamo cannot trace these functorch builtins, and a
+    call would break the graph with a warning at every compile of a model around a DEQ."""
+    if torch.compiler.is_compiling():
+        return False
     functorch = torch._C._functorch
     return bool(functorch.is_batchedtensor(t) or functorch.is_gradtrackingtensor(t))
 

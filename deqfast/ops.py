@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from . import reference
+from ._checks import eager_under_compile
 from ._extension import fused_available
 from .reference import SampleState
 
@@ -43,6 +44,7 @@ def _state_tensors(state: SampleState):
     return state.best_x, state.residual, state.rel_residual, state.nstep, state.converged, state.failed
 
 
+@eager_under_compile(recursive=False)
 def anderson_history(x, fx, F, G, slot: int, fused: Optional[bool] = None):
     """Pass A; see :func:`deqfast.reference.anderson_history`. Returns (F, G, partials)."""
     if use_fused(x, fx, F, G, m=F.shape[1]) if fused is None else fused:
@@ -51,6 +53,7 @@ def anderson_history(x, fx, F, G, slot: int, fused: Optional[bool] = None):
     return reference.anderson_history(x, fx, F, G, slot)
 
 
+@eager_under_compile(recursive=False)
 def anderson_step(x, F, G, gram, partials, state: SampleState, n_filled: int, slot: int, lam: float, tau: float,
                   fused: Optional[bool] = None):
     """Pass B; see :func:`deqfast.reference.anderson_step`. Returns (gram, x_next)."""
@@ -77,6 +80,7 @@ class AndersonWorkspace:
         self.flags = torch.empty(B, 2, dtype=torch.uint8, device=x.device)
 
 
+@eager_under_compile(recursive=False)
 def anderson_fused_step(x, fx, F, G, gram, state: SampleState, workspace: AndersonWorkspace, n_filled: int,
                         slot: int, lam: float, tau: float):
     """Both passes of an Anderson step in one op call (deqfast::anderson_fused_step) on the scratch
@@ -100,6 +104,7 @@ def fixed_point_step(x, fx, offset, state: SampleState, tau: float, fused: Optio
     return reference.fixed_point_step(x, fx, offset, state, tau)
 
 
+@eager_under_compile(recursive=False)
 def broyden_direction(U, V, x, filled: int):
     """(−I + Σ_{i<filled} U_i V_iᵀ) x per sample (deqfast::broyden_direction), a new (B, d) tensor; with U
     and V swapped, the transpose's product. The fused path of deqfast.solvers.broyden's ``_h_times``:
@@ -107,6 +112,7 @@ def broyden_direction(U, V, x, filled: int):
     return torch.ops.deqfast.broyden_direction.default(U, V, x.contiguous(), filled)
 
 
+@eager_under_compile(recursive=False)
 def broyden_update(dx, dg, U, V, accept, filled: int, slot: int) -> None:
     """Broyden's good rank-1 update into slot ``slot`` of U, V in place (deqfast::broyden_update): the
     fused path of deqfast.solvers.broyden's ``_update``, with the same keep rule (``accept`` (B,) bool:

@@ -24,6 +24,8 @@ import functools
 
 import torch
 
+from ._checks import eager_under_compile
+
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """Gram matrix, solve and norms run in float32 for half-precision states."""
@@ -38,6 +40,7 @@ def squared_norms(x: torch.Tensor, fx: torch.Tensor):
     return residual.square(), f_norm.square()
 
 
+@eager_under_compile
 def anderson_history(x, fx, F, G, slot: int):
     """Pass A. x, fx: (B, d); F, G: (B, m, d) ring buffers of f-values and residuals.
 
@@ -57,6 +60,7 @@ def anderson_history(x, fx, F, G, slot: int):
     return F, G, torch.cat([row, f_norm_sq], dim=1).unsqueeze(1)
 
 
+@eager_under_compile
 def anderson_step(x, F, G, gram, partials, state: "SampleState", n_filled: int, slot: int, lam: float, tau: float):
     """Pass B. Completes the Gram row of ``slot`` from ``partials``, records the evaluation in
     ``state`` (best iterate, residuals, steps, convergence), solves each sample's weights and
@@ -72,6 +76,7 @@ def anderson_step(x, F, G, gram, partials, state: "SampleState", n_filled: int, 
     return gram, torch.where(done.unsqueeze(1), state.best_x, x_next)
 
 
+@eager_under_compile
 def anderson_recorded_step(x, fx, F: list, G: list, gram, state: "SampleState", n_filled: int, slot: int,
                            lam: float, tau: float):
     """Passes A and B of one Anderson step while autograd records (``backward="bptt"``).

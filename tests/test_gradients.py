@@ -1,4 +1,6 @@
 """Every backward mode against an independent float64 oracle (dense Jacobians, explicit unrolling)."""
+import warnings
+
 import pytest
 import torch
 
@@ -249,8 +251,37 @@ def test_model_with_deq_layer_under_torch_compile_matches_eager(backward):
 
     eager = model(x)
     g_eager = torch.autograd.grad((eager * c).sum(), params)
-    compiled = torch.compile(model, backend="aot_eager")(x)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = torch.compile(model, backend="aot_eager")(x)
+    assert not [w for w in caught if "Dynamo" in str(w.message)], [str(w.message) for w in caught]
     g_compiled = torch.autograd.grad((compiled * c).sum(), params)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-12)
+    _assert_rel(g_compiled, g_eager, 1e-10)
+
+
+@pytest.mark.parametrize("solver,backward", [("anderson", "implicit"), ("anderson", "bptt"), ("broyden", "implicit")])
+def test_torch_compile_does_not_recompile_the_solver_steps_per_iteration(solver, backward):
+    """The solver loop runs between graph breaks, so dynamo compiles the step helpers frame by frame;
+    their Python-int slot and count made it recompile them at every iteration up to its recompile
+    limit (a warning, and compile time spent for nothing). They run eagerly under compile now: the
+    number of graphs dynamo compiles does not grow with the iterations, and the result is eager's."""
+    from torch._dynamo.utils import counters
+
+    graphs = []
+    for max_iter in (3, 20):
+        torch._dynamo.reset()
+        counters.clear()
+        cell, x, z0, c = _problem("tanh", seed=22)
+        layer = deqfast.DEQ(cell, solver=solver, backward=backward, m=4, max_iter=max_iter, tol=1e-300)
+        model = lambda x: layer(2 * x, z0)
+        compiled = torch.compile(model, backend="aot_eager")(x)
+        g_compiled = torch.autograd.grad((compiled * c).sum(), [x, *cell.parameters()])
+        graphs.append(counters["stats"]["unique_graphs"])
+        assert int(layer.stats.nstep.min()) == max_iter
+    eager = model(x)
+    g_eager = torch.autograd.grad((eager * c).sum(), [x, *cell.parameters()])
+    assert graphs[0] == graphs[1], graphs
     torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-12)
     _assert_rel(g_compiled, g_eager, 1e-10)
 

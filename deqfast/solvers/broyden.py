@@ -7,6 +7,7 @@ import torch
 
 from .. import _checks, ops
 from ..reference import SampleState, accumulation_dtype
+from .._checks import eager_under_compile
 from . import _common, _history
 
 # Per-sample sums over d run in pieces of at most this many elements (see _row_sum).
@@ -140,6 +141,7 @@ def _clear(U, V, samples: torch.Tensor, filled: int) -> None:
     V[:, :filled] *= keep.view(-1, 1, 1).to(V.dtype)
 
 
+@eager_under_compile
 def _update(dx, dg, U, V, accept: torch.Tensor, filled: int, slot: int, acc: torch.dtype) -> None:
     """The good Broyden update of H = −I + Σ_{i<filled} U_i V_iᵀ into slot ``slot`` (the reference of
     deqfast::broyden_update): v = Hᵀ Δx, u = (Δx − H Δg) / (v · Δg). A sample keeps it where ``accept``
@@ -183,6 +185,7 @@ def _squared_norms(gx: torch.Tensor, fx: torch.Tensor, acc: torch.dtype):
     return _row_sum(gx * gx, acc), _row_sum(fx * fx, acc)
 
 
+@eager_under_compile
 def _h_times(U, V, x: torch.Tensor, filled: int, acc: torch.dtype) -> torch.Tensor:
     """(−I + Σ_i U_i V_iᵀ) x per sample, over the ``filled`` slots of (B, m, d) buffers (or the
     items of a recorded ``_ListHistory``). Swapping U and V gives the transpose's product."""
