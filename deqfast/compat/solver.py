@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from .. import _checks
 from .. import solvers as _solvers
 from .utils import warn_once
 
@@ -213,9 +214,16 @@ def broyden_solver(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=No
 
 def fixed_point_iter(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=None, tau=1.0,
                      return_final=False, **kwargs):
-    """torchdeq.solver.fixed_point_iter on deqfast's fixed-point iteration (see the module docstring)."""
+    """torchdeq.solver.fixed_point_iter on deqfast's fixed-point iteration (see the module docstring).
+    With tau != 1, as torchdeq: the iterated map is the damped one, tau f(x) + (1 - tau) x; its
+    residual (tau ‖f(x) − x‖) is recorded and tested, and its value (the next iterate) is what is
+    returned and sampled at the indexing steps."""
     kwargs, private = _params("fixed_point_iter", "fixed_point", kwargs)
-    return _solve("fixed_point", func, x0, max_iter, tol, stop_mode, indexing, return_final, dict(tau=tau), **private)
+    if tau != 1.0:
+        _checks.check_damping("deqfast.compat.solver.fixed_point_iter", "tau", tau)
+        f = func
+        func = lambda x: tau * f(x) + (1 - tau) * x  # torchdeq's expression, bit for bit
+    return _solve("fixed_point", func, x0, max_iter, tol, stop_mode, indexing, return_final, dict(tau=1.0), **private)
 
 
 def simple_fixed_point_iter(func, x0, max_iter=50, tau=1.0, indexing=None, **kwargs):
