@@ -78,3 +78,33 @@ def test_mdeq_imagenet_solver_tau_trains_like_torchdeq():
     for a, b in zip(grads, grads_ref):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
     _assert_info_equal(info, info_ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# torchdeq's module paths (DEQ-LM: from torchdeq.utils.mem import mem_gc)
+# ---------------------------------------------------------------------------------------------
+
+LEAF_MODULES = {
+    "utils.mem": ["mem_gc"], "utils.arg_utils": ["add_deq_args"], "utils.config": ["DEQConfig"],
+    "utils.init": ["mixed_init"], "loss.correction": ["fp_correction", "register_weight_func"],
+    "loss.jacobian": ["jac_reg", "power_method"],
+    "norm.base_norm": ["apply_norm", "reset_norm", "remove_norm", "register_norm", "register_norm_module"],
+    "norm.weight_norm": ["WeightNorm"], "norm.spectral_norm": ["SpectralNorm"],
+    "solver.anderson": ["anderson_solver"], "solver.broyden": ["broyden_solver"],
+    "solver.fp_iter": ["fixed_point_iter", "simple_fixed_point_iter"], "solver.stat": ["SolverStat"],
+}
+
+
+@pytest.mark.parametrize("path", sorted(LEAF_MODULES))
+def test_torchdeq_module_paths_import(path):
+    """`from torchdeq.<path> import name` becomes `from deqfast.compat.<path> import name`: every
+    torchdeq module path that holds a name compat has imports, with compat's object under that name."""
+    import importlib
+    theirs = importlib.import_module(f"torchdeq.{path}")
+    ours = importlib.import_module(f"deqfast.compat.{path}")
+    parent, leaf = path.split(".")
+    assert getattr(getattr(compat, parent), leaf) is ours
+    for name in LEAF_MODULES[path]:
+        assert hasattr(theirs, name)
+        assert getattr(ours, name) is getattr(getattr(compat, parent), name)
+    exec(f"from deqfast.compat.{path} import {', '.join(LEAF_MODULES[path])}", {})
