@@ -108,3 +108,36 @@ def test_torchdeq_module_paths_import(path):
         assert hasattr(theirs, name)
         assert getattr(ours, name) is getattr(getattr(compat, parent), name)
     exec(f"from deqfast.compat.{path} import {', '.join(LEAF_MODULES[path])}", {})
+
+
+# ---------------------------------------------------------------------------------------------
+# DEQ sequence model with --hook_ift and jac_reg on the returned state
+# ---------------------------------------------------------------------------------------------
+
+def test_hook_ift_with_jac_reg_is_the_ift_gradient():
+    """DEQ-seq computes jac_reg(f(z), z) on the DEQ's returned z, then backpropagates the loss.
+    With --ift both libraries agree. With --hook_ift, compat gives the same jac_reg value and the
+    same IFT gradient (the two are equal by design). torchdeq 0.1.0 does not: its backward hook on z
+    fires inside jac_reg's autograd.grad (so jac_reg gets the adjoint solution of its probe instead
+    of the plain vector-Jacobian product) and then removes itself, so the loss gets the 1-step
+    gradient. compat keeps the IFT semantics here; its hook_ift gradient is checked against
+    torchdeq's ift one."""
+    f_cell, z0 = _cell(22)
+    W = torch.zeros(6, 6, dtype=F64, requires_grad=True)
+    f = lambda z: f_cell(z) + 0.2 * torch.tanh(z @ W)
+    tight = dict(f_solver="fixed_point_iter", f_max_iter=200, f_tol=1e-13, b_tol=1e-13, b_max_iter=200)
+    res = {}
+    for name, lib in LIBS.items():
+        for mode in ("ift", "hook_ift"):
+            deq = lib.get_deq(**tight, **{mode: True})
+            z = deq(f, z0)[0][-1]
+            torch.manual_seed(0)
+            jac = lib.jac_reg(f(z), z)
+            grad = torch.autograd.grad(z.square().sum(), W, retain_graph=True)[0]
+            grad_again = torch.autograd.grad(z.sum(), W)[0]  # a second backward through the same state
+            res[name, mode] = (jac.detach(), grad, grad_again)
+    for i in range(3):
+        torch.testing.assert_close(res["compat", "hook_ift"][i], res["torchdeq", "ift"][i], rtol=1e-9, atol=0)
+        torch.testing.assert_close(res["compat", "ift"][i], res["torchdeq", "ift"][i], rtol=1e-9, atol=0)
+    # torchdeq's hook_ift here (the behaviour compat does not copy): a different jac_reg value.
+    assert not torch.allclose(res["torchdeq", "hook_ift"][0], res["torchdeq", "ift"][0], rtol=1e-3)

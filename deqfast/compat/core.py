@@ -341,7 +341,12 @@ class _GradMixin:
         """torchdeq's IFT gradient: the state f(z_pred); its backward replaces the incoming g by the
         solution u = g + Jᵀu of the adjoint equation (deqfast's adjoint solve, b_solver's algorithm).
         As in torchdeq, J is taken at f(z_pred) with ift (f re-run in backward) and at z_pred with
-        hook_ift (deqfast's autograd Function there instead of a hook: the same gradient)."""
+        hook_ift (deqfast's autograd Function there instead of a hook: the same gradient). Unlike
+        torchdeq 0.1.0's hook, which removes itself at its first call, it acts at every backward
+        through the state: torchdeq's hook_ift also fires in an autograd.grad w.r.t. the returned
+        state (jac_reg(f(z), z), as DEQ-seq computes it) and then leaves the loss the 1-step
+        gradient, and a second backward gets the 1-step gradient too; compat's gives the IFT
+        gradient each time, as ift does (tests/test_compat_zoo.py)."""
         on_backward = None if writer is None else (lambda stats: writer(_backward_info(stats)))
         z_pred = z_pred.detach()
         own = self.b_solver in _solver.OWN_SOLVERS
