@@ -141,3 +141,59 @@ def test_hook_ift_with_jac_reg_is_the_ift_gradient():
         torch.testing.assert_close(res["compat", "ift"][i], res["torchdeq", "ift"][i], rtol=1e-9, atol=0)
     # torchdeq's hook_ift here (the behaviour compat does not copy): a different jac_reg value.
     assert not torch.allclose(res["torchdeq", "hook_ift"][0], res["torchdeq", "ift"][0], rtol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# DEQ-Flow with --mixed_precision: f runs under autocast and returns a lower-precision part
+# ---------------------------------------------------------------------------------------------
+
+def _amp_update(seed=23):
+    torch.manual_seed(seed)
+    gru, head = nn.Conv2d(6, 4, 3, padding=1), nn.Conv2d(4, 2, 3, padding=1)
+
+    def func(h, c):  # DEQ-Flow's update: the hidden state comes out of autocast in bfloat16
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            new_h = torch.tanh(gru(torch.cat([h, c], 1)))
+            delta = 0.1 * torch.tanh(head(new_h))
+        return new_h, c + delta
+
+    return func, list(gru.parameters())
+
+
+@pytest.mark.filterwarnings("ignore:.*the adjoint solve stopped")
+@pytest.mark.parametrize("config", [dict(f_solver="fixed_point_iter", f_max_iter=6, n_states=2),
+                                    dict(f_solver="fixed_point_iter", f_max_iter=6, ift=True)], ids=["phantom", "ift"])
+def test_mixed_precision_update_runs_like_torchdeq(config):
+    """torchdeq takes an f whose output parts come back in another floating dtype (its torch.cat
+    promotes them to the state's dtype); compat casts them to the state's dtype, the same values.
+    It used to refuse them (TypeError: f(z)[0] must return dtype torch.float32)."""
+    frames = torch.randn(2, 2, 5, 5, generator=torch.Generator().manual_seed(24))
+    runs = {}
+    for name, lib in LIBS.items():
+        func, params = _amp_update()
+        deq = lib.get_deq(f_tol=1e-30, b_max_iter=5, **config)
+        z_out, info = deq(func, [torch.zeros(2, 4, 5, 5), frames])
+        assert all(part.dtype == torch.float32 for z in z_out for part in z)
+        grads = torch.autograd.grad(sum(z[1].square().sum() for z in z_out), params)
+        runs[name] = ([part.detach() for z in z_out for part in z], grads)
+    for a, b in zip(runs["compat"][0], runs["torchdeq"][0]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+    # The phantom gradient is the same; the IFT one is an unconverged adjoint solve (b_max_iter=5),
+    # where compat's starts one Neumann term ahead of torchdeq's (README): finite, not compared.
+    for a, b in zip(runs["compat"][1], runs["torchdeq"][1]):
+        if config.get("ift"):
+            assert torch.isfinite(a).all()
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:.*the adjoint solve stopped")
+def test_mixed_precision_tensor_state():
+    """A tensor state whose f returns bfloat16: compat iterates in the state's dtype (float32)."""
+    func, params = _amp_update()
+    deq = compat.get_deq(f_solver="anderson", f_max_iter=8, ift=True, b_max_iter=5)
+    z0 = torch.zeros(2, 6, 5, 5)
+    z_out, info = deq(lambda z: torch.cat(func(z[:, :4], z[:, 4:]), 1).bfloat16(), z0)
+    assert z_out[-1].dtype == torch.float32 and info["abs_lowest"].dtype == torch.float32
+    grads = torch.autograd.grad(z_out[-1].square().sum(), params)
+    assert all(torch.isfinite(g).all() for g in grads)

@@ -75,6 +75,16 @@ _ADJOINT_SOLVERS = {"anderson": "anderson", "broyden": "broyden", "fixed_point_i
                     "simple_fixed_point_iter": "fixed_point"}
 
 
+def _in_dtype(out, like: torch.Tensor):
+    """f's output (part) in the state's floating dtype. torchdeq runs an f whose output comes back in
+    another floating dtype (DEQ-Flow's update under autocast with --mixed_precision): its torch.cat
+    and solver buffers cast it to the state's dtype; deqfast's checks would refuse it."""
+    if (isinstance(out, torch.Tensor) and out.dtype != like.dtype and out.is_floating_point()
+            and like.is_floating_point()):
+        return out.to(like.dtype)
+    return out
+
+
 class _DEQFunc:
     """torchdeq's DEQWrapper/MDEQWrapper: f on the solver's state (a tensor as given; a list/tuple
     packed into one (B, D) tensor), with torchdeq's damped call ``f(z, tau)``."""
@@ -84,11 +94,18 @@ class _DEQFunc:
         if isinstance(z_init, torch.Tensor):
             _checks.check_z0(caller, z_init, name="z_init")
             self.layout = None
-            self.f = lambda z: _checks.call_f(caller, func, z, z_init, like_name="z_init")
+            self.f = lambda z: _checks.call_f(caller, lambda z: _in_dtype(func(z), z_init), z, z_init, like_name="z_init")
         elif isinstance(z_init, (list, tuple)) and z_init and all(isinstance(t, torch.Tensor) for t in z_init):
             self.layout = PackedState(caller, list(z_init), name="z_init")
             self.layout.container = type(z_init) if type(z_init) in (list, tuple) else list
-            self.f = self.layout.wrap(func, star=True)
+
+            def parts_in_dtype(*parts):
+                out = func(*parts)
+                if isinstance(out, (list, tuple)) and len(out) == len(z_init):
+                    out = [_in_dtype(o, z) for o, z in zip(out, z_init)]
+                return out
+
+            self.f = self.layout.wrap(parts_in_dtype, star=True)
         else:
             raise TypeError(f"{caller}: z_init must be a tensor or a non-empty list/tuple of tensors, "
                             f"got {type(z_init).__name__}")
