@@ -197,3 +197,52 @@ def test_mixed_precision_tensor_state():
     assert z_out[-1].dtype == torch.float32 and info["abs_lowest"].dtype == torch.float32
     grads = torch.autograd.grad(z_out[-1].square().sum(), params)
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+# ---------------------------------------------------------------------------------------------
+# Broyden (MDEQ-CIFAR --f_solver broyden, DEQ-seq/DEQ-LM --f_solver broyden): torchdeq's bookkeeping
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("indexing", [None, [3, 6]])
+def test_broyden_solver_bookkeeping_equals_torchdeq(indexing):
+    """torchdeq's broyden_solver evaluates f at x0 first, then makes max_iter updates; step k is the
+    iterate after k updates, its residual is recorded, and the best iterate itself (not f there) is
+    returned; indexing samples the best-so-far iterate after update k when k + 1 is listed. deqfast's
+    Broyden takes the same steps: compat returns the same iterate and statistics, and the same first
+    sampled state (compat restarts its Broyden history at each sampled step: the later ones differ)."""
+    f, z0 = _cell(25, L=0.9)
+    z, traj, info = compat.solver.broyden_solver(f, z0, max_iter=8, tol=1e-30, indexing=indexing)
+    z_ref, traj_ref, info_ref = torchdeq.solver.broyden_solver(f, z0, max_iter=8, tol=1e-30, indexing=indexing)
+    assert len(traj) == len(traj_ref)
+    if indexing:
+        torch.testing.assert_close(traj[0], traj_ref[0], rtol=1e-10, atol=0)
+        torch.testing.assert_close(z, z_ref, rtol=0.1, atol=0)
+        assert info["abs_trace"].shape == info_ref["abs_trace"].shape
+        torch.testing.assert_close(info["abs_trace"][:, :3], info_ref["abs_trace"][:, :3], rtol=1e-8, atol=0)
+        return
+    torch.testing.assert_close(z, z_ref, rtol=1e-10, atol=0)
+    _assert_info_equal(info, info_ref, rtol=1e-8)
+
+
+def test_mdeq_broyden_trains_like_torchdeq():
+    """MDEQ-CIFAR's run.sh (--f_solver broyden --f_max_iter 18 --grad 5 --tau 0.7) on a small cell, the
+    solve unconverged at f_max_iter: the same z*, so the same phantom-gradient states and gradients."""
+    f_cell, z0 = _cell(26, L=0.9)
+    argv = ["--f_solver", "broyden", "--f_max_iter", "6", "--f_tol", "1e-30", "--grad", "5", "--tau", "0.7"]
+    runs = {}
+    for name, lib in LIBS.items():
+        args = _parse(lib, argv)
+        torch.manual_seed(0)
+        lin = nn.Linear(6, 6).double()
+        deq = lib.get_deq(args)
+        z_out, info = deq(lambda z: f_cell(z) + 0.05 * torch.tanh(lin(z)), z0)
+        grads = torch.autograd.grad(z_out[-1].square().sum(), list(lin.parameters()))
+        deq.eval()
+        with torch.no_grad():
+            z_eval, info_eval = deq(lambda z: f_cell(z) + 0.05 * torch.tanh(lin(z)), z0)
+        runs[name] = (z_out[-1].detach(), grads, info, z_eval[-1], info_eval)
+    ours, ref = runs["compat"], runs["torchdeq"]
+    for a, b in zip([ours[0], *ours[1], ours[3]], [ref[0], *ref[1], ref[3]]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=0)
+    _assert_info_equal(ours[2], ref[2], rtol=1e-8)
+    _assert_info_equal(ours[4], ref[4], rtol=1e-8)

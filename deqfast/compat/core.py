@@ -242,7 +242,8 @@ class DEQBase(nn.Module):
         return deq_func, deq_func.list2vec(z_init), self._solver_kwargs(solver_kwargs)
 
     def _eval(self, deq_func, z_init, solver_kwargs, sradius_mode):
-        """Both cores in eval mode: [z*] (f at the best iterate, no gradient) and the solver's info."""
+        """Both cores in eval mode: [z*] (f at the best iterate -- Broyden: the iterate --, no gradient)
+        and the solver's info."""
         z_star, _, info = self._run_solver(deq_func, z_init, solver_kwargs.get("f_max_iter", self.eval_f_max_iter),
                                            solver_kwargs)
         info["sradius"] = self._sradius(deq_func, z_star) if sradius_mode else torch.zeros(1, device=z_star.device)
@@ -445,7 +446,7 @@ class DEQIndexing(_GradMixin, DEQBase):
 
     def forward(self, func, z_init, solver_kwargs=None, sradius_mode=False, backward_writer=None, **kwargs):
         """(z_out, info) as torchdeq: in training the sampled states with their gradients, in eval
-        [z*] (f at the best iterate, no gradient); info is torchdeq's SolverStat dict."""
+        [z*] (f at the best iterate; Broyden: the iterate; no gradient); info is torchdeq's SolverStat dict."""
         deq_func, z_init, solver_kwargs = self._prepare(func, z_init, solver_kwargs, kwargs)
         if self.training:
             fm = solver_kwargs.get("f_max_iter")
@@ -478,7 +479,8 @@ class DEQSliced(_GradMixin, DEQBase):
 
     def forward(self, func, z_star, solver_kwargs=None, sradius_mode=False, backward_writer=None, **kwargs):
         """(z_out, info) as torchdeq: in training one state per slice with its gradient, in eval [z*]
-        (f at the best iterate, no gradient); info is torchdeq's SolverStat dict (the last solve's)."""
+        (f at the best iterate; Broyden: the iterate; no gradient); info is torchdeq's SolverStat dict (the
+        last solve's)."""
         deq_func, z_star, solver_kwargs = self._prepare(func, z_star, solver_kwargs, kwargs)
         if self.training:
             fm = solver_kwargs.get("f_max_iter")
