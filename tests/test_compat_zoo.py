@@ -246,3 +246,19 @@ def test_mdeq_broyden_trains_like_torchdeq():
         torch.testing.assert_close(a, b, rtol=1e-9, atol=0)
     _assert_info_equal(ours[2], ref[2], rtol=1e-8)
     _assert_info_equal(ours[4], ref[4], rtol=1e-8)
+
+
+def test_broyden_warm_start_at_the_fixed_point():
+    """A solve warm-started where every sample already meets tol (DEQ-Flow's fixed-point reuse across
+    frames): torchdeq's Broyden makes one update and reports step 1 and its residual; compat (deqfast's
+    Broyden stops at the first evaluation) reports step 1 with the residual of the returned iterate,
+    z0, not an empty solve's 1e8."""
+    f, z0 = _cell(27)
+    z_star = torchdeq.solver.fixed_point_iter(f, z0, max_iter=300, tol=1e-14)[0]
+    z, _, info = compat.solver.broyden_solver(f, z_star.clone(), max_iter=10, tol=1e-6)
+    _, _, info_ref = torchdeq.solver.broyden_solver(f, z_star.clone(), max_iter=10, tol=1e-6)
+    assert torch.equal(z, z_star)
+    assert info["nstep"].tolist() == info_ref["nstep"].tolist() == [1.0] * 3
+    torch.testing.assert_close(info["abs_lowest"], (f(z) - z).norm(dim=1), rtol=1e-12, atol=0)
+    assert (info["abs_trace"][:, 1:] == info["abs_lowest"].unsqueeze(1)).all()
+    assert info["abs_trace"].shape == info_ref["abs_trace"].shape

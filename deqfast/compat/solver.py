@@ -82,6 +82,7 @@ class _Tracker:
         # torchdeq's Broyden: the first evaluation (at x0) is not a step; step k is the iterate after
         # k updates (evaluation k + 1), and the best iterate itself, not f there, is kept.
         self.broyden = broyden
+        self.at_x0 = None
         self.lowest = {"abs": full(_INIT), "rel": full(_INIT)}
         self.step = {"abs": torch.zeros(B, device=x0.device), "rel": torch.zeros(B, device=x0.device)}
         self.trace = {"abs": [full(_INIT)], "rel": [full(_INIT)]}
@@ -94,13 +95,14 @@ class _Tracker:
         fx = self.f(x)
         self.n += 1
         self.last_fx = fx
-        if self.broyden and self.n == 1:
-            return fx
-        step = float(self.n - 1 if self.broyden else self.n)
-        cand = x if self.broyden else fx
         diff = fx - x
         values = {"abs": diff.norm(dim=1)}
         values["rel"] = values["abs"] / (fx.norm(dim=1) + _EPS)
+        if self.broyden and self.n == 1:
+            self.at_x0 = values  # used only if the solve stops here (see info)
+            return fx
+        step = float(self.n - 1 if self.broyden else self.n)
+        cand = x if self.broyden else fx
         if self.whole:
             total = diff.norm() if self.stop_mode == "abs" else diff.norm() / (fx.norm() + _EPS)
             better = (total < self.total_lowest) | self.return_final  # a 0-dim tensor: no host sync
@@ -123,6 +125,14 @@ class _Tracker:
         return fx
 
     def info(self, max_iter: int) -> SolverStat:
+        if self.broyden and self.at_x0 is not None:
+            # Every sample met tol at x0 (a warm start at the fixed point): deqfast's Broyden stopped
+            # at its first evaluation, where torchdeq's makes one more (update 1, step 1). The stats
+            # of step 1 are then those of the returned iterate, x0.
+            missing = self.step[self.stop_mode] == 0
+            for mode in ("abs", "rel"):
+                self.lowest[mode] = torch.where(missing, self.at_x0[mode], self.lowest[mode])
+                self.step[mode] = torch.where(missing, torch.ones_like(self.step[mode]), self.step[mode])
         traces = {}
         for mode in ("abs", "rel"):
             trace = list(self.trace[mode])
