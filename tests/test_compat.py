@@ -370,8 +370,10 @@ def _stats_triplet(info):
     [
         ("anderson", dict(m=3, lam=1e-2, tau=0.5, f_max_iter=7),
          lambda f, z0, tol: deqfast.solvers.anderson(f, z0, max_iter=7, tol=tol, stop_mode="abs", m=3, lam=1e-2, tau=0.5)),
+        # torchdeq's damped fixed-point iteration iterates (and reports the residual of) the damped map.
         ("fixed_point_iter", dict(tau=0.5, f_max_iter=5),
-         lambda f, z0, tol: deqfast.solvers.fixed_point_iteration(f, z0, max_iter=5, tol=tol, stop_mode="abs", tau=0.5)),
+         lambda f, z0, tol: deqfast.solvers.fixed_point_iteration(lambda z: 0.5 * f(z) + 0.5 * z, z0, max_iter=5,
+                                                                   tol=tol, stop_mode="abs")),
     ],
 )
 def test_solver_kwargs_pass_through(f_solver, solver_kwargs, direct, train):

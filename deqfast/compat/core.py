@@ -75,6 +75,16 @@ _ADJOINT_SOLVERS = {"anderson": "anderson", "broyden": "broyden", "fixed_point_i
                     "simple_fixed_point_iter": "fixed_point"}
 
 
+def _in_dtype(out, like: torch.Tensor):
+    """f's output (part) in the state's floating dtype. torchdeq runs an f whose output comes back in
+    another floating dtype (DEQ-Flow's update under autocast with --mixed_precision): its torch.cat
+    and solver buffers cast it to the state's dtype; deqfast's checks would refuse it."""
+    if (isinstance(out, torch.Tensor) and out.dtype != like.dtype and out.is_floating_point()
+            and like.is_floating_point()):
+        return out.to(like.dtype)
+    return out
+
+
 class _DEQFunc:
     """torchdeq's DEQWrapper/MDEQWrapper: f on the solver's state (a tensor as given; a list/tuple
     packed into one (B, D) tensor), with torchdeq's damped call ``f(z, tau)``."""
@@ -84,11 +94,18 @@ class _DEQFunc:
         if isinstance(z_init, torch.Tensor):
             _checks.check_z0(caller, z_init, name="z_init")
             self.layout = None
-            self.f = lambda z: _checks.call_f(caller, func, z, z_init, like_name="z_init")
+            self.f = lambda z: _checks.call_f(caller, lambda z: _in_dtype(func(z), z_init), z, z_init, like_name="z_init")
         elif isinstance(z_init, (list, tuple)) and z_init and all(isinstance(t, torch.Tensor) for t in z_init):
             self.layout = PackedState(caller, list(z_init), name="z_init")
             self.layout.container = type(z_init) if type(z_init) in (list, tuple) else list
-            self.f = self.layout.wrap(func, star=True)
+
+            def parts_in_dtype(*parts):
+                out = func(*parts)
+                if isinstance(out, (list, tuple)) and len(out) == len(z_init):
+                    out = [_in_dtype(o, z) for o, z in zip(out, z_init)]
+                return out
+
+            self.f = self.layout.wrap(parts_in_dtype, star=True)
         else:
             raise TypeError(f"{caller}: z_init must be a tensor or a non-empty list/tuple of tensors, "
                             f"got {type(z_init).__name__}")
@@ -225,7 +242,8 @@ class DEQBase(nn.Module):
         return deq_func, deq_func.list2vec(z_init), self._solver_kwargs(solver_kwargs)
 
     def _eval(self, deq_func, z_init, solver_kwargs, sradius_mode):
-        """Both cores in eval mode: [z*] (f at the best iterate, no gradient) and the solver's info."""
+        """Both cores in eval mode: [z*] (f at the best iterate -- Broyden: the iterate --, no gradient)
+        and the solver's info."""
         z_star, _, info = self._run_solver(deq_func, z_init, solver_kwargs.get("f_max_iter", self.eval_f_max_iter),
                                            solver_kwargs)
         info["sradius"] = self._sradius(deq_func, z_star) if sradius_mode else torch.zeros(1, device=z_star.device)
@@ -341,7 +359,12 @@ class _GradMixin:
         """torchdeq's IFT gradient: the state f(z_pred); its backward replaces the incoming g by the
         solution u = g + Jᵀu of the adjoint equation (deqfast's adjoint solve, b_solver's algorithm).
         As in torchdeq, J is taken at f(z_pred) with ift (f re-run in backward) and at z_pred with
-        hook_ift (deqfast's autograd Function there instead of a hook: the same gradient)."""
+        hook_ift (deqfast's autograd Function there instead of a hook: the same gradient). Unlike
+        torchdeq 0.1.0's hook, which removes itself at its first call, it acts at every backward
+        through the state: torchdeq's hook_ift also fires in an autograd.grad w.r.t. the returned
+        state (jac_reg(f(z), z), as DEQ-seq computes it) and then leaves the loss the 1-step
+        gradient, and a second backward gets the 1-step gradient too; compat's gives the IFT
+        gradient each time, as ift does (tests/test_compat_zoo.py)."""
         on_backward = None if writer is None else (lambda stats: writer(_backward_info(stats)))
         z_pred = z_pred.detach()
         own = self.b_solver in _solver.OWN_SOLVERS
@@ -423,7 +446,7 @@ class DEQIndexing(_GradMixin, DEQBase):
 
     def forward(self, func, z_init, solver_kwargs=None, sradius_mode=False, backward_writer=None, **kwargs):
         """(z_out, info) as torchdeq: in training the sampled states with their gradients, in eval
-        [z*] (f at the best iterate, no gradient); info is torchdeq's SolverStat dict."""
+        [z*] (f at the best iterate; Broyden: the iterate; no gradient); info is torchdeq's SolverStat dict."""
         deq_func, z_init, solver_kwargs = self._prepare(func, z_init, solver_kwargs, kwargs)
         if self.training:
             fm = solver_kwargs.get("f_max_iter")
@@ -456,7 +479,8 @@ class DEQSliced(_GradMixin, DEQBase):
 
     def forward(self, func, z_star, solver_kwargs=None, sradius_mode=False, backward_writer=None, **kwargs):
         """(z_out, info) as torchdeq: in training one state per slice with its gradient, in eval [z*]
-        (f at the best iterate, no gradient); info is torchdeq's SolverStat dict (the last solve's)."""
+        (f at the best iterate; Broyden: the iterate; no gradient); info is torchdeq's SolverStat dict (the
+        last solve's)."""
         deq_func, z_star, solver_kwargs = self._prepare(func, z_star, solver_kwargs, kwargs)
         if self.training:
             fm = solver_kwargs.get("f_max_iter")

@@ -1,9 +1,11 @@
 """torchdeq.solver in deqfast.compat: torchdeq's solver functions on deqfast's solvers.
 
 ``anderson_solver``, ``broyden_solver``, ``fixed_point_iter`` take torchdeq 0.1.0's arguments and
-return its ``(z, trajectory, info)``: z is f at the best iterate (what torchdeq returns), trajectory
-the best-so-far states at the ``indexing`` steps, info a :class:`SolverStat` (torchdeq's dict:
-abs/rel lowest, traces, nstep = the step of the lowest, relative residual ‖f(z) − z‖ / (‖f(z)‖ + 1e-9)).
+return its ``(z, trajectory, info)``: z is f at the best iterate (what torchdeq returns; its Broyden
+returns the best iterate itself, and so does compat's), trajectory the best-so-far states at the
+``indexing`` steps, info a :class:`SolverStat` (torchdeq's dict: abs/rel lowest, traces, nstep = the
+step of the lowest, relative residual ‖f(z) − z‖ / (‖f(z)‖ + 1e-9)). As torchdeq's, Broyden evaluates f
+max_iter + 1 times: at x0 (not a step) and after each of max_iter updates (step k).
 deqfast's solver does the iterations (fused ops, each sample frozen once it meets ``tol``); a thin
 wrapper around f keeps torchdeq's bookkeeping from the evaluations it sees, so f is never called more
 often than the solver calls it.
@@ -21,6 +23,7 @@ from typing import Callable
 
 import torch
 
+from .. import _checks
 from .. import solvers as _solvers
 from .utils import warn_once
 
@@ -65,15 +68,21 @@ def _batch_flatten(x: torch.Tensor) -> torch.Tensor:
 
 class _Tracker:
     """f on (B, d) rows, recording what torchdeq's ``update_state`` records at each evaluation:
-    per mode the lowest residual and its step, f at the best iterate (under ``stop_mode``), traces.
+    per mode the lowest residual and its step, f at the best iterate (under ``stop_mode``; ``broyden``:
+    the iterate), traces.
 
     ``whole``: the state is one sample (rows are coupled): one best iterate for the whole state,
     chosen by the whole state's residual; the per-row statistics are those of that iterate."""
 
-    def __init__(self, f: Callable, x0: torch.Tensor, stop_mode: str, whole: bool, return_final: bool):
+    def __init__(self, f: Callable, x0: torch.Tensor, stop_mode: str, whole: bool, return_final: bool,
+                 broyden: bool = False):
         B = x0.shape[0]
         full = lambda v: torch.full((B,), v, dtype=x0.dtype, device=x0.device)
         self.f, self.stop_mode, self.whole, self.return_final = f, stop_mode, whole, return_final
+        # torchdeq's Broyden: the first evaluation (at x0) is not a step; step k is the iterate after
+        # k updates (evaluation k + 1), and the best iterate itself, not f there, is kept.
+        self.broyden = broyden
+        self.at_x0 = None
         self.lowest = {"abs": full(_INIT), "rel": full(_INIT)}
         self.step = {"abs": torch.zeros(B, device=x0.device), "rel": torch.zeros(B, device=x0.device)}
         self.trace = {"abs": [full(_INIT)], "rel": [full(_INIT)]}
@@ -85,32 +94,45 @@ class _Tracker:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         fx = self.f(x)
         self.n += 1
+        self.last_fx = fx
         diff = fx - x
         values = {"abs": diff.norm(dim=1)}
         values["rel"] = values["abs"] / (fx.norm(dim=1) + _EPS)
+        if self.broyden and self.n == 1:
+            self.at_x0 = values  # used only if the solve stops here (see info)
+            return fx
+        step = float(self.n - 1 if self.broyden else self.n)
+        cand = x if self.broyden else fx
         if self.whole:
             total = diff.norm() if self.stop_mode == "abs" else diff.norm() / (fx.norm() + _EPS)
             better = (total < self.total_lowest) | self.return_final  # a 0-dim tensor: no host sync
             self.total_lowest = torch.where(better, total, self.total_lowest)
-            self.best_f = torch.where(better, fx, self.best_f)
+            self.best_f = torch.where(better, cand, self.best_f)
             for mode in ("abs", "rel"):
                 self.lowest[mode] = torch.where(better, values[mode], self.lowest[mode])
-                self.step[mode] = torch.where(better, float(self.n), self.step[mode])
+                self.step[mode] = torch.where(better, step, self.step[mode])
         else:
             for mode in ("abs", "rel"):
                 is_lowest = values[mode] < self.lowest[mode]
                 if self.return_final:
                     is_lowest = torch.ones_like(is_lowest)
                 if mode == self.stop_mode:
-                    self.best_f = torch.where(is_lowest.unsqueeze(1), fx, self.best_f)
+                    self.best_f = torch.where(is_lowest.unsqueeze(1), cand, self.best_f)
                 self.lowest[mode] = torch.where(is_lowest, values[mode], self.lowest[mode])
-                self.step[mode] = torch.where(is_lowest, torch.full_like(self.step[mode], float(self.n)), self.step[mode])
+                self.step[mode] = torch.where(is_lowest, torch.full_like(self.step[mode], step), self.step[mode])
         for mode in ("abs", "rel"):
             self.trace[mode].append(values[mode])
-        self.last_fx = fx
         return fx
 
     def info(self, max_iter: int) -> SolverStat:
+        if self.broyden and self.at_x0 is not None:
+            # Every sample met tol at x0 (a warm start at the fixed point): deqfast's Broyden stopped
+            # at its first evaluation, where torchdeq's makes one more (update 1, step 1). The stats
+            # of step 1 are then those of the returned iterate, x0.
+            missing = self.step[self.stop_mode] == 0
+            for mode in ("abs", "rel"):
+                self.lowest[mode] = torch.where(missing, self.at_x0[mode], self.lowest[mode])
+                self.step[mode] = torch.where(missing, torch.ones_like(self.step[mode]), self.step[mode])
         traces = {}
         for mode in ("abs", "rel"):
             trace = list(self.trace[mode])
@@ -133,14 +155,18 @@ def _solve(kind: str, func: Callable, x0: torch.Tensor, max_iter, tol, stop_mode
         return _batch_flatten(func(z)).reshape(B, -1)
 
     max_iter = int(max_iter)
-    tracker = _Tracker(f_rows, rows, stop_mode, whole, return_final)
-    positions = sorted({int(p) for p in (indexing or ()) if 1 <= p <= max_iter})
+    broyden = kind == "broyden"
+    tracker = _Tracker(f_rows, rows, stop_mode, whole, return_final, broyden=broyden)
+    # torchdeq's Broyden evaluates f max_iter + 1 times (x0, then one per update) and samples the
+    # iterate after update k when k + 1 is listed: positions count evaluations for every solver.
+    evaluations = max_iter + 1 if broyden else max_iter
+    positions = sorted({int(p) for p in (indexing or ()) if 1 + broyden <= p <= evaluations})
     trajectory = []
     # torchdeq's Anderson records nothing before its third evaluation: with max_iter <= 2 it returns x0.
     skip = max_iter <= 0 or (kind == "anderson" and max_iter <= 2)
     if not skip:
         start, stats = rows, None
-        ends = positions + ([max_iter] if not positions or positions[-1] != max_iter else [])
+        ends = positions + ([evaluations] if not positions or positions[-1] != evaluations else [])
         for end in ends:
             gap = end - tracker.n
             before = tracker.n
@@ -213,9 +239,16 @@ def broyden_solver(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=No
 
 def fixed_point_iter(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=None, tau=1.0,
                      return_final=False, **kwargs):
-    """torchdeq.solver.fixed_point_iter on deqfast's fixed-point iteration (see the module docstring)."""
+    """torchdeq.solver.fixed_point_iter on deqfast's fixed-point iteration (see the module docstring).
+    With tau != 1, as torchdeq: the iterated map is the damped one, tau f(x) + (1 - tau) x; its
+    residual (tau ‖f(x) − x‖) is recorded and tested, and its value (the next iterate) is what is
+    returned and sampled at the indexing steps."""
     kwargs, private = _params("fixed_point_iter", "fixed_point", kwargs)
-    return _solve("fixed_point", func, x0, max_iter, tol, stop_mode, indexing, return_final, dict(tau=tau), **private)
+    if tau != 1.0:
+        _checks.check_damping("deqfast.compat.solver.fixed_point_iter", "tau", tau)
+        f = func
+        func = lambda x: tau * f(x) + (1 - tau) * x  # torchdeq's expression, bit for bit
+    return _solve("fixed_point", func, x0, max_iter, tol, stop_mode, indexing, return_final, dict(tau=1.0), **private)
 
 
 def simple_fixed_point_iter(func, x0, max_iter=50, tau=1.0, indexing=None, **kwargs):
