@@ -92,16 +92,30 @@ _TWICE = (
     "(create_graph=True, then differentiating the gradient) is not implemented. backward='jfb', "
     "'phantom' and 'bptt' are plain autograd graphs and support it"
 )
+_TWICE_COMPAT = (
+    "deqfast.compat: the IFT gradient (ift=True or hook_ift=True) is differentiable once; a second "
+    "derivative through it (create_graph=True, then differentiating the gradient, e.g. a loss on "
+    "d output / d input) is not implemented. Without ift and hook_ift (torchdeq's default), grad=k "
+    "(torchdeq's phantom gradient, as deq-zoo's INR configs use) is a plain autograd graph and supports it. "
+    "(torchdeq 0.1.0 runs this case but holds the adjoint constant: its second derivative is not exact)"
+)
 
 
-def _not_differentiable_again(u: torch.Tensor) -> torch.Tensor:
-    """u, as a tensor whose differentiation raises _TWICE (torch's once_differentiable mechanism).
+def _not_differentiable_again(u: torch.Tensor, caller: str, *depends_on: torch.Tensor) -> torch.Tensor:
+    """u, as a tensor whose differentiation raises _TWICE (_TWICE_COMPAT under deqfast.compat), torch's
+    once_differentiable mechanism.
 
     Always, not only when the incoming gradient requires grad as once_differentiable has it: u
     depends on the parameters through J and z*, which no graph here records, so a second
-    derivative that held u constant would be silently wrong."""
-    u = u.detach().requires_grad_()
-    return torch._C._functions.DelayedError(_TWICE, 1)(u)
+    derivative that held u constant would be silently wrong. The error node takes ``depends_on``
+    (f(z*), whose graph reaches x and every parameter, and the incoming gradient) as inputs too:
+    autograd runs only the nodes on a path to the tensors asked for, and an error node on a
+    detached u alone was skipped by ``torch.autograd.grad(..., inputs=params)``, which then
+    returned the second derivative without u's part (found: 4.67 where the exact value is 8.09)."""
+    inputs = [u.detach().requires_grad_()] + [t for t in depends_on if t is not None and t.requires_grad]
+    message = _TWICE_COMPAT if caller.startswith("deqfast.compat") else _TWICE
+    out = torch._C._functions.DelayedError(message, len(inputs))(*inputs)
+    return out[0] if isinstance(out, tuple) else out
 
 
 class AdjointFunction(torch.autograd.Function):
@@ -129,7 +143,7 @@ class AdjointFunction(torch.autograd.Function):
         create_graph = torch.is_grad_enabled()
         fz, z_leaf = ctx.saved_tensors
         options: Options = ctx.options
-        grad = grad.detach()
+        grad_in, grad = grad, grad.detach()
 
         caller = ctx.caller
 
@@ -177,7 +191,7 @@ class AdjointFunction(torch.autograd.Function):
         if ctx.on_backward is not None:
             ctx.on_backward(stats)
         if create_graph:
-            u = _not_differentiable_again(u)
+            u = _not_differentiable_again(u, caller, fz, grad_in)
         return u, None, None, None, None, None, None
 
 

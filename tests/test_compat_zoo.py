@@ -262,3 +262,26 @@ def test_broyden_warm_start_at_the_fixed_point():
     torch.testing.assert_close(info["abs_lowest"], (f(z) - z).norm(dim=1), rtol=1e-12, atol=0)
     assert (info["abs_trace"][:, 1:] == info["abs_lowest"].unsqueeze(1)).all()
     assert info["abs_trace"].shape == info_ref["abs_trace"].shape
+
+
+def _inr_second_derivative(lib, **kw):
+    """DEQ-INR's include_grad: a loss on d output / d input (create_graph=True), differentiated again."""
+    g = torch.Generator().manual_seed(31)
+    W = (0.3 * torch.randn(6, 6, generator=g, dtype=F64)).requires_grad_()
+    x = torch.randn(3, 6, generator=g, dtype=F64, requires_grad=True)
+    deq = lib.get_deq(f_solver="fixed_point_iter", f_max_iter=60, f_tol=1e-300, **kw)
+    z_out, _ = deq(lambda z: torch.tanh(z @ W.T + x), torch.zeros(3, 6, dtype=F64))
+    (gx,) = torch.autograd.grad(z_out[-1].square().sum(), x, create_graph=True)
+    return torch.autograd.grad(gx.square().sum(), W)[0]
+
+
+def test_second_derivative_phantom_gradient_equals_torchdeq_and_ift_raises():
+    """The zoo's INR configs (grad=3, no IFT) differentiate twice like torchdeq. Through the IFT
+    gradient the second derivative is not implemented: a clear error naming compat's options, also
+    with autograd.grad(..., inputs=params) (which skipped the error and dropped the adjoint's part);
+    torchdeq 0.1.0 returns a value there that holds the adjoint constant."""
+    torch.testing.assert_close(_inr_second_derivative(compat, grad=3), _inr_second_derivative(torchdeq, grad=3),
+                               rtol=1e-10, atol=0)
+    for kw in (dict(ift=True), dict(hook_ift=True)):
+        with pytest.raises(RuntimeError, match=r"deqfast.compat: the IFT gradient .* grad=k"):
+            _inr_second_derivative(compat, **kw)

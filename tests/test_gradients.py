@@ -235,6 +235,12 @@ def test_double_backward_through_adjoint_raises(backward):
     torch.testing.assert_close(gx, gx_once, rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="differentiable once.*not implemented"):
         gx.square().sum().backward()
+    # autograd.grad runs only the nodes on a path to its inputs: asked for the parameters alone, it
+    # skipped an error node on u and returned the second derivative without u's part.
+    for inputs in (list(cell.parameters()), [x]):
+        (gx,) = torch.autograd.grad((layer(x, z0) * c).sum(), x, create_graph=True)
+        with pytest.raises(RuntimeError, match="differentiable once.*not implemented"):
+            torch.autograd.grad(gx.square().sum(), inputs)
 
 
 @pytest.mark.parametrize("backward", ["implicit", "jfb"])
