@@ -282,6 +282,13 @@ def test_second_derivative_phantom_gradient_equals_torchdeq_and_ift_raises():
     torchdeq 0.1.0 returns a value there that holds the adjoint constant."""
     torch.testing.assert_close(_inr_second_derivative(compat, grad=3), _inr_second_derivative(torchdeq, grad=3),
                                rtol=1e-10, atol=0)
-    for kw in (dict(ift=True), dict(hook_ift=True)):
+    def my_iter(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=None, **kwargs):
+        z = x0
+        for _ in range(max_iter):
+            z = func(z)
+        return z, [], compat.solver_stat_from_final_step(z, func(z), max_iter)
+
+    compat.register_solver("my_adjoint_iter", my_iter)  # a registered b_solver: called as torchdeq calls it
+    for kw in (dict(ift=True), dict(hook_ift=True), dict(ift=True, b_solver="my_adjoint_iter")):
         with pytest.raises(RuntimeError, match=r"deqfast.compat: the IFT gradient .* grad=k"):
             _inr_second_derivative(compat, **kw)

@@ -29,7 +29,7 @@ from torch import autograd, nn
 
 from .. import _checks
 from .._state import PackedState
-from ..backward import AdjointFunction
+from ..backward import AdjointFunction, _not_differentiable_again
 from ..options import Options
 from ..solvers import _history
 from . import solver as _solver
@@ -418,6 +418,8 @@ class _IFTGrad(autograd.Function):
                                       stop_mode=deq.b_stop_mode)
             if ctx.writer:
                 ctx.writer(info)
+            if torch.is_grad_enabled():  # create_graph: as deqfast's own adjoint, no silent second derivative
+                u = _not_differentiable_again(u, "deqfast.compat", fh, grad)
         return u, None, None, None, None, None
 
 
