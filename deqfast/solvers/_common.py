@@ -209,8 +209,9 @@ def should_stop(state: SampleState, k: int, check_every: int, max_iter: int) -> 
     evaluations, none after the last one (the loop ends there anyway)."""
     if not (k + 1 < max_iter and (k + 1) % check_every == 0):
         return False
-    _active.publish(state.done)  # DEQ(compact=True): evaluate only the active samples from here
-    return bool(state.done.all())
+    done = state.done  # one op (converged | failed), used twice
+    _active.publish(done)  # DEQ(compact=True): evaluate only the active samples from here
+    return bool(done.all())
 
 
 def finish(problem: FlatProblem, state: SampleState, solver: str, warn: bool = True):
