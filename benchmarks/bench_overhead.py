@@ -36,6 +36,11 @@ A second table, Broyden: deqfast.solvers.broyden against torchdeq 0.1.0's broyde
 evaluations of f (T = 30 each, tol = 0; torchdeq's max_iter = T − 1, since it evaluates f once
 before its first step; both keep every update, m = T), time per solve and per evaluation, at this
 table's sizes plus 8 x 30720 (issue 11's measurement).
+
+A third table, host time: each solver's overhead per iteration at B = d = 1 (T = 200 forced
+iterations), where the state is a single number and what is left is the Python loop, the op
+dispatch and the host checks: the time an eager solve on a GPU spends per iteration on the host,
+whatever the kernels cost (benchmarks/README.md: at 256 x 512 the fused floor is 1.8 µs).
 """
 from __future__ import annotations
 
@@ -304,6 +309,56 @@ def measure_broyden(B: int, d: int, T: int, cfg, repeats: int) -> dict:
     return row
 
 
+HOST_T = 200
+
+
+def host_impls() -> Dict[str, Optional[Callable]]:
+    """name -> solve(f, z0, T) doing exactly T evaluations of f (checked by counting)."""
+    import deqfast
+    impls: Dict[str, Optional[Callable]] = {
+        "deqfast anderson (m 5)": lambda f, z0, T: deqfast.solvers.anderson(f, z0, max_iter=T, tol=0.0, m=5, lam=1e-4),
+        "deqfast fixed_point": lambda f, z0, T: deqfast.solvers.fixed_point_iteration(f, z0, max_iter=T, tol=0.0),
+        "deqfast broyden (m 5)": lambda f, z0, T: deqfast.solvers.broyden(f, z0, max_iter=T, tol=0.0, m=5),
+    }
+    torchdeq = common.torchdeq_module()
+    if torchdeq is not None:
+        anderson = torchdeq.solver.get_solver("anderson")
+        fixed_point = torchdeq.solver.get_solver("fixed_point_iter")
+        impls["torchdeq anderson (m 5)"] = lambda f, z0, T: anderson(f, z0, max_iter=T, tol=0.0, stop_mode="abs", m=5,
+                                                                    lam=1e-4)
+        impls["torchdeq fixed_point_iter"] = lambda f, z0, T: fixed_point(f, z0, max_iter=T, tol=0.0, stop_mode="abs")
+    return impls
+
+
+def measure_host(cfg, repeats: int) -> List[dict]:
+    """Overhead per iteration at B = d = 1 (see the module docstring): iteration − f, µs."""
+    f, z0 = make_problem(1, 1, cfg.device)
+    rows = []
+    with torch.no_grad():
+        z_typical = f(z0)
+        f_us = common.time_function(lambda: f(z_typical), cfg.device, repeats=repeats, warmup=3, inner=50)["median_s"] * 1e6
+        for name, solve in host_impls().items():
+            calls = [0]
+
+            def counted(z):
+                calls[0] += 1
+                return f(z)
+
+            solve(counted, z0, HOST_T)
+            seconds = common.time_function(lambda: solve(f, z0, HOST_T), cfg.device, repeats=repeats, warmup=1)
+            iteration_us = seconds["median_s"] / HOST_T * 1e6
+            rows.append({"solver": name, "nfe": calls[0], "f_us": f_us, "iteration_us": iteration_us,
+                         "overhead_us": iteration_us - f_us})
+    return rows
+
+
+HOST_HEADERS = ["solver", "evaluations", "f µs", "iteration µs", "host overhead µs"]
+
+
+def host_table_rows(rows):
+    return [[r["solver"], r["nfe"], r["f_us"], r["iteration_us"], r["overhead_us"]] for r in rows]
+
+
 BROYDEN_HEADERS = ["B x d", "solver", "evaluations", "f µs", "solve ms", "per evaluation µs", "overhead/evaluation µs",
                    "torchdeq/this"]
 
@@ -401,14 +456,18 @@ def run(cfg, info: dict) -> dict:
     broyden_rows = [measure_broyden(B, d, T, cfg, cfg.pick(quick=5, cpu=9, cuda=15, cuda_quick=5))
                     for B, d in broyden_sizes]
 
+    host_rows = measure_host(cfg, cfg.pick(quick=5, cpu=9, cuda=9, cuda_quick=5))
+
     label = common.device_label(info)
     title = f"Anderson overhead per iteration, µs (T={T} forced iterations, fp32, {label}, copy {bandwidth / 1e9:.1f} GB/s)"
     common.print_table(title, HEADERS, table_rows(rows))
     result = {"benchmark": "overhead", "device_label": label, "T": T, "repeats": repeats,
               "copy_bandwidth_GBps": bandwidth / 1e9, "f": "sin(3z + c)", "lam": 1e-4, "rows": rows,
-              "broyden_rows": broyden_rows}
+              "broyden_rows": broyden_rows, "host_T": HOST_T, "host_rows": host_rows}
     broyden_title = f"Broyden at equal evaluations (T={T}, tol 0, every update kept), fp32, {label}"
     common.print_table(broyden_title, BROYDEN_HEADERS, broyden_table_rows(broyden_rows))
+    host_title = f"Host time per iteration at B = d = 1 (T={HOST_T} forced iterations, fp32, {label})"
+    common.print_table(host_title, HOST_HEADERS, host_table_rows(host_rows))
     common.write_json(cfg.out / "overhead.json", result)
     note = ("overhead = iteration − f; floor = (2m+3)·N·4 bytes at the copy bandwidth measured in this run. "
             "deqfast_reference = deqfast.solvers.anderson on the pure-PyTorch path; deqfast_fused = the same call "
@@ -426,7 +485,12 @@ def run(cfg, info: dict) -> dict:
                            (None, "deqfast = deqfast.solvers.broyden (m = T: every update kept, as torchdeq does); "
                                   "torchdeq = torchdeq 0.1.0 broyden_solver (max_iter = T − 1: it evaluates f once "
                                   "before its first step). Equal evaluations, counted. torchdeq/this: torchdeq's "
-                                  "solve time over this one's.")])
+                                  "solve time over this one's."),
+                           ("Host time", host_title),
+                           (None, common.format_table(HOST_HEADERS, host_table_rows(host_rows), markdown=True)),
+                           (None, "A state of one number: what is left of an iteration is the Python loop, the op "
+                                  "dispatch and the host checks (check_every = 1 on the CPU), i.e. the host time an "
+                                  "eager solve spends per iteration on any device. host overhead = iteration − f.")])
     plt = common.pyplot()
     if plt is not None:
         plot(rows, cfg.out / "overhead.png", plt, label)
