@@ -165,17 +165,34 @@ class DEQ(nn.Module):
         active = _active.ActiveSet()
         evaluated = [0]
         solving = [True]
+        # Anderson writes every sample's f-value into its history at every step, frozen samples
+        # included, and backward_warm_start builds its secant pairs from that history: a finished
+        # sample must get its true f(z*) there, not z* (a false zero residual). Its frozen z* is
+        # where f was last evaluated for it (unless it failed), so that value is kept and handed back.
+        keep = self.options.backward_warm_start and self.options.solver == "anderson" and torch.is_grad_enabled()
+        last = [None]  # keep: (z parts, f parts) of each sample's last real evaluation
 
         def f(z):
             index = active.index if solving[0] else None
             if index is None:
                 evaluated[0] += B
-                return self.cell(z, x)
+                out = self.cell(z, x)
+                if keep and solving[0]:
+                    last[0] = (_parts(z), _parts(out))
+                return out
             evaluated[0] += int(index.numel())
-            if isinstance(z, (list, tuple)):
-                out = self.cell(type(z)(part.index_select(0, index) for part in z), x.index_select(0, index))
-                return type(z)(part.index_copy(0, index, o) for part, o in zip(z, out))
-            return z.index_copy(0, index, self.cell(z.index_select(0, index), x.index_select(0, index)))
+            parts = _parts(z)
+            inputs = [part.index_select(0, index) for part in parts]
+            out = _parts(self.cell(type(z)(inputs) if isinstance(z, (list, tuple)) else inputs[0], x.index_select(0, index)))
+            base = parts
+            if keep:
+                last_z, last_f = last[0]
+                same = torch.stack([(a == b).reshape(B, -1).all(dim=1) for a, b in zip(parts, last_z)]).all(dim=0)
+                base = [torch.where(same.view(-1, *[1] * (part.dim() - 1)), lf, part) for part, lf in zip(parts, last_f)]
+                last[0] = ([lz.index_copy(0, index, i) for lz, i in zip(last_z, inputs)],
+                           [lf.index_copy(0, index, o) for lf, o in zip(last_f, out)])
+            result = [part.index_copy(0, index, o) for part, o in zip(base, out)]
+            return type(z)(result) if isinstance(z, (list, tuple)) else result[0]
 
         def solver_done(_stats):
             solving[0] = False
@@ -188,6 +205,11 @@ class DEQ(nn.Module):
     def extra_repr(self) -> str:
         o = self.options
         return f"solver={o.solver!r}, max_iter={o.max_iter}, tol={o.tol}, backward={o.backward!r}"
+
+
+def _parts(z):
+    """The tensors of a state (or of a cell's output): a list of one tensor, or of the list/tuple's."""
+    return list(z) if isinstance(z, (list, tuple)) else [z]
 
 
 def _first(z0):
