@@ -22,35 +22,50 @@ def check_choice(caller: str, name: str, value, valid: Iterable[str]) -> None:
         raise ValueError(f"{caller}: {name} must be one of {', '.join(map(repr, valid))}, got {value!r}")
 
 
-def check_int(caller: str, name: str, value, minimum: int) -> None:
+def check_int(caller: str, name: str, value, minimum: int) -> int:
+    """The value as a Python int (numpy's integers and other numbers.Integral are accepted)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{caller}: {name} must be an int >= {minimum}, got {type(value).__name__} {value!r}")
     if value < minimum:
         raise ValueError(f"{caller}: {name} must be >= {minimum}, got {value}")
+    return int(value)
 
 
-def check_real(caller: str, name: str, value, *, minimum: float = 0.0) -> None:
+def check_real(caller: str, name: str, value, *, minimum: float = 0.0) -> float:
+    """The value as a Python float (numpy's floats, Fraction and other numbers.Real are accepted)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
         raise TypeError(f"{caller}: {name} must be a real number >= {minimum}, got {value!r}")
     if value < minimum:
         raise ValueError(f"{caller}: {name} must be >= {minimum}, got {value}")
+    return float(value)
 
 
-def check_positive(caller: str, name: str, value) -> None:
+def check_positive(caller: str, name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
         raise TypeError(f"{caller}: {name} must be a real number > 0, got {value!r}")
     if not value > 0:
         raise ValueError(f"{caller}: {name} must be > 0, got {value}")
+    return float(value)
 
 
-def check_damping(caller: str, name: str, value) -> None:
+def check_damping(caller: str, name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (0.0 < value <= 1.0):
         raise ValueError(f"{caller}: {name} must be in (0, 1], got {value!r}")
+    return float(value)
 
 
-def check_check_every(caller: str, value) -> None:
-    if value is not None:
-        check_int(caller, "check_every", value, 1)
+def check_check_every(caller: str, value):
+    return None if value is None else check_int(caller, "check_every", value, 1)
+
+
+def check_bool(caller: str, name: str, value, meaning: str = "") -> bool:
+    """The value as a Python bool: a bool, or numpy's bool (a flag read from an array or config).
+    ``meaning``, if given, is shown in parentheses after "a bool" in the error."""
+    numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool")
+    if not (isinstance(value, bool) or numpy_bool):
+        about = f" ({meaning})" if meaning else ""
+        raise TypeError(f"{caller}: {name} must be a bool{about}, got {type(value).__name__} {value!r}")
+    return bool(value)
 
 
 STATE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from . import _checks
 from .dropout import VariationalDropout, reset_dropout
 from .solvers import _active, _graph
 from .functional import solve
@@ -58,10 +59,8 @@ class DEQ(nn.Module):
         super().__init__()
         if not callable(cell):
             raise TypeError(f"deqfast.DEQ: cell must be callable (z, x) -> z, got {type(cell).__name__}")
-        if not isinstance(compact, bool):
-            raise TypeError(f"deqfast.DEQ: compact must be a bool, got {type(compact).__name__} {compact!r}")
         self.cell = cell
-        self.compact = compact
+        self.compact = _checks.check_bool("deqfast.DEQ", "compact", compact)
         self.options = Options.build("deqfast.DEQ", **keywords)
         if compact and not self.options.per_sample:
             raise ValueError("deqfast.DEQ: compact=True gathers the samples still active, which needs per_sample=True "
