@@ -68,12 +68,27 @@ def check_bool(caller: str, name: str, value, meaning: str = "") -> bool:
     return bool(value)
 
 
+_compiler = getattr(torch, "compiler", None)
+_compiler_disable = getattr(_compiler, "disable", lambda fn: fn)  # torch < 2.1: as is
+_is_compiling = getattr(_compiler, "is_compiling", None) or (lambda: False)
+
 STATE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def in_func_transform(t: torch.Tensor) -> bool:
     """Whether t is a tensor of a torch.func transform (vmap's BatchedTensor; grad, jacrev, jvp's
     GradTrackingTensor): the solvers' in-place buffers and fused ops have no batching rules."""
+    if _is_compiling():
+        return _in_func_transform_eagerly(t)
+    functorch = torch._C._functorch
+    return bool(functorch.is_batchedtensor(t) or functorch.is_gradtrackingtensor(t))
+
+
+@_compiler_disable
+def _in_func_transform_eagerly(t: torch.Tensor) -> bool:
+    """in_func_transform run eagerly under torch.compile: dynamo cannot trace is_gradtrackingtensor
+    (it broke the graph there anyway, and warned "Dynamo does not know how to trace the builtin" at
+    every compile)."""
     functorch = torch._C._functorch
     return bool(functorch.is_batchedtensor(t) or functorch.is_gradtrackingtensor(t))
 
