@@ -81,6 +81,7 @@ class DEQ(nn.Module):
                 raise TypeError(f"deqfast.DEQ: x must be a torch.Tensor when z0 is not given, got {type(x).__name__}")
             if not x.is_floating_point():
                 raise TypeError(f"deqfast.DEQ: x must be floating point when z0 is not given (z0 = zeros_like(x)), got {x.dtype}")
+            _checks.check_not_in_func_transform("deqfast.DEQ", "x", x)
             z0 = torch.zeros_like(x)
         if self.training and isinstance(self.cell, nn.Module):
             reset_dropout(self.cell)  # one variational-dropout mask per forward, fixed during the solve

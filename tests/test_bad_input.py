@@ -220,6 +220,17 @@ def test_torch_func_transforms_are_named(entry, transform):
         FUNC_TRANSFORMS[transform](call)
 
 
+@pytest.mark.parametrize("transform", ["vmap", "grad"])
+def test_deq_names_x_when_x_is_what_a_func_transform_wrapped(transform):
+    """Without z0 the layer's only tensor is x (z0 = zeros_like(x)): the error names x, not a z0
+    the user never passed."""
+    layer = deqfast.DEQ(lambda z, x: 0.5 * z + x)
+    run = {"vmap": lambda: torch.func.vmap(layer)(torch.ones(2, B, D)),
+           "grad": lambda: torch.func.grad(lambda x: layer(x).sum())(torch.ones(B, D))}[transform]
+    with pytest.raises(RuntimeError, match=r"deqfast.DEQ: x is a tensor of a torch\.func transform"):
+        run()
+
+
 @pytest.mark.parametrize("args", ["anderson", 3, ["anderson"]])
 def test_compat_get_deq_args_of_the_wrong_type(args):
     with pytest.raises(TypeError, match=r"\bargs\b.*dict.*Namespace.*" + type(args).__name__):
