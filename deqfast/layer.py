@@ -172,18 +172,22 @@ class DEQ(nn.Module):
         keep = self.options.backward_warm_start and self.options.solver == "anderson" and torch.is_grad_enabled()
         last = [None]  # keep: (z parts, f parts) of each sample's last real evaluation
 
+        def cell(z, x):  # a solve nested in the cell must not publish its samples to this one's set
+            with _active.hidden():
+                return self.cell(z, x)
+
         def f(z):
             index = active.index if solving[0] else None
             if index is None:
                 evaluated[0] += B
-                out = self.cell(z, x)
+                out = cell(z, x)
                 if keep and solving[0]:
                     last[0] = (_parts(z), _parts(out))
                 return out
             evaluated[0] += int(index.numel())
             parts = _parts(z)
             inputs = [part.index_select(0, index) for part in parts]
-            out = _parts(self.cell(type(z)(inputs) if isinstance(z, (list, tuple)) else inputs[0], x.index_select(0, index)))
+            out = _parts(cell(type(z)(inputs) if isinstance(z, (list, tuple)) else inputs[0], x.index_select(0, index)))
             base = parts
             if keep:
                 last_z, last_f = last[0]

@@ -147,3 +147,31 @@ def test_compact_with_anderson_warm_start_keeps_the_forward_history_true(backwar
         xl = x.detach().requires_grad_()
         (expected,) = torch.autograd.grad((cell(z_star, xl) * u).sum(), xl)
         assert float((g_c - expected).norm() / expected.norm()) < 1e-6
+
+
+@pytest.mark.parametrize("inner", ["DEQ", "fixed_point", "DEQ compact"])
+@pytest.mark.parametrize("check_every", [1, 3])
+def test_compact_with_a_solve_nested_in_the_cell(inner, check_every):
+    """A cell that solves an equilibrium of its own (a DEQ in a DEQ's cell): the nested solve's host
+    checks must not tell the outer one which samples are active. They did, through the same side
+    channel: with check_every > 1 the outer f then read the inner solve's last (all-done) set,
+    handed every sample its own z back, and the outer solve stopped after 2 steps, z off by ~0.2."""
+    cell, x, z0 = _spread_problem(B=5, d=4, seed=2)
+    inner_cell = lambda u, v: torch.tanh(0.5 * u + v)
+    if inner == "fixed_point":
+        solve = lambda v: deqfast.fixed_point(lambda u: inner_cell(u, v), torch.zeros_like(v), tol=1e-12, max_iter=200)[0]
+    else:
+        solve = deqfast.DEQ(inner_cell, compact=inner == "DEQ compact", tol=1e-12, max_iter=200)
+    nested = lambda z, xs: cell(solve(z), xs)
+    kw = dict(tol=1e-10, max_iter=200, check_every=check_every)
+    with torch.no_grad():
+        full = deqfast.DEQ(nested, **kw)
+        z_full = full(x, z0)
+        comp = deqfast.DEQ(nested, compact=True, **kw)
+        z_c = comp(x, z0)
+    torch.testing.assert_close(z_c, z_full, rtol=0, atol=1e-9)
+    assert comp.stats.nstep.tolist() == full.stats.nstep.tolist()
+    assert bool(comp.stats.converged.all())
+    n = comp.stats.nstep
+    rounded = (n + check_every - 1) // check_every * check_every
+    assert int(n.sum()) + 5 <= comp.rows_evaluated <= int(rounded.sum()) + 5
