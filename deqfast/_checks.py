@@ -77,11 +77,12 @@ STATE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def in_func_transform(t: torch.Tensor) -> bool:
     """Whether t is a tensor of a torch.func transform (vmap's BatchedTensor; grad, jacrev, jvp's
-    GradTrackingTensor): the solvers' in-place buffers and fused ops have no batching rules."""
+    GradTrackingTensor) or of autograd's batched gradients (is_grads_batched=True, jacobian(vectorize=True):
+    the legacy BatchedTensor): the solvers' in-place buffers and fused ops have no batching rules."""
     if _is_compiling():
         return _in_func_transform_eagerly(t)
     functorch = torch._C._functorch
-    return bool(functorch.is_batchedtensor(t) or functorch.is_gradtrackingtensor(t))
+    return bool(functorch.is_batchedtensor(t) or functorch.is_gradtrackingtensor(t) or _is_legacy_batched(t))
 
 
 @_compiler_disable
@@ -90,7 +91,10 @@ def _in_func_transform_eagerly(t: torch.Tensor) -> bool:
     (it broke the graph there anyway, and warned "Dynamo does not know how to trace the builtin" at
     every compile)."""
     functorch = torch._C._functorch
-    return bool(functorch.is_batchedtensor(t) or functorch.is_gradtrackingtensor(t))
+    return bool(functorch.is_batchedtensor(t) or functorch.is_gradtrackingtensor(t) or _is_legacy_batched(t))
+
+
+_is_legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda t: False)
 
 
 def check_not_in_func_transform(caller: str, name: str, t: torch.Tensor) -> None:

@@ -237,6 +237,35 @@ def test_double_backward_through_adjoint_raises(backward):
         gx.square().sum().backward()
 
 
+@pytest.mark.parametrize("backward", ["implicit", "neumann"])
+@pytest.mark.parametrize("how", ["is_grads_batched", "jacobian_vectorize"])
+def test_batched_gradients_through_the_adjoint_are_a_clear_error(backward, how):
+    """autograd's batched gradients (is_grads_batched=True, jacobian(vectorize=True)) run the
+    backward under vmap, where the adjoint's solver cannot run: an error that says so and what to
+    use instead (was: "Batching rule not implemented for aten::detach"). The unbatched Jacobian
+    is the dense solve's."""
+    cell, x, z0, _ = _problem("tanh", seed=23)
+    layer = deqfast.DEQ(cell, backward=backward, **TIGHT)
+    n = z0.numel()
+    run = {
+        "is_grads_batched": lambda: torch.autograd.grad(
+            layer(x, z0), x, torch.eye(n, dtype=z0.dtype).view(n, *z0.shape), is_grads_batched=True),
+        "jacobian_vectorize": lambda: torch.autograd.functional.jacobian(lambda x: layer(x, z0), x, vectorize=True),
+    }[how]
+    with pytest.raises(RuntimeError, match=r"backward='%s'.*batched gradients.*vectorize=False" % backward):
+        run()
+    if backward == "implicit" and how == "jacobian_vectorize":
+        jac = torch.autograd.functional.jacobian(lambda x: layer(x, z0), x.detach())  # (B, d, B, d_in)
+        z_star = layer(x, z0).detach()
+        J = dense_jacobian(lambda z: cell(z, x.detach()), z_star)  # (B, d, d) per sample
+        xl = x.detach().requires_grad_()
+        Jx = torch.autograd.functional.jacobian(lambda xx: cell(z_star, xx), xl)
+        eye = torch.eye(J.shape[1], dtype=J.dtype)
+        for b in range(z0.shape[0]):
+            expected = torch.linalg.solve(eye - J[b], Jx[b, :, b])
+            torch.testing.assert_close(jac[b, :, b], expected, rtol=1e-9, atol=1e-11)
+
+
 @pytest.mark.parametrize("backward", ["implicit", "jfb"])
 def test_model_with_deq_layer_under_torch_compile_matches_eager(backward):
     """torch.compile of a model around a DEQ (the solver's host checks are graph breaks)."""
