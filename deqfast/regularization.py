@@ -68,4 +68,4 @@ def jacobian_penalty(f: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor,
         fz = _checks.call_f(caller, f, z_leaf, z_leaf, like_name="z")
         probes = (torch.randn(z.shape, generator=generator, dtype=z.dtype, device=z.device) for _ in range(vecs))
         total = squared_vjp_norms(fz, z_leaf, probes, create_graph, caller=caller)
-    return total / (vecs * math.prod(z.shape[1:]))
+    return total / (vecs * max(math.prod(z.shape[1:]), 1))  # no element per sample: ‖J‖² = 0, penalty 0

@@ -161,6 +161,8 @@ def row_norms(v: torch.Tensor) -> torch.Tensor:
     inverse after. For the stats measured once per solve (not per iteration)."""
     acc = accumulation_dtype(v.dtype)
     v = v.detach().to(acc)
+    if v.shape[1] == 0:  # rows of no element (a (B, 0) state, as the solvers take): norm 0
+        return v.new_zeros(v.shape[0])
     amax = v.abs().amax(dim=1, keepdim=True)
     limit = math.floor(math.log2(torch.finfo(acc).max)) - 1
     exponent = torch.frexp(amax).exponent.clamp(-limit, limit)
