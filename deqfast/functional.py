@@ -143,6 +143,9 @@ def solve(f: Callable, z0: torch.Tensor, options: Options, *, caller: str,
     with torch.no_grad(), _solvers._common.entry(caller), \
             (_history.capture() if warm else contextlib.nullcontext()) as history:
         z_star, stats = solver(f, z0.detach(), **kwargs)
+    # z* is a constant of what follows: the pure-PyTorch steps carry a forward-mode AD tangent
+    # (no_grad does not stop it), the fused ones do not; neither is z*'s.
+    z_star = z_star.detach()
     if after_solver is not None:  # DEQ(compact=True): f on the whole batch from here
         after_solver(stats)
 
