@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from . import _checks
-from .dropout import VariationalDropout, reset_dropout
+from .dropout import VariationalDropout, record_users, reset_dropout
 from .solvers import _active, _graph
 from .functional import solve
 from .options import Options
@@ -32,7 +32,9 @@ class DEQ(nn.Module):
             With ``cuda_graph=True`` the layer keeps the solve's CUDA graphs across calls (below).
 
     In training mode each forward first resets the masks of the cell's
-    :class:`deqfast.VariationalDropout` modules, so every f call of one forward shares a mask.
+    :class:`deqfast.VariationalDropout` modules, so every f call of one forward shares a mask. A cell
+    that is not a module (``lambda z, x: self.block(z, x)``) hides its modules: the layer then resets
+    those that applied a mask during its previous forward.
 
     ``cuda_graph=True`` on a CUDA state: the graphs of the forward solve's iterations are captured
     once per key and replayed by later calls with the same key -- z's and x's shapes, dtypes and
@@ -72,6 +74,7 @@ class DEQ(nn.Module):
         self.rows_evaluated: Optional[int] = None  # compact=True: cell rows evaluated by the last solve
         self.graph_captures = 0
         self._graphs: "collections.OrderedDict[tuple, _KeptGraphs]" = collections.OrderedDict()
+        self._dropout_users: dict = {}  # VariationalDropout modules the cell used in the last forward (by id)
 
     graph_cache_size = 4  # keys whose CUDA graphs a DEQ(cuda_graph=True) keeps, least recently used dropped
 
@@ -83,14 +86,19 @@ class DEQ(nn.Module):
                 raise TypeError(f"deqfast.DEQ: x must be floating point when z0 is not given (z0 = zeros_like(x)), got {x.dtype}")
             _checks.check_not_in_func_transform("deqfast.DEQ", "x", x)
             z0 = torch.zeros_like(x)
-        if self.training and isinstance(self.cell, nn.Module):
-            reset_dropout(self.cell)  # one variational-dropout mask per forward, fixed during the solve
-        if self.compact and self.options.backward != "bptt":
-            return self._compact_forward(x, z0)
-        if self.options.cuda_graph and self._graphs_keepable(x, z0):
-            return self._graphed_forward(x, z0)
-        z, self.stats = solve(lambda z: self.cell(z, x), z0, self.options, caller="deqfast.DEQ")
-        return z
+        if self.training:  # one variational-dropout mask per forward, fixed during the solve
+            if isinstance(self.cell, nn.Module):
+                reset_dropout(self.cell)
+            for mod in getattr(self, "_dropout_users", {}).values():  # those a plain-callable cell used last time
+                mod.reset()
+        self._dropout_users = {}
+        with record_users(self._dropout_users):
+            if self.compact and self.options.backward != "bptt":
+                return self._compact_forward(x, z0)
+            if self.options.cuda_graph and self._graphs_keepable(x, z0):
+                return self._graphed_forward(x, z0)
+            z, self.stats = solve(lambda z: self.cell(z, x), z0, self.options, caller="deqfast.DEQ")
+            return z
 
     def _graphs_keepable(self, x, z0) -> bool:
         """Whether the forward solve's graphs can be kept across calls (see the class docstring)."""
@@ -144,6 +152,7 @@ class DEQ(nn.Module):
     def __getstate__(self):
         state = dict(super().__getstate__())
         state["_graphs"] = collections.OrderedDict()  # CUDA graphs are neither copied nor pickled
+        state["_dropout_users"] = {}  # nor references to modules outside the layer
         return state
 
     def _compact_forward(self, x, z0):
