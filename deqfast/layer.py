@@ -167,10 +167,11 @@ class DEQ(nn.Module):
             got = f"a tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
             raise TypeError(f"{caller}: x must be a tensor with the batch ({B} samples) on dim 0, to be gathered "
                             f"with the active samples; got {got}. Use compact=False for other inputs")
+        dropout_error = ValueError(f"{caller}: a VariationalDropout in the cell keeps one mask per sample of the "
+                                   f"whole batch, which compaction cannot gather; use compact=False in training")
         if self.training and isinstance(self.cell, nn.Module) and any(
                 isinstance(mod, VariationalDropout) and mod.p > 0 for mod in self.cell.modules()):
-            raise ValueError(f"{caller}: a VariationalDropout in the cell keeps one mask per sample of the whole "
-                             f"batch, which compaction cannot gather; use compact=False in training")
+            raise dropout_error
         active = _active.ActiveSet()
         evaluated = [0]
         solving = [True]
@@ -194,6 +195,8 @@ class DEQ(nn.Module):
                     last[0] = (_parts(z), _parts(out))
                 return out
             evaluated[0] += int(index.numel())
+            if self._dropout_users:  # a cell that is not a module applied a mask on the whole batch
+                raise dropout_error
             parts = _parts(z)
             inputs = [part.index_select(0, index) for part in parts]
             out = _parts(cell(type(z)(inputs) if isinstance(z, (list, tuple)) else inputs[0], x.index_select(0, index)))

@@ -96,6 +96,13 @@ def test_compact_bad_input():
     layer.train()
     with pytest.raises(ValueError, match="VariationalDropout"):
         layer(torch.ones(2, 3))
+    # the same dropout behind a cell that is not a module: the same error (was the mask's shape error,
+    # which told the user to call reset_dropout)
+    torch.manual_seed(0)
+    layer = deqfast.DEQ(lambda z, x: drop(z) * x[:, :1] + 1.0, compact=True, solver="fixed_point")
+    x = torch.tensor([[0.1], [0.5], [0.9]]).expand(3, 4)  # contractions: samples finish at different steps
+    with pytest.raises(ValueError, match="VariationalDropout in the cell keeps one mask per sample"):
+        layer(x)
 
 
 @pytest.mark.parametrize("keywords", [dict(per_sample=False), dict(cuda_graph=True)])
