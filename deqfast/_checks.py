@@ -22,36 +22,55 @@ def check_choice(caller: str, name: str, value, valid: Iterable[str]) -> None:
         raise ValueError(f"{caller}: {name} must be one of {', '.join(map(repr, valid))}, got {value!r}")
 
 
-def check_int(caller: str, name: str, value, minimum: int) -> None:
+def check_int(caller: str, name: str, value, minimum: int) -> int:
+    """The value as a Python int (numpy's integers and other numbers.Integral are accepted)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{caller}: {name} must be an int >= {minimum}, got {type(value).__name__} {value!r}")
     if value < minimum:
         raise ValueError(f"{caller}: {name} must be >= {minimum}, got {value}")
+    return int(value)
 
 
-def check_real(caller: str, name: str, value, *, minimum: float = 0.0) -> None:
+def check_real(caller: str, name: str, value, *, minimum: float = 0.0) -> float:
+    """The value as a Python float (numpy's floats, Fraction and other numbers.Real are accepted)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
         raise TypeError(f"{caller}: {name} must be a real number >= {minimum}, got {value!r}")
     if value < minimum:
         raise ValueError(f"{caller}: {name} must be >= {minimum}, got {value}")
+    return float(value)
 
 
-def check_positive(caller: str, name: str, value) -> None:
+def check_positive(caller: str, name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
         raise TypeError(f"{caller}: {name} must be a real number > 0, got {value!r}")
     if not value > 0:
         raise ValueError(f"{caller}: {name} must be > 0, got {value}")
+    return float(value)
 
 
-def check_damping(caller: str, name: str, value) -> None:
+def check_damping(caller: str, name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (0.0 < value <= 1.0):
         raise ValueError(f"{caller}: {name} must be in (0, 1], got {value!r}")
+    return float(value)
 
 
-def check_check_every(caller: str, value) -> None:
-    if value is not None:
-        check_int(caller, "check_every", value, 1)
+def check_check_every(caller: str, value):
+    return None if value is None else check_int(caller, "check_every", value, 1)
 
+
+def check_bool(caller: str, name: str, value, meaning: str = "") -> bool:
+    """The value as a Python bool: a bool, or numpy's bool (a flag read from an array or config).
+    ``meaning``, if given, is shown in parentheses after "a bool" in the error."""
+    numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool")
+    if not (isinstance(value, bool) or numpy_bool):
+        about = f" ({meaning})" if meaning else ""
+        raise TypeError(f"{caller}: {name} must be a bool{about}, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
+_compiler = getattr(torch, "compiler", None)
+_compiler_disable = getattr(_compiler, "disable", lambda fn: fn)  # torch < 2.1: as is
+_is_compiling = getattr(_compiler, "is_compiling", None) or (lambda: False)
 
 STATE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -67,24 +86,34 @@ def eager_under_compile(fn=None, *, recursive: bool = True):
     if fn is None:
         return lambda f: eager_under_compile(f, recursive=recursive)
     if recursive:
-        return torch.compiler.disable(fn)
+        return _compiler_disable(fn)
     try:
         from torch._dynamo.decorators import skip
     except ImportError:  # pragma: no cover - a torch without it: disable, with its wrapper
-        return torch.compiler.disable(fn)
+        return _compiler_disable(fn)
     return skip(fn)
 
 
 def in_func_transform(t: torch.Tensor) -> bool:
     """Whether t is a tensor of a torch.func transform (vmap's BatchedTensor; grad, jacrev, jvp's
-    GradTrackingTensor): the solvers' in-place buffers and fused ops have no batching rules.
-
-    Under torch.compile the check is skipped: dynamo cannot trace these functorch builtins, and a
-    call would break the graph with a warning at every compile of a model around a DEQ."""
-    if torch.compiler.is_compiling():
-        return False
+    GradTrackingTensor) or of autograd's batched gradients (is_grads_batched=True, jacobian(vectorize=True):
+    the legacy BatchedTensor): the solvers' in-place buffers and fused ops have no batching rules."""
+    if _is_compiling():
+        return _in_func_transform_eagerly(t)
     functorch = torch._C._functorch
-    return bool(functorch.is_batchedtensor(t) or functorch.is_gradtrackingtensor(t))
+    return bool(functorch.is_batchedtensor(t) or functorch.is_gradtrackingtensor(t) or _is_legacy_batched(t))
+
+
+@_compiler_disable
+def _in_func_transform_eagerly(t: torch.Tensor) -> bool:
+    """in_func_transform run eagerly under torch.compile: dynamo cannot trace is_gradtrackingtensor
+    (it broke the graph there anyway, and warned "Dynamo does not know how to trace the builtin" at
+    every compile)."""
+    functorch = torch._C._functorch
+    return bool(functorch.is_batchedtensor(t) or functorch.is_gradtrackingtensor(t) or _is_legacy_batched(t))
+
+
+_is_legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda t: False)
 
 
 def check_not_in_func_transform(caller: str, name: str, t: torch.Tensor) -> None:

@@ -140,9 +140,17 @@ class AdjointFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        options: Options = ctx.options
+        if _checks.in_func_transform(grad):
+            raise RuntimeError(
+                f"{ctx.caller}: backward={options.backward!r} cannot run under batched gradients "
+                f"(torch.autograd.grad(..., is_grads_batched=True), torch.autograd.functional.jacobian(..., "
+                f"vectorize=True), a vmap over the backward): its adjoint solver works on plain tensors. Compute "
+                f"one gradient at a time (is_grads_batched=False, vectorize=False), or use backward='jfb', "
+                f"'phantom' or 'bptt' (plain autograd graphs)"
+            )
         create_graph = torch.is_grad_enabled()
         fz, z_leaf = ctx.saved_tensors
-        options: Options = ctx.options
         grad_in, grad = grad, grad.detach()
 
         caller = ctx.caller

@@ -7,6 +7,8 @@ mask at the first call after a reset and reuses it until the next reset.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import numbers
 from typing import Optional, Sequence
 
@@ -55,6 +57,9 @@ class VariationalDropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
+        users = _USERS.get()
+        if users is not None:  # inside a DEQ's forward: that layer resets this mask at its next one
+            users[id(self)] = self
         if self.mask is None:
             self.mask = self._draw(x)
         expected = [1 if d in self.shared_dims else n for d, n in enumerate(x.shape)]
@@ -67,6 +72,21 @@ class VariationalDropout(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}" + (f", shared_dims={self.shared_dims}" if self.shared_dims else "")
+
+
+# The VariationalDropout modules called during a DEQ's forward (by id), for that layer to reset:
+# its cell may be a plain callable (a lambda around a module), whose modules it cannot list.
+_USERS: contextvars.ContextVar = contextvars.ContextVar("deqfast_dropout_users", default=None)
+
+
+@contextlib.contextmanager
+def record_users(users: dict):
+    """Inside this block the VariationalDropout modules that apply a mask are added to ``users``."""
+    token = _USERS.set(users)
+    try:
+        yield users
+    finally:
+        _USERS.reset(token)
 
 
 def reset_dropout(module: nn.Module) -> None:

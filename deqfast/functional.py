@@ -5,6 +5,7 @@ import contextlib
 from typing import Callable, Optional
 
 import torch
+from torch.autograd import forward_ad as _forward_ad
 
 from . import _checks
 from . import solvers as _solvers
@@ -131,6 +132,8 @@ def solve(f: Callable, z0: torch.Tensor, options: Options, *, caller: str,
     kwargs = options.solver_kwargs(options.solver)
 
     if options.backward == "bptt" and z0.shape[0] > 0:
+        if _forward_ad_active():
+            f = _bptt_refusing_dropped_tangents(f, z0, caller)
         with _solvers._common.entry(caller):
             z, stats = solver(f, z0, **kwargs)
         return z, stats
@@ -140,6 +143,9 @@ def solve(f: Callable, z0: torch.Tensor, options: Options, *, caller: str,
     with torch.no_grad(), _solvers._common.entry(caller), \
             (_history.capture() if warm else contextlib.nullcontext()) as history:
         z_star, stats = solver(f, z0.detach(), **kwargs)
+    # z* is a constant of what follows: the pure-PyTorch steps carry a forward-mode AD tangent
+    # (no_grad does not stop it), the fused ones do not; neither is z*'s.
+    z_star = z_star.detach()
     if after_solver is not None:  # DEQ(compact=True): f on the whole batch from here
         after_solver(stats)
 
@@ -155,16 +161,56 @@ def solve(f: Callable, z0: torch.Tensor, options: Options, *, caller: str,
     jacobian_free = options.backward == "jfb" or (options.backward == "neumann" and options.neumann_terms == 1)
     if jacobian_free or not torch.is_grad_enabled():
         fz = f(z_star)
+        if not jacobian_free:
+            _refuse_forward_ad(fz, options.backward, caller)
         _measure(stats, z_star, fz, options)
         return fz, stats
 
     z_leaf = z_star.detach().requires_grad_()
     fz = f(z_leaf)
+    _refuse_forward_ad(fz, options.backward, caller)
     _measure(stats, z_star, fz, options)
     if not _needs_grad_besides(fz, z_leaf):
         # Nothing f closes over requires grad (a frozen DEQ): z does not either, and no adjoint runs.
         return fz.detach(), stats
     return AdjointFunction.apply(fz, z_leaf, options, stats, on_backward, caller, history), stats
+
+
+def _forward_ad_active() -> bool:
+    """Whether a torch.autograd.forward_ad.dual_level is open (cheap: a module global)."""
+    return getattr(_forward_ad, "_current_level", -1) >= 0
+
+
+def _has_tangent(t: torch.Tensor) -> bool:
+    return _forward_ad_active() and _forward_ad.unpack_dual(t).tangent is not None
+
+
+def _forward_ad_error(backward: str, caller: str) -> RuntimeError:
+    return RuntimeError(
+        f"{caller}: forward-mode AD (torch.autograd.forward_ad: a tangent on x or on a tensor f closes over) "
+        f"is not supported by backward={backward!r} here: the solve would drop the tangent of z* (no tangent, "
+        f"read as zero, or one step's). Use reverse mode, backward='bptt' with grad enabled and a tensor f closes "
+        f"over requiring grad (the recorded solve carries the tangent), or backward='jfb'/'phantom' (their graphs' tangents)"
+    )
+
+
+def _refuse_forward_ad(fz: torch.Tensor, backward: str, caller: str) -> None:
+    """implicit/neumann: f(z*) carries a tangent that the solve's z* does not (no implicit JVP)."""
+    if _has_tangent(fz):
+        raise _forward_ad_error(backward, caller)
+
+
+def _bptt_refusing_dropped_tangents(f: Callable, z0: torch.Tensor, caller: str) -> Callable:
+    """bptt: the solvers carry a tangent only where they record (the condition of their `recording`:
+    grad on and f's value or z0 requiring grad); elsewhere their buffers and fused ops drop it."""
+
+    def checked(z):
+        out = f(z)
+        if _has_tangent(out) and not (torch.is_grad_enabled() and (out.requires_grad or z0.requires_grad)):
+            raise _forward_ad_error("bptt", caller)
+        return out
+
+    return checked
 
 
 def _needs_grad_besides(out: torch.Tensor, leaf: torch.Tensor) -> bool:

@@ -9,7 +9,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .dropout import VariationalDropout, reset_dropout
+from . import _checks
+from .dropout import VariationalDropout, record_users, reset_dropout
 from .solvers import _active, _graph
 from .functional import solve
 from .options import Options
@@ -31,7 +32,9 @@ class DEQ(nn.Module):
             With ``cuda_graph=True`` the layer keeps the solve's CUDA graphs across calls (below).
 
     In training mode each forward first resets the masks of the cell's
-    :class:`deqfast.VariationalDropout` modules, so every f call of one forward shares a mask.
+    :class:`deqfast.VariationalDropout` modules, so every f call of one forward shares a mask. A cell
+    that is not a module (``lambda z, x: self.block(z, x)``) hides its modules: the layer then resets
+    those that applied a mask during its previous forward.
 
     ``cuda_graph=True`` on a CUDA state: the graphs of the forward solve's iterations are captured
     once per key and replayed by later calls with the same key -- z's and x's shapes, dtypes and
@@ -58,10 +61,8 @@ class DEQ(nn.Module):
         super().__init__()
         if not callable(cell):
             raise TypeError(f"deqfast.DEQ: cell must be callable (z, x) -> z, got {type(cell).__name__}")
-        if not isinstance(compact, bool):
-            raise TypeError(f"deqfast.DEQ: compact must be a bool, got {type(compact).__name__} {compact!r}")
         self.cell = cell
-        self.compact = compact
+        self.compact = _checks.check_bool("deqfast.DEQ", "compact", compact)
         self.options = Options.build("deqfast.DEQ", **keywords)
         if compact and not self.options.per_sample:
             raise ValueError("deqfast.DEQ: compact=True gathers the samples still active, which needs per_sample=True "
@@ -73,6 +74,7 @@ class DEQ(nn.Module):
         self.rows_evaluated: Optional[int] = None  # compact=True: cell rows evaluated by the last solve
         self.graph_captures = 0
         self._graphs: "collections.OrderedDict[tuple, _KeptGraphs]" = collections.OrderedDict()
+        self._dropout_users: dict = {}  # VariationalDropout modules the cell used in the last forward (by id)
 
     graph_cache_size = 4  # keys whose CUDA graphs a DEQ(cuda_graph=True) keeps, least recently used dropped
 
@@ -82,15 +84,21 @@ class DEQ(nn.Module):
                 raise TypeError(f"deqfast.DEQ: x must be a torch.Tensor when z0 is not given, got {type(x).__name__}")
             if not x.is_floating_point():
                 raise TypeError(f"deqfast.DEQ: x must be floating point when z0 is not given (z0 = zeros_like(x)), got {x.dtype}")
+            _checks.check_not_in_func_transform("deqfast.DEQ", "x", x)
             z0 = torch.zeros_like(x)
-        if self.training and isinstance(self.cell, nn.Module):
-            reset_dropout(self.cell)  # one variational-dropout mask per forward, fixed during the solve
-        if self.compact and self.options.backward != "bptt":
-            return self._compact_forward(x, z0)
-        if self.options.cuda_graph and self._graphs_keepable(x, z0):
-            return self._graphed_forward(x, z0)
-        z, self.stats = solve(lambda z: self.cell(z, x), z0, self.options, caller="deqfast.DEQ")
-        return z
+        if self.training:  # one variational-dropout mask per forward, fixed during the solve
+            if isinstance(self.cell, nn.Module):
+                reset_dropout(self.cell)
+            for mod in getattr(self, "_dropout_users", {}).values():  # those a plain-callable cell used last time
+                mod.reset()
+        self._dropout_users = {}
+        with record_users(self._dropout_users):
+            if self.compact and self.options.backward != "bptt":
+                return self._compact_forward(x, z0)
+            if self.options.cuda_graph and self._graphs_keepable(x, z0):
+                return self._graphed_forward(x, z0)
+            z, self.stats = solve(lambda z: self.cell(z, x), z0, self.options, caller="deqfast.DEQ")
+            return z
 
     def _graphs_keepable(self, x, z0) -> bool:
         """Whether the forward solve's graphs can be kept across calls (see the class docstring)."""
@@ -144,6 +152,7 @@ class DEQ(nn.Module):
     def __getstate__(self):
         state = dict(super().__getstate__())
         state["_graphs"] = collections.OrderedDict()  # CUDA graphs are neither copied nor pickled
+        state["_dropout_users"] = {}  # nor references to modules outside the layer
         return state
 
     def _compact_forward(self, x, z0):
@@ -158,24 +167,48 @@ class DEQ(nn.Module):
             got = f"a tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
             raise TypeError(f"{caller}: x must be a tensor with the batch ({B} samples) on dim 0, to be gathered "
                             f"with the active samples; got {got}. Use compact=False for other inputs")
+        dropout_error = ValueError(f"{caller}: a VariationalDropout in the cell keeps one mask per sample of the "
+                                   f"whole batch, which compaction cannot gather; use compact=False in training")
         if self.training and isinstance(self.cell, nn.Module) and any(
                 isinstance(mod, VariationalDropout) and mod.p > 0 for mod in self.cell.modules()):
-            raise ValueError(f"{caller}: a VariationalDropout in the cell keeps one mask per sample of the whole "
-                             f"batch, which compaction cannot gather; use compact=False in training")
+            raise dropout_error
         active = _active.ActiveSet()
         evaluated = [0]
         solving = [True]
+        # Anderson writes every sample's f-value into its history at every step, frozen samples
+        # included, and backward_warm_start builds its secant pairs from that history: a finished
+        # sample must get its true f(z*) there, not z* (a false zero residual). Its frozen z* is
+        # where f was last evaluated for it (unless it failed), so that value is kept and handed back.
+        keep = self.options.backward_warm_start and self.options.solver == "anderson" and torch.is_grad_enabled()
+        last = [None]  # keep: (z parts, f parts) of each sample's last real evaluation
+
+        def cell(z, x):  # a solve nested in the cell must not publish its samples to this one's set
+            with _active.hidden():
+                return self.cell(z, x)
 
         def f(z):
             index = active.index if solving[0] else None
             if index is None:
                 evaluated[0] += B
-                return self.cell(z, x)
+                out = cell(z, x)
+                if keep and solving[0]:
+                    last[0] = (_parts(z), _parts(out))
+                return out
             evaluated[0] += int(index.numel())
-            if isinstance(z, (list, tuple)):
-                out = self.cell(type(z)(part.index_select(0, index) for part in z), x.index_select(0, index))
-                return type(z)(part.index_copy(0, index, o) for part, o in zip(z, out))
-            return z.index_copy(0, index, self.cell(z.index_select(0, index), x.index_select(0, index)))
+            if self._dropout_users:  # a cell that is not a module applied a mask on the whole batch
+                raise dropout_error
+            parts = _parts(z)
+            inputs = [part.index_select(0, index) for part in parts]
+            out = _parts(cell(type(z)(inputs) if isinstance(z, (list, tuple)) else inputs[0], x.index_select(0, index)))
+            base = parts
+            if keep:
+                last_z, last_f = last[0]
+                same = torch.stack([(a == b).reshape(B, -1).all(dim=1) for a, b in zip(parts, last_z)]).all(dim=0)
+                base = [torch.where(same.view(-1, *[1] * (part.dim() - 1)), lf, part) for part, lf in zip(parts, last_f)]
+                last[0] = ([lz.index_copy(0, index, i) for lz, i in zip(last_z, inputs)],
+                           [lf.index_copy(0, index, o) for lf, o in zip(last_f, out)])
+            result = [part.index_copy(0, index, o) for part, o in zip(base, out)]
+            return type(z)(result) if isinstance(z, (list, tuple)) else result[0]
 
         def solver_done(_stats):
             solving[0] = False
@@ -188,6 +221,11 @@ class DEQ(nn.Module):
     def extra_repr(self) -> str:
         o = self.options
         return f"solver={o.solver!r}, max_iter={o.max_iter}, tol={o.tol}, backward={o.backward!r}"
+
+
+def _parts(z):
+    """The tensors of a state (or of a cell's output): a list of one tensor, or of the list/tuple's."""
+    return list(z) if isinstance(z, (list, tuple)) else [z]
 
 
 def _first(z0):

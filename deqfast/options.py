@@ -39,43 +39,44 @@ class Options:
             raise TypeError(
                 f"{caller}: unknown keyword(s) {', '.join(map(repr, unknown))}; valid keywords are {', '.join(names)}"
             )
-        options = cls(**kwargs)
-        options.validate(caller)
-        return options
+        return cls(**kwargs).validate(caller)
 
-    def validate(self, caller: str) -> None:
+    def validate(self, caller: str) -> "Options":
+        """These options checked, as a copy whose numbers and flags are Python int/float/bool
+        (numpy's scalars, Fraction, numpy's bool accepted)."""
         c = _checks
         c.check_choice(caller, "solver", self.solver, c.SOLVERS)
-        c.check_int(caller, "max_iter", self.max_iter, 1)
-        c.check_real(caller, "tol", self.tol)
         c.check_choice(caller, "stop_mode", self.stop_mode, c.STOP_MODES)
-        c.check_int(caller, "m", self.m, 1)
-        c.check_positive(caller, "lam", self.lam)  # lam = 0: a singular Gram has no defined weights
-        c.check_damping(caller, "tau", self.tau)
         c.check_choice(caller, "backward", self.backward, c.BACKWARDS)
         c.check_choice(caller, "backward_solver", self.backward_solver, c.BACKWARD_SOLVERS)
-        c.check_int(caller, "backward_max_iter", self.backward_max_iter, 1)
-        c.check_real(caller, "backward_tol", self.backward_tol)
         if self.backward_stop_mode is not None:
             c.check_choice(caller, "backward_stop_mode", self.backward_stop_mode, c.STOP_MODES)
-        c.check_int(caller, "neumann_terms", self.neumann_terms, 1)
-        c.check_int(caller, "phantom_steps", self.phantom_steps, 1)
-        c.check_damping(caller, "phantom_tau", self.phantom_tau)
-        c.check_check_every(caller, self.check_every)
-        check_per_sample(caller, self.per_sample)
-        if not isinstance(self.backward_warm_start, bool):
-            raise TypeError(f"{caller}: backward_warm_start must be a bool, got {type(self.backward_warm_start).__name__} "
-                            f"{self.backward_warm_start!r}")
-        if self.backward_warm_start and self.backward != "implicit":
+        options = dataclasses.replace(
+            self,
+            max_iter=c.check_int(caller, "max_iter", self.max_iter, 1),
+            tol=c.check_real(caller, "tol", self.tol),
+            m=c.check_int(caller, "m", self.m, 1),
+            lam=c.check_positive(caller, "lam", self.lam),  # lam = 0: a singular Gram has no defined weights
+            tau=c.check_damping(caller, "tau", self.tau),
+            backward_max_iter=c.check_int(caller, "backward_max_iter", self.backward_max_iter, 1),
+            backward_tol=c.check_real(caller, "backward_tol", self.backward_tol),
+            neumann_terms=c.check_int(caller, "neumann_terms", self.neumann_terms, 1),
+            phantom_steps=c.check_int(caller, "phantom_steps", self.phantom_steps, 1),
+            phantom_tau=c.check_damping(caller, "phantom_tau", self.phantom_tau),
+            check_every=c.check_check_every(caller, self.check_every),
+            per_sample=check_per_sample(caller, self.per_sample),
+            backward_warm_start=c.check_bool(caller, "backward_warm_start", self.backward_warm_start),
+            cuda_graph=c.check_bool(caller, "cuda_graph", self.cuda_graph),
+        )
+        if options.backward_warm_start and options.backward != "implicit":
             raise ValueError(f"{caller}: backward_warm_start=True needs backward='implicit' (it starts the adjoint "
-                             f"solve), got backward={self.backward!r}")
-        if self.backward_warm_start and self.solver == "fixed_point":
+                             f"solve), got backward={options.backward!r}")
+        if options.backward_warm_start and options.solver == "fixed_point":
             raise ValueError(f"{caller}: backward_warm_start=True needs solver='anderson' or 'broyden' (their history "
                              f"approximates I - J), got solver='fixed_point'")
-        if not isinstance(self.cuda_graph, bool):
-            raise TypeError(f"{caller}: cuda_graph must be a bool, got {type(self.cuda_graph).__name__}")
-        if self.cuda_graph and self.solver != "anderson":
-            raise ValueError(f"{caller}: cuda_graph=True is implemented for solver='anderson' only, got solver={self.solver!r}")
+        if options.cuda_graph and options.solver != "anderson":
+            raise ValueError(f"{caller}: cuda_graph=True is implemented for solver='anderson' only, got solver={options.solver!r}")
+        return options
 
     def solver_kwargs(self, solver: str, *, backward: bool = False) -> dict:
         """The keywords ``solver`` takes, for the forward solve or (backward=True) the adjoint solve."""

@@ -90,7 +90,7 @@ def anderson_recorded_step(x, fx, F: list, G: list, gram, state: "SampleState", 
     g = fx - x
     F[slot], G[slot] = fx, g
     g_acc = g.to(acc)
-    row = torch.stack([row_sums(Gj.to(acc) * g_acc) if Gj is not None else torch.zeros_like(g_acc[:, 0])
+    row = torch.stack([row_sums(Gj.to(acc) * g_acc) if Gj is not None else g_acc.new_zeros(g_acc.shape[0])
                        for Gj in G], dim=1)  # (B, m)
     index = torch.tensor([slot], device=x.device)
     gram = gram.index_copy(2, index, row.unsqueeze(2)).index_copy(1, index, row.unsqueeze(1))

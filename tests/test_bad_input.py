@@ -220,6 +220,17 @@ def test_torch_func_transforms_are_named(entry, transform):
         FUNC_TRANSFORMS[transform](call)
 
 
+@pytest.mark.parametrize("transform", ["vmap", "grad"])
+def test_deq_names_x_when_x_is_what_a_func_transform_wrapped(transform):
+    """Without z0 the layer's only tensor is x (z0 = zeros_like(x)): the error names x, not a z0
+    the user never passed."""
+    layer = deqfast.DEQ(lambda z, x: 0.5 * z + x)
+    run = {"vmap": lambda: torch.func.vmap(layer)(torch.ones(2, B, D)),
+           "grad": lambda: torch.func.grad(lambda x: layer(x).sum())(torch.ones(B, D))}[transform]
+    with pytest.raises(RuntimeError, match=r"deqfast.DEQ: x is a tensor of a torch\.func transform"):
+        run()
+
+
 @pytest.mark.parametrize("args", ["anderson", 3, ["anderson"]])
 def test_compat_get_deq_args_of_the_wrong_type(args):
     with pytest.raises(TypeError, match=r"\bargs\b.*dict.*Namespace.*" + type(args).__name__):
@@ -282,6 +293,65 @@ def test_compat_get_deq_unknown_keyword():
         deqfast.compat.get_deq(f_sovler="anderson")
     with pytest.raises(TypeError, match=r"\bf_sovler\b"):
         deqfast.fixed_point(lambda z: z, torch.zeros(2, 2), f_sovler="anderson")
+
+
+# ---------------------------------------------------------------------------------------------
+# Keywords of any number type: numpy scalars (a value read from an array or a config), fractions
+# ---------------------------------------------------------------------------------------------
+
+def _other_number_types():
+    np = pytest.importorskip("numpy")
+    from fractions import Fraction
+    return {
+        "max_iter": np.int64(40), "tol": Fraction(1, 10**5), "m": np.uint8(3), "lam": Fraction(1, 10**4),
+        "tau": np.float32(0.75), "check_every": np.int16(2), "per_sample": np.True_,
+        "backward_max_iter": np.int32(30), "backward_tol": np.float64(1e-7), "neumann_terms": np.int64(4),
+        "phantom_steps": np.int8(3), "phantom_tau": Fraction(1, 2), "backward_warm_start": np.False_,
+        "cuda_graph": np.False_,
+    }
+
+
+@pytest.mark.parametrize("backward", ["implicit", "neumann", "phantom"])
+@pytest.mark.parametrize("entry", ALL)
+def test_keywords_of_any_number_type_act_as_the_python_number(entry, backward):
+    """A numbers.Integral/Real the checks accept (numpy's, Fraction) and a numpy bool act exactly as
+    the Python int/float/bool of the same value (were: a Fraction passed the check and then failed
+    inside torch, '<' not supported between 'Tensor' and 'Fraction'; numpy's bool was refused with
+    "per_sample must be a bool ..., got bool")."""
+    others = _other_number_types()
+    takes = set(others) if entry in FULL else SOLVER_KEYWORDS[entry] | {"per_sample"}
+    odd = {k: v for k, v in others.items() if k in takes}
+    plain = {k: (bool(v) if k in ("per_sample", "backward_warm_start", "cuda_graph")
+                 else int(v) if k in ("max_iter", "m", "check_every", "backward_max_iter", "neumann_terms",
+                                      "phantom_steps") else float(v)) for k, v in odd.items()}
+    if entry in FULL:
+        odd["backward"] = plain["backward"] = backward
+    elif backward != "implicit":
+        pytest.skip("the solvers have no backward")
+    x = torch.linspace(0.5, 1.5, B * D).view(B, D).requires_grad_()
+    f = lambda z: torch.tanh(0.6 * z + x)
+    results = []
+    for kw in (odd, plain):
+        if entry == "DEQ":
+            layer = deqfast.DEQ(lambda z, x: f(z), **kw)
+            z, stats = layer(_z0(), z0=_z0()), layer.stats
+        else:
+            z, stats = ENTRIES[entry](f, _z0(), **kw)
+        grad = torch.autograd.grad(z.sum(), x)[0] if z.requires_grad else None
+        results.append((z, stats.nstep, grad))
+    (z_odd, n_odd, g_odd), (z_plain, n_plain, g_plain) = results
+    torch.testing.assert_close(z_odd, z_plain, rtol=0, atol=0)
+    assert n_odd.tolist() == n_plain.tolist()
+    if g_plain is not None:
+        torch.testing.assert_close(g_odd, g_plain, rtol=0, atol=0)
+
+
+def test_compact_takes_a_numpy_bool():
+    np = pytest.importorskip("numpy")
+    layer = deqfast.DEQ(lambda z, x: 0.5 * z + x, compact=np.True_)
+    assert layer.compact is True
+    layer(torch.ones(3, 2))
+    assert layer.rows_evaluated is not None
 
 
 # ---------------------------------------------------------------------------------------------

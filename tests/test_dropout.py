@@ -94,3 +94,32 @@ def test_bad_arguments_name_themselves():
         deqfast.VariationalDropout(0.1, shared_dims=(0,))
     with pytest.raises(ValueError, match=r"shared_dims \(3,\) do not fit an input of 2 dims"):
         deqfast.VariationalDropout(0.1, shared_dims=(3,))(torch.randn(2, 3))
+
+
+def test_a_cell_that_is_not_a_module_gets_new_masks_too():
+    """The usual way to pass a cell with extra arguments or a method, DEQ(lambda z, x: self.block(z, x)):
+    the layer cannot see the dropout modules inside, and the mask drawn at the first forward was
+    kept for the whole training (silently: the same B every step). The layer now resets the masks
+    its cell used in its last forward, so each training forward draws new ones, as with a module cell."""
+    torch.manual_seed(0)
+    cell = DropCell(deqfast.VariationalDropout(0.5))
+    layer = deqfast.DEQ(lambda z, x: cell(z, x), tol=1e-10)
+    x, z0 = _x(), torch.zeros(5, 8, dtype=F64)
+    masks = []
+    for _ in range(3):
+        layer(x, z0)
+        masks.append(cell.drop.mask.clone())
+    assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2])
+    # one mask per forward all the same: the result is the fixed point of f with the last mask
+    z = layer(x, z0)
+    z_fixed, _ = deqfast.fixed_point(lambda z: cell(z, x), z0, tol=1e-10)  # mask kept (no reset here)
+    torch.testing.assert_close(z, z_fixed, rtol=0, atol=1e-9)
+    # the layer still copies and pickles (it keeps no reference to the modules in its state)
+    import copy
+    import pickle
+    pickle.dumps(deqfast.DEQ(cell))
+    copy.deepcopy(layer)
+    cell.eval()  # in eval mode (the model around both set so) the dropout draws none
+    cell.drop.reset()
+    layer(x, z0)
+    assert cell.drop.mask is None

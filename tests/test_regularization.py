@@ -130,3 +130,39 @@ def test_power_method_finds_the_largest_eigenvalue():
     torch.manual_seed(0)
     _, radius = compat.power_method(f0, z, n_iters=500)
     torch.testing.assert_close(radius, torch.linalg.eigvalsh(A).abs().max(dim=1).values, rtol=1e-6, atol=0)
+
+
+def test_penalty_of_an_empty_batch_is_empty():
+    cell, x, z = _problem("tanh")
+    z_empty = torch.zeros(0, 7, dtype=F64, requires_grad=True)
+    penalty = deqfast.jacobian_penalty(lambda z: cell(z, x[:0]), z_empty)
+    assert penalty.shape == (0,) and penalty.dtype == F64
+
+
+def test_penalty_under_inference_mode_and_of_an_inference_tensor():
+    """Logging the penalty in an evaluation loop run under torch.inference_mode, or of a z made
+    there: the same measurement as under no_grad (was: autograd's 'does not require grad' or
+    'requires_grad on an inference tensor' errors)."""
+    cell, x, z = _problem("tanh", seed=2)
+    f = lambda z: cell(z, x)
+    with torch.no_grad():
+        expected = deqfast.jacobian_penalty(f, z, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        measured = deqfast.jacobian_penalty(f, z, generator=torch.Generator().manual_seed(1))
+        z_inference = z.clone()
+    assert not measured.requires_grad
+    torch.testing.assert_close(measured, expected, rtol=0, atol=0)
+    trained = deqfast.jacobian_penalty(f, z_inference, generator=torch.Generator().manual_seed(1))
+    assert trained.requires_grad
+    torch.testing.assert_close(trained.detach(), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("f", [lambda z: torch.ones_like(z), lambda z: 2.0 * z.detach(),
+                               lambda z: torch.tanh(z.data) + _W.sum()],
+                         ids=["constant", "detach", "data-with-parameter"])
+def test_penalty_of_an_f_not_depending_on_z_is_named(f):
+    with pytest.raises(RuntimeError, match=r"deqfast.jacobian_penalty: f\(z\) does not depend on z"):
+        deqfast.jacobian_penalty(f, torch.randn(2, 3))
+
+
+_W = torch.randn(3, requires_grad=True)

@@ -218,3 +218,31 @@ def test_an_empty_batch_gives_an_empty_result_and_empty_gradients(solver, backwa
     assert layer.stats.summary().startswith("0/0 converged")
     assert x.grad.shape == (0, 2, 3)
     assert w.grad is not None and w.grad.item() == 0.0
+
+
+@pytest.mark.parametrize("per_sample", [True, False])
+@pytest.mark.parametrize("backward", ["implicit", "neumann", "jfb", "phantom", "bptt"])
+@pytest.mark.parametrize("solver", ["anderson", "fixed_point", "broyden"])
+def test_samples_of_no_element_are_solved_as_the_solvers_solve_them(solver, backward, per_sample):
+    """A (B, 0) state: the solvers take it (trivially converged, tests/test_solvers.py); fixed_point
+    and DEQ crashed on it (an IndexError from amax in the norms of the returned f(z*), or from
+    Anderson's recorded step under bptt). Now the same: converged, empty result, zero gradients."""
+    w = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    x = torch.zeros(3, 0, dtype=torch.float64, requires_grad=True)
+    layer = deqfast.DEQ(lambda z, x: torch.tanh(w * z + x), solver=solver, backward=backward, per_sample=per_sample)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        z = layer(x)
+        if backward == "bptt" and not z.requires_grad:  # the solver's output is z0 itself: no graph
+            z = z + 0 * w
+        z.sum().backward()
+    assert z.shape == (3, 0)
+    assert layer.stats.converged.tolist() == [True] * 3 and layer.stats.residual.tolist() == [0.0] * 3
+    assert (x.grad is None or x.grad.shape == (3, 0)) and (w.grad is None or w.grad.item() == 0.0)
+    if layer.stats.backward is not None:
+        assert bool(layer.stats.backward.converged.all())
+
+
+def test_jacobian_penalty_of_samples_of_no_element_is_zero():
+    penalty = deqfast.jacobian_penalty(lambda z: 0.5 * z, torch.zeros(3, 0))
+    assert penalty.tolist() == [0.0, 0.0, 0.0]

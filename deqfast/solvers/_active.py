@@ -37,6 +37,17 @@ def track(active: ActiveSet):
         active.index = None
 
 
+@contextlib.contextmanager
+def hidden():
+    """Inside this block no set is tracked: a solve nested in the compacting f (a cell that solves
+    an equilibrium of its own) publishes nothing to the enclosing solve's set."""
+    token = _TRACK.set(None)
+    try:
+        yield
+    finally:
+        _TRACK.reset(token)
+
+
 def publish(done: torch.Tensor) -> None:
     active = _TRACK.get()
     if active is not None:

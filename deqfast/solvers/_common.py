@@ -52,7 +52,7 @@ class FlatProblem:
                  stop_mode: str = "rel"):
         _checks.check_callable(caller, "f", f)
         _checks.check_z0(caller, z0)
-        check_per_sample(caller, per_sample)
+        per_sample = check_per_sample(caller, per_sample)
         self.caller = _ENTRY.get() or caller
         self.f = f
         self.z0 = z0
@@ -150,12 +150,9 @@ def _safe_exponents(acc: torch.dtype, d: int):
     return lo, hi
 
 
-def check_per_sample(caller: str, per_sample) -> None:
-    if not isinstance(per_sample, bool):
-        raise TypeError(
-            f"{caller}: per_sample must be a bool (True: dim 0 is a batch of independent samples; False: "
-            f"the whole state is one sample), got {type(per_sample).__name__}"
-        )
+def check_per_sample(caller: str, per_sample) -> bool:
+    return _checks.check_bool(caller, "per_sample", per_sample, "True: dim 0 is a batch of independent samples; "
+                                                                  "False: the whole state is one sample")
 
 
 def row_norms(v: torch.Tensor) -> torch.Tensor:
@@ -164,6 +161,8 @@ def row_norms(v: torch.Tensor) -> torch.Tensor:
     inverse after. For the stats measured once per solve (not per iteration)."""
     acc = accumulation_dtype(v.dtype)
     v = v.detach().to(acc)
+    if v.shape[1] == 0:  # rows of no element (a (B, 0) state, as the solvers take): norm 0
+        return v.new_zeros(v.shape[0])
     amax = v.abs().amax(dim=1, keepdim=True)
     limit = math.floor(math.log2(torch.finfo(acc).max)) - 1
     exponent = torch.frexp(amax).exponent.clamp(-limit, limit)
@@ -191,11 +190,12 @@ def measure_at(stats: SolverStats, z: torch.Tensor, fz: torch.Tensor, tol: float
     stats.converged = converged & ~stats.failed
 
 
-def validate_common(caller: str, max_iter, tol, stop_mode, check_every) -> None:
-    _checks.check_int(caller, "max_iter", max_iter, 1)
-    _checks.check_real(caller, "tol", tol)
+def validate_common(caller: str, max_iter, tol, stop_mode, check_every):
+    """(max_iter, tol, check_every) checked, as Python numbers."""
+    max_iter = _checks.check_int(caller, "max_iter", max_iter, 1)
+    tol = _checks.check_real(caller, "tol", tol)
     _checks.check_choice(caller, "stop_mode", stop_mode, _checks.STOP_MODES)
-    _checks.check_check_every(caller, check_every)
+    return max_iter, tol, _checks.check_check_every(caller, check_every)
 
 
 def default_check_every(device: torch.device) -> int:

@@ -52,12 +52,11 @@ def anderson(
         (z, stats): each sample's best iterate (shape of z0) and its :class:`SolverStats`.
     """
     caller = "deqfast.solvers.anderson"
-    _common.validate_common(caller, max_iter, tol, stop_mode, check_every)
-    _checks.check_int(caller, "m", m, 1)
-    _checks.check_positive(caller, "lam", lam)  # lam = 0: a singular Gram has no defined weights
-    _checks.check_damping(caller, "tau", tau)
-    if not isinstance(cuda_graph, bool):
-        raise TypeError(f"{caller}: cuda_graph must be a bool, got {type(cuda_graph).__name__}")
+    max_iter, tol, check_every = _common.validate_common(caller, max_iter, tol, stop_mode, check_every)
+    m = _checks.check_int(caller, "m", m, 1)
+    lam = _checks.check_positive(caller, "lam", lam)  # lam = 0: a singular Gram has no defined weights
+    tau = _checks.check_damping(caller, "tau", tau)
+    cuda_graph = _checks.check_bool(caller, "cuda_graph", cuda_graph)
     kept = _graph.take() if cuda_graph else None  # DEQ's graphs of earlier solves (before f runs)
     problem = _common.FlatProblem(caller, f, z0, per_sample, stop_mode)
     x = problem.x0

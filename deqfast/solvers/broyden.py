@@ -44,8 +44,8 @@ def broyden(
         (z, stats): each sample's best iterate (shape of z0) and its :class:`SolverStats`.
     """
     caller = "deqfast.solvers.broyden"
-    _common.validate_common(caller, max_iter, tol, stop_mode, check_every)
-    _checks.check_int(caller, "m", m, 1)
+    max_iter, tol, check_every = _common.validate_common(caller, max_iter, tol, stop_mode, check_every)
+    m = _checks.check_int(caller, "m", m, 1)
     seed = _history.take_seed()  # backward_warm_start's initial H (before f runs: no nested solve takes it)
     problem = _common.FlatProblem(caller, f, z0, per_sample, stop_mode)
     x = problem.x0

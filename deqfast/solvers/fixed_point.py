@@ -43,8 +43,8 @@ def fixed_point_iteration(
         (z, stats): each sample's best iterate (shape of z0) and its :class:`SolverStats`.
     """
     caller = "deqfast.solvers.fixed_point_iteration"
-    _common.validate_common(caller, max_iter, tol, stop_mode, check_every)
-    _checks.check_damping(caller, "tau", tau)
+    max_iter, tol, check_every = _common.validate_common(caller, max_iter, tol, stop_mode, check_every)
+    tau = _checks.check_damping(caller, "tau", tau)
     problem = _common.FlatProblem(caller, f, z0, per_sample, stop_mode)
     x = problem.x0
     check_every = _common.resolve_check_every(check_every, x)
