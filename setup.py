@@ -22,9 +22,31 @@ import shutil
 import subprocess
 import sys
 
+import setuptools
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _check_setuptools():
+    """pyproject.toml's license = "MIT" (an SPDX expression, PEP 639) needs setuptools >= 77; older
+    ones fail with "`project.license` must be valid exactly by one definition (2 matches found)".
+    A build without isolation uses the environment's setuptools, and a Python 3.11 venv comes with
+    65.5, which `pip install setuptools` keeps (torch >= 2.13 requires >= 77.0.3; earlier torch
+    allows older ones): stop with what to do instead."""
+    try:
+        major = int(setuptools.__version__.split(".")[0])
+    except ValueError:
+        return
+    if major < 77:
+        sys.exit(
+            "deqfast setup: this build needs setuptools >= 77 (pyproject.toml's SPDX license field), but "
+            "setuptools %s is installed here (%s). Upgrade it in this environment, then rerun the install: "
+            "pip install -U \"setuptools>=77\" (torch < 2.13 asks for setuptools < 82: "
+            "\"setuptools>=77,<82\" satisfies both)." % (setuptools.__version__, os.path.dirname(setuptools.__file__)))
+
+
+_check_setuptools()
 
 
 def _flag(name: str) -> bool:
