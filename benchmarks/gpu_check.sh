@@ -2,6 +2,7 @@
 # The one-call device check of deqfast's CUDA path. How the lead runs it, from the repository root:
 #
 #     mkdir -p .whl && cp ../shared/wheels/*.whl .whl/        # torchdeq's wheel, for the comparisons
+#     pip download --no-deps -d .whl "setuptools>=77,<82"      # setup.py needs >= 77; torch 2.11 wants < 82
 #     run(command="OUT=$OUT bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=600)
 #
 # It installs the wheels of .whl/ into /tmp/site (no network), records nvidia-smi, then runs
@@ -29,4 +30,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl > "$OUT/logs/wheels.log" 2>&1 \
     && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
+python3 -c "import sys, setuptools, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'setuptools', setuptools.__version__, setuptools.__file__)" \
+  > "$OUT/logs/versions.txt" 2>&1
+cat "$OUT/logs/versions.txt"
 exec timeout 540 python3 benchmarks/gpu_check.py --out "$OUT" "$@"
