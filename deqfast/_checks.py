@@ -1,6 +1,7 @@
 """Argument validation: every error names the argument, what was expected and what came."""
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import os
@@ -166,6 +167,33 @@ def call_f(caller: str, f, z: torch.Tensor, like: torch.Tensor, like_name: str =
 def check_callable(caller: str, name: str, f) -> None:
     if not callable(f):
         raise TypeError(f"{caller}: {name} must be callable, got {type(f).__name__}")
+
+
+def check_arguments(caller: str, name: str, f, expected: str, nargs: int, fix: str) -> None:
+    """Raise a TypeError naming the fix when f (callable) cannot take ``nargs`` positional
+    arguments: a cell f(z) given to DEQ (which calls cell(z, x)), a cell f(z, x) given to
+    fixed_point (which calls f(z)), or a class given where an instance was meant. Silent where
+    the signature cannot be read (builtins), and under torch.compile (not traced)."""
+    if torch.compiler.is_compiling():
+        return
+    if isinstance(f, type):
+        raise TypeError(f"{caller}: {name} must be {expected}, got the class {f.__name__} itself; "
+                        f"pass an instance, e.g. {f.__name__}(...)")
+    target = f
+    if isinstance(f, torch.nn.Module) and type(f).__call__ is torch.nn.Module.__call__:
+        target = f.forward  # Module.__call__ is (*args, **kwargs); forward says what it takes
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError):  # no signature to read (a builtin, some C callables)
+        return
+    try:
+        signature.bind(*range(nargs))
+    except TypeError:
+        if target is not f:
+            what = f"{type(f).__name__}, whose forward takes {signature}"
+        else:
+            what = f"{getattr(f, '__name__', type(f).__name__)}, which takes {signature}"
+        raise TypeError(f"{caller}: {name} must be {expected}, got {what}; {fix}") from None
 
 
 _INTERNAL_DIRS = (os.path.dirname(os.path.abspath(__file__)) + os.sep,

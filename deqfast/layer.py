@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from . import _checks
 from .dropout import VariationalDropout, reset_dropout
 from .solvers import _active, _graph
 from .functional import solve
@@ -58,6 +59,9 @@ class DEQ(nn.Module):
         super().__init__()
         if not callable(cell):
             raise TypeError(f"deqfast.DEQ: cell must be callable (z, x) -> z, got {type(cell).__name__}")
+        _checks.check_arguments("deqfast.DEQ", "cell", cell, "a callable (z, x) -> z (DEQ calls cell(z, x))", 2,
+                                "give it an x argument (forward(self, z, x)), or solve a map of z alone with "
+                                "deqfast.fixed_point(f, z0)")
         if not isinstance(compact, bool):
             raise TypeError(f"deqfast.DEQ: compact must be a bool, got {type(compact).__name__} {compact!r}")
         self.cell = cell

@@ -1,0 +1,61 @@
+"""The mistakes a newcomer makes first get errors that name the argument, what was expected,
+what came, and the fix (not a bare TypeError from deep inside the solver)."""
+import pytest
+import torch
+
+import deqfast
+
+
+class CellZX(torch.nn.Module):
+    def __init__(self, d=4):
+        super().__init__()
+        self.W = torch.nn.Linear(d, d)
+
+    def forward(self, z, x):
+        return torch.tanh(self.W(z) + x)
+
+
+class CellZ(torch.nn.Module):
+    def __init__(self, d=4):
+        super().__init__()
+        self.W = torch.nn.Linear(d, d)
+
+    def forward(self, z):
+        return torch.tanh(self.W(z))
+
+
+@pytest.mark.parametrize("cell", [CellZ(), lambda z: 0.5 * z], ids=["module", "lambda"])
+def test_deq_with_a_cell_of_z_alone_names_the_signature_and_the_fix(cell):
+    with pytest.raises(TypeError, match=r"deqfast\.DEQ: cell must be a callable \(z, x\).*takes \(z\).*"
+                                        r"deqfast\.fixed_point"):
+        deqfast.DEQ(cell)
+
+
+def test_deq_given_the_class_instead_of_an_instance():
+    with pytest.raises(TypeError, match=r"deqfast\.DEQ: cell .*got the class CellZX itself; pass an instance"):
+        deqfast.DEQ(CellZX)
+
+
+@pytest.mark.parametrize("call", [
+    lambda f, z0: deqfast.fixed_point(f, z0),
+    lambda f, z0: deqfast.solvers.anderson(f, z0),
+    lambda f, z0: deqfast.solvers.fixed_point_iteration(f, z0),
+    lambda f, z0: deqfast.solvers.broyden(f, z0),
+    lambda f, z0: deqfast.jacobian_penalty(f, z0),
+], ids=["fixed_point", "anderson", "fixed_point_iteration", "broyden", "jacobian_penalty"])
+def test_a_cell_of_z_and_x_given_as_f_names_the_closure_fix(call):
+    with pytest.raises(TypeError, match=r"f must be a callable z -> f\(z\) of one argument, got CellZX, whose "
+                                        r"forward takes \(z, x\); close over the other arguments.*lambda z: cell\(z, x\)"):
+        call(CellZX(), torch.zeros(2, 4))
+
+
+def test_callables_that_take_the_arguments_still_run():
+    x = torch.randn(3, 4)
+    # defaults and *args bind; builtins have no readable signature and are not checked
+    layer = deqfast.DEQ(lambda z, x, scale=0.5: scale * torch.tanh(z) + x)
+    assert layer(x).shape == (3, 4)
+    assert deqfast.DEQ(CellZX())(x).shape == (3, 4)
+    z, _ = deqfast.fixed_point(torch.tanh, torch.zeros(3, 4))
+    assert torch.allclose(z, torch.zeros(3, 4))
+    z, _ = deqfast.fixed_point(lambda *zs: 0.5 * zs[0] + 1.0, torch.zeros(3, 4), tol=1e-8, max_iter=100)
+    assert torch.allclose(z, torch.full((3, 4), 2.0), atol=1e-5)
