@@ -76,6 +76,7 @@ class DEQ(nn.Module):
         self.stats: Optional[SolverStats] = None
         self.rows_evaluated: Optional[int] = None  # compact=True: cell rows evaluated by the last solve
         self.graph_captures = 0
+        self._warned_plain_dropout = False  # a torch.nn dropout in the cell: warned once (forward)
         self._graphs: "collections.OrderedDict[tuple, _KeptGraphs]" = collections.OrderedDict()
 
     graph_cache_size = 4  # keys whose CUDA graphs a DEQ(cuda_graph=True) keeps, least recently used dropped
@@ -89,12 +90,27 @@ class DEQ(nn.Module):
             z0 = torch.zeros_like(x)
         if self.training and isinstance(self.cell, nn.Module):
             reset_dropout(self.cell)  # one variational-dropout mask per forward, fixed during the solve
+            if not getattr(self, "_warned_plain_dropout", False):  # (absent in a DEQ pickled before)
+                self._warn_plain_dropout()
         if self.compact and self.options.backward != "bptt":
             return self._compact_forward(x, z0)
         if self.options.cuda_graph and self._graphs_keepable(x, z0):
             return self._graphed_forward(x, z0)
         z, self.stats = solve(lambda z: self.cell(z, x), z0, self.options, caller="deqfast.DEQ")
         return z
+
+    def _warn_plain_dropout(self) -> None:
+        """Warn once if the cell holds a torch.nn dropout in training mode: it draws a new mask at
+        every call of the cell, so f changes between iterations and the solve cannot converge."""
+        for name, mod in self.cell.named_modules():
+            if isinstance(mod, nn.modules.dropout._DropoutNd) and mod.training and mod.p > 0:
+                self._warned_plain_dropout = True
+                _checks.warn(f"deqfast.DEQ: the cell holds {type(mod).__name__}(p={mod.p}) at "
+                             f"{('cell.' + name) if name else 'cell'}, which draws a new mask at every call of the "
+                             f"cell, so the solve cannot converge in training mode (layer.stats will show it); "
+                             f"use deqfast.VariationalDropout(p), whose mask is kept during the solve",
+                             UserWarning)
+                return
 
     def _graphs_keepable(self, x, z0) -> bool:
         """Whether the forward solve's graphs can be kept across calls (see the class docstring)."""

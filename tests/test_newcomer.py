@@ -1,5 +1,7 @@
 """The mistakes a newcomer makes first get errors that name the argument, what was expected,
 what came, and the fix (not a bare TypeError from deep inside the solver)."""
+import warnings
+
 import pytest
 import torch
 
@@ -59,3 +61,35 @@ def test_callables_that_take_the_arguments_still_run():
     assert torch.allclose(z, torch.zeros(3, 4))
     z, _ = deqfast.fixed_point(lambda *zs: 0.5 * zs[0] + 1.0, torch.zeros(3, 4), tol=1e-8, max_iter=100)
     assert torch.allclose(z, torch.full((3, 4), 2.0), atol=1e-5)
+
+
+class DropCell(torch.nn.Module):
+    def __init__(self, drop):
+        super().__init__()
+        self.W = torch.nn.Linear(4, 4)
+        self.drop = drop
+
+    def forward(self, z, x):
+        return self.drop(torch.tanh(self.W(z) + x))
+
+
+def test_plain_dropout_in_the_cell_warns_once_and_names_the_fix():
+    torch.manual_seed(0)
+    layer = deqfast.DEQ(DropCell(torch.nn.Dropout(0.3)), max_iter=10)
+    with pytest.warns(UserWarning, match=r"deqfast\.DEQ: the cell holds Dropout\(p=0\.3\) at cell\.drop, which "
+                                         r"draws a new mask.*deqfast\.VariationalDropout"):
+        layer(torch.randn(3, 4))
+    assert not bool(layer.stats.converged.any())  # what the warning announces
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(torch.randn(3, 4))  # once per layer
+
+
+@pytest.mark.parametrize("make", [lambda: DropCell(deqfast.VariationalDropout(0.3)),
+                                  lambda: DropCell(torch.nn.Dropout(0.0)),
+                                  lambda: DropCell(torch.nn.Dropout(0.3)).eval()],
+                         ids=["variational", "p0", "eval"])
+def test_no_dropout_warning_where_the_mask_is_fixed(make):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        deqfast.DEQ(make())(torch.randn(3, 4))
