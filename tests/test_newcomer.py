@@ -93,3 +93,20 @@ def test_no_dropout_warning_where_the_mask_is_fixed(make):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         deqfast.DEQ(make())(torch.randn(3, 4))
+
+
+def test_digits_demo_help_states_each_default_once(capsys):
+    """`python benchmarks/digits_demo.py --help` said '(default 30, --quick 3) (default: None)'."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "digits_demo.py"
+    spec = importlib.util.spec_from_file_location("digits_demo_for_help", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(SystemExit):
+        module.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert "(default 30, --quick 3)" in text and "--width WIDTH (default: 256)" in text
+    assert "(default: 0)" in text  # --seed: a default of 0 is still shown
