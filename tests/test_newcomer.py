@@ -110,3 +110,30 @@ def test_digits_demo_help_states_each_default_once(capsys):
     assert "(default: None)" not in text and "(default: False)" not in text
     assert "(default 30, --quick 3)" in text and "--width WIDTH (default: 256)" in text
     assert "(default: 0)" in text  # --seed: a default of 0 is still shown
+
+
+def test_overhead_plot_of_a_noisy_run_does_not_warn(tmp_path):
+    """`run.py --quick` on a busy machine printed matplotlib's 'Attempt to set non-positive ylim
+    on a log-scaled axis': a negative overhead (iteration − f, both noisy) set the axis bottom."""
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import importlib
+    import sys
+    from pathlib import Path
+
+    import matplotlib.pyplot as plt
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    try:
+        bench_overhead = importlib.import_module("bench_overhead")
+    finally:
+        sys.path.pop(0)
+    names = bench_overhead.IMPLS[:2]
+    rows = [{"B": 8, "d": 4096, "m": 5, names[0]: {"overhead_over_floor": 480.0},
+             names[1]: {"overhead_over_floor": -4.3}},
+            {"B": 64, "d": 512, "m": 5, names[0]: {"overhead_over_floor": 200.0},
+             names[1]: {"overhead_over_floor": 0.8}}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bench_overhead.plot(rows, tmp_path / "overhead.png", plt, "test")
+    assert (tmp_path / "overhead.png").stat().st_size > 0
