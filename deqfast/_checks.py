@@ -97,9 +97,16 @@ def check_not_in_func_transform(caller: str, name: str, t: torch.Tensor) -> None
         )
 
 
+def conversion_hint(value, name: str) -> str:
+    """'; convert it ...' for a numpy array (or another array-like) given where a tensor is expected."""
+    if hasattr(value, "__array__") or isinstance(value, numbers.Number):
+        return f"; convert it with torch.as_tensor({name}, dtype=torch.float32)"
+    return ""
+
+
 def check_z0(caller: str, z0, name: str = "z0") -> None:
     if not isinstance(z0, torch.Tensor):
-        raise TypeError(f"{caller}: {name} must be a torch.Tensor, got {type(z0).__name__}")
+        raise TypeError(f"{caller}: {name} must be a torch.Tensor, got {type(z0).__name__}{conversion_hint(z0, name)}")
     check_not_in_func_transform(caller, name, z0)
     if z0.layout != torch.strided:
         raise TypeError(f"{caller}: {name} must be a dense (strided) tensor, got layout {z0.layout}; "
@@ -130,7 +137,11 @@ def f_output(caller: str, out, like: torch.Tensor, what: str = "f(z)", like_name
     in the autocast dtype): the solver state stays in z0's dtype and f's output is cast to it, a
     differentiable cast. Outside autocast a different dtype is an error."""
     if not isinstance(out, torch.Tensor):
-        raise TypeError(f"{caller}: {what} must return a torch.Tensor, got {type(out).__name__}")
+        hint = ""
+        if isinstance(out, (list, tuple)):
+            hint = (f"; return the new state alone (a list/tuple is for a state of several tensors, given "
+                    f"as a list/tuple {like_name})")
+        raise TypeError(f"{caller}: {what} must return a torch.Tensor like {like_name}, got {type(out).__name__}{hint}")
     check_not_in_func_transform(caller, f"{what}'s output", out)
     if out.shape != like.shape:
         raise ValueError(f"{caller}: {what} must return shape {tuple(like.shape)} (the shape of {like_name}), got {tuple(out.shape)}")

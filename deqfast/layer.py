@@ -84,7 +84,9 @@ class DEQ(nn.Module):
     def forward(self, x, z0=None):
         if z0 is None:
             if not isinstance(x, torch.Tensor):
-                raise TypeError(f"deqfast.DEQ: x must be a torch.Tensor when z0 is not given, got {type(x).__name__}")
+                raise TypeError(f"deqfast.DEQ: x must be a torch.Tensor when z0 is not given, got {type(x).__name__}"
+                                f"{_checks.conversion_hint(x, 'x')}"
+                                + ("; with a list/tuple x (several inputs) pass z0 as well" if isinstance(x, (list, tuple)) else ""))
             if not x.is_floating_point():
                 raise TypeError(f"deqfast.DEQ: x must be floating point when z0 is not given (z0 = zeros_like(x)), got {x.dtype}")
             z0 = torch.zeros_like(x)

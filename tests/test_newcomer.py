@@ -137,3 +137,22 @@ def test_overhead_plot_of_a_noisy_run_does_not_warn(tmp_path):
         warnings.simplefilter("error")
         bench_overhead.plot(rows, tmp_path / "overhead.png", plt, "test")
     assert (tmp_path / "overhead.png").stat().st_size > 0
+
+
+def test_arrays_lists_and_tuples_where_a_tensor_is_expected_name_the_conversion():
+    np = pytest.importorskip("numpy")
+    f = lambda z: 0.5 * z  # noqa: E731
+    with pytest.raises(TypeError, match=r"deqfast\.fixed_point: z0 must be a torch\.Tensor, got ndarray; convert "
+                                        r"it with torch\.as_tensor\(z0"):
+        deqfast.fixed_point(f, np.zeros((2, 3)))
+    with pytest.raises(TypeError, match=r"deqfast\.DEQ: x must be a torch\.Tensor .*got ndarray; convert it with "
+                                        r"torch\.as_tensor\(x"):
+        deqfast.DEQ(CellZX())(np.zeros((2, 4), dtype=np.float32))
+    with pytest.raises(TypeError, match=r"deqfast\.DEQ: x must be a torch\.Tensor .*got list.*pass z0 as well"):
+        deqfast.DEQ(CellZX())([torch.zeros(2, 4)])
+    with pytest.raises(TypeError, match=r"z0\[0\] must be a torch\.Tensor \(a list/tuple z0 is a state of several "
+                                        r"tensors\), got list; .*torch\.tensor"):
+        deqfast.fixed_point(f, [[0.0, 1.0], [2.0, 3.0]])
+    with pytest.raises(TypeError, match=r"deqfast\.DEQ: f\(z\) must return a torch\.Tensor like z0, got tuple; "
+                                        r"return the new state alone"):
+        deqfast.DEQ(lambda z, x: (torch.tanh(z + x), None))(torch.randn(2, 4))
