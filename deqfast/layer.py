@@ -90,6 +90,17 @@ class DEQ(nn.Module):
             if not x.is_floating_point():
                 raise TypeError(f"deqfast.DEQ: x must be floating point when z0 is not given (z0 = zeros_like(x)), got {x.dtype}")
             z0 = torch.zeros_like(x)
+        elif _batch_mismatch(x, z0):
+            try:
+                return self._forward(x, z0)
+            except Exception as exc:  # a cell that fails on it: say why in the traceback (Python >= 3.11)
+                if hasattr(exc, "add_note"):
+                    exc.add_note(f"deqfast.DEQ: {_batch_mismatch(x, z0)}: DEQ calls cell(z, x) with z shaped like "
+                                 f"z0, so z0 needs x's batch size on dim 0 (or leave z0 out: zeros_like(x))")
+                raise
+        return self._forward(x, z0)
+
+    def _forward(self, x, z0):
         if self.training and isinstance(self.cell, nn.Module):
             reset_dropout(self.cell)  # one variational-dropout mask per forward, fixed during the solve
             if not getattr(self, "_warned_plain_dropout", False):  # (absent in a DEQ pickled before)
@@ -210,6 +221,16 @@ class DEQ(nn.Module):
     def extra_repr(self) -> str:
         o = self.options
         return f"solver={o.solver!r}, max_iter={o.max_iter}, tol={o.tol}, backward={o.backward!r}"
+
+
+def _batch_mismatch(x, z0) -> str:
+    """'z0 has batch size 4 (dim 0), x has 8' where both are known and differ (x of batch 1 broadcasts)."""
+    xb, zb = _first(x), _first(z0)
+    if not (isinstance(xb, torch.Tensor) and isinstance(zb, torch.Tensor) and xb.dim() > 0 and zb.dim() > 0):
+        return ""
+    if xb.shape[0] in (zb.shape[0], 1):
+        return ""
+    return f"z0 has batch size {zb.shape[0]} (dim 0), x has {xb.shape[0]}"
 
 
 def _first(z0):

@@ -156,3 +156,15 @@ def test_arrays_lists_and_tuples_where_a_tensor_is_expected_name_the_conversion(
     with pytest.raises(TypeError, match=r"deqfast\.DEQ: f\(z\) must return a torch\.Tensor like z0, got tuple; "
                                         r"return the new state alone"):
         deqfast.DEQ(lambda z, x: (torch.tanh(z + x), None))(torch.randn(2, 4))
+
+
+@pytest.mark.skipif(not hasattr(Exception, "add_note"), reason="exception notes: Python >= 3.11")
+def test_a_z0_of_another_batch_size_than_x_is_named_when_the_cell_fails():
+    x = torch.randn(8, 4)
+    with pytest.raises(RuntimeError) as info:
+        deqfast.DEQ(CellZX())(x, torch.zeros(3, 4))
+    notes = " ".join(getattr(info.value, "__notes__", []))
+    assert "deqfast.DEQ: z0 has batch size 3 (dim 0), x has 8" in notes and "zeros_like(x)" in notes
+    # a cell that broadcasts another batch size is not an error, and gets no note
+    layer = deqfast.DEQ(lambda z, x: torch.tanh(0.5 * z + x.mean(dim=0)))
+    assert layer(x, torch.zeros(3, 4)).shape == (3, 4)
