@@ -168,3 +168,32 @@ def test_a_z0_of_another_batch_size_than_x_is_named_when_the_cell_fails():
     # a cell that broadcasts another batch size is not an error, and gets no note
     layer = deqfast.DEQ(lambda z, x: torch.tanh(0.5 * z + x.mean(dim=0)))
     assert layer(x, torch.zeros(3, 4)).shape == (3, 4)
+
+
+def test_readme_commands_name_scripts_and_options_that_exist():
+    """Every `python benchmarks/<script>.py ...` the README names exists, and run.py's and
+    digits_demo.py's options it shows parse (the shell blocks are not run by test_readme.py)."""
+    import importlib.util
+    import re
+    import shlex
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    text = (root / "README.md").read_text(encoding="utf-8")
+    commands = re.findall(r"python (benchmarks/[\w/]+\.py)([^`\n&|]*)", text)
+    assert commands
+    parsers = {}
+    for script, rest in commands:
+        assert (root / script).is_file(), script
+        name = Path(script).stem
+        if name not in ("run", "digits_demo"):
+            continue
+        if name not in parsers:
+            spec = importlib.util.spec_from_file_location(f"readme_{name}", root / script)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            parsers[name] = module.parse_args
+        args = [a for a in shlex.split(rest.replace("[", " ").replace("]", " ")) if a]
+        if "--out" in args and args.index("--out") == len(args) - 1:
+            args.append("some/folder")  # the README's sentence goes on with the folder
+        parsers[name](args)  # SystemExit (argparse's error) fails the test
