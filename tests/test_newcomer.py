@@ -77,8 +77,9 @@ def test_plain_dropout_in_the_cell_warns_once_and_names_the_fix():
     torch.manual_seed(0)
     layer = deqfast.DEQ(DropCell(torch.nn.Dropout(0.3)), max_iter=10)
     with pytest.warns(UserWarning, match=r"deqfast\.DEQ: the cell holds Dropout\(p=0\.3\) at cell\.drop, which "
-                                         r"draws a new mask.*deqfast\.VariationalDropout"):
+                                         r"draws a new mask.*deqfast\.VariationalDropout") as record:
         layer(torch.randn(3, 4))
+    assert record[0].filename == __file__  # points at the user's line, as the README says
     assert not bool(layer.stats.converged.any())  # what the warning announces
     with warnings.catch_warnings():
         warnings.simplefilter("error")
