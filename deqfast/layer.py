@@ -59,9 +59,6 @@ class DEQ(nn.Module):
         super().__init__()
         if not callable(cell):
             raise TypeError(f"deqfast.DEQ: cell must be callable (z, x) -> z, got {type(cell).__name__}")
-        _checks.check_arguments("deqfast.DEQ", "cell", cell, "a callable (z, x) -> z (DEQ calls cell(z, x))", 2,
-                                "give it an x argument (forward(self, z, x)), or solve a map of z alone with "
-                                "deqfast.fixed_point(f, z0)")
         if not isinstance(compact, bool):
             raise TypeError(f"deqfast.DEQ: compact must be a bool, got {type(compact).__name__} {compact!r}")
         self.cell = cell
@@ -73,10 +70,14 @@ class DEQ(nn.Module):
         if compact and self.options.cuda_graph:
             raise ValueError("deqfast.DEQ: compact=True changes the shapes f sees as samples finish, which a captured "
                              "CUDA graph cannot replay; use compact=True or cuda_graph=True, got both")
+        # after the keywords: their errors come first
+        _checks.check_arguments("deqfast.DEQ", "cell", cell, "a callable (z, x) -> z (DEQ calls cell(z, x))", 2,
+                                "give it an x argument (forward(self, z, x)), or solve a map of z alone with "
+                                "deqfast.fixed_point(f, z0)")
         self.stats: Optional[SolverStats] = None
         self.rows_evaluated: Optional[int] = None  # compact=True: cell rows evaluated by the last solve
         self.graph_captures = 0
-        self._warned_plain_dropout = False  # a torch.nn dropout in the cell: warned once (forward)
+        self._warned_plain_dropout = False  # a torch.nn dropout in the cell: looked for (and warned) once
         self._graphs: "collections.OrderedDict[tuple, _KeptGraphs]" = collections.OrderedDict()
 
     graph_cache_size = 4  # keys whose CUDA graphs a DEQ(cuda_graph=True) keeps, least recently used dropped
@@ -114,10 +115,11 @@ class DEQ(nn.Module):
 
     def _warn_plain_dropout(self) -> None:
         """Warn once if the cell holds a torch.nn dropout in training mode: it draws a new mask at
-        every call of the cell, so f changes between iterations and the solve cannot converge."""
+        every call of the cell, so f changes between iterations and the solve cannot converge.
+        Looked for at the first forward in training mode only (one walk over the cell's modules)."""
+        self._warned_plain_dropout = True
         for name, mod in self.cell.named_modules():
             if isinstance(mod, nn.modules.dropout._DropoutNd) and mod.training and mod.p > 0:
-                self._warned_plain_dropout = True
                 _checks.warn(f"deqfast.DEQ: the cell holds {type(mod).__name__}(p={mod.p}) at "
                              f"{('cell.' + name) if name else 'cell'}, which draws a new mask at every call of the "
                              f"cell, so the solve cannot converge in training mode (layer.stats will show it); "
