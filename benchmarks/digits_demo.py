@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import math
 import random
@@ -575,9 +576,23 @@ def write_markdown(path: Path, results, args, info, ver, expl, cmd, total) -> No
 
 # --------------------------------------------------------------------------------------------
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each default once: not after a help text that states it, nor None/False."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+    def _format_action(self, action):
+        if action.help is None and action.option_strings:  # no help text: still show the default
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke run: few epochs (well under 2 minutes on 2 cores)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per mode and seed (default 30, --quick 3)")
     p.add_argument("--out", type=Path, default=None,

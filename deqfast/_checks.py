@@ -1,6 +1,7 @@
 """Argument validation: every error names the argument, what was expected and what came."""
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import os
@@ -125,9 +126,16 @@ def check_not_in_func_transform(caller: str, name: str, t: torch.Tensor) -> None
         )
 
 
+def conversion_hint(value, name: str) -> str:
+    """'; convert it ...' for a numpy array (or another array-like) given where a tensor is expected."""
+    if hasattr(value, "__array__") or isinstance(value, numbers.Number):
+        return f"; convert it with torch.as_tensor({name}, dtype=torch.float32)"
+    return ""
+
+
 def check_z0(caller: str, z0, name: str = "z0") -> None:
     if not isinstance(z0, torch.Tensor):
-        raise TypeError(f"{caller}: {name} must be a torch.Tensor, got {type(z0).__name__}")
+        raise TypeError(f"{caller}: {name} must be a torch.Tensor, got {type(z0).__name__}{conversion_hint(z0, name)}")
     check_not_in_func_transform(caller, name, z0)
     if z0.layout != torch.strided:
         raise TypeError(f"{caller}: {name} must be a dense (strided) tensor, got layout {z0.layout}; "
@@ -158,7 +166,11 @@ def f_output(caller: str, out, like: torch.Tensor, what: str = "f(z)", like_name
     in the autocast dtype): the solver state stays in z0's dtype and f's output is cast to it, a
     differentiable cast. Outside autocast a different dtype is an error."""
     if not isinstance(out, torch.Tensor):
-        raise TypeError(f"{caller}: {what} must return a torch.Tensor, got {type(out).__name__}")
+        hint = ""
+        if isinstance(out, (list, tuple)):
+            hint = (f"; return the new state alone (a list/tuple is for a state of several tensors, given "
+                    f"as a list/tuple {like_name})")
+        raise TypeError(f"{caller}: {what} must return a torch.Tensor like {like_name}, got {type(out).__name__}{hint}")
     check_not_in_func_transform(caller, f"{what}'s output", out)
     if out.shape != like.shape:
         raise ValueError(f"{caller}: {what} must return shape {tuple(like.shape)} (the shape of {like_name}), got {tuple(out.shape)}")
@@ -195,6 +207,33 @@ def call_f(caller: str, f, z: torch.Tensor, like: torch.Tensor, like_name: str =
 def check_callable(caller: str, name: str, f) -> None:
     if not callable(f):
         raise TypeError(f"{caller}: {name} must be callable, got {type(f).__name__}")
+
+
+def check_arguments(caller: str, name: str, f, expected: str, nargs: int, fix: str) -> None:
+    """Raise a TypeError naming the fix when f (callable) cannot take ``nargs`` positional
+    arguments: a cell f(z) given to DEQ (which calls cell(z, x)), a cell f(z, x) given to
+    fixed_point (which calls f(z)), or a class given where an instance was meant. Silent where
+    the signature cannot be read (builtins), and under torch.compile (not traced)."""
+    if torch.compiler.is_compiling():
+        return
+    if isinstance(f, type):
+        raise TypeError(f"{caller}: {name} must be {expected}, got the class {f.__name__} itself; "
+                        f"pass an instance, e.g. {f.__name__}(...)")
+    target = f
+    if isinstance(f, torch.nn.Module) and type(f).__call__ is torch.nn.Module.__call__:
+        target = f.forward  # Module.__call__ is (*args, **kwargs); forward says what it takes
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError):  # no signature to read (a builtin, some C callables)
+        return
+    try:
+        signature.bind(*range(nargs))
+    except TypeError:
+        if target is not f:
+            what = f"{type(f).__name__}, whose forward takes {signature}"
+        else:
+            what = f"{getattr(f, '__name__', type(f).__name__)}, which takes {signature}"
+        raise TypeError(f"{caller}: {name} must be {expected}, got {what}; {fix}") from None
 
 
 _INTERNAL_DIRS = (os.path.dirname(os.path.abspath(__file__)) + os.sep,

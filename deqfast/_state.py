@@ -23,6 +23,10 @@ class PackedState:
         if not parts:
             raise ValueError(f"{caller}: {name} must be a tensor or a non-empty list/tuple of tensors, got an empty {type(parts).__name__}")
         for i, part in enumerate(parts):
+            if not isinstance(part, torch.Tensor):
+                raise TypeError(f"{caller}: {name}[{i}] must be a torch.Tensor (a list/tuple {name} is a state of several "
+                                f"tensors), got {type(part).__name__}; for an array of numbers pass a tensor, "
+                                f"e.g. torch.tensor(...) or torch.as_tensor(...)")
             _checks.check_z0(caller, part, name=f"{name}[{i}]")
         first = parts[0]
         for i, part in enumerate(parts[1:], start=1):

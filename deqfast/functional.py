@@ -99,6 +99,9 @@ def fixed_point(
         backward_warm_start=backward_warm_start,
         cuda_graph=cuda_graph,
     )
+    _checks.check_callable("deqfast.fixed_point", "f", f)
+    _checks.check_arguments("deqfast.fixed_point", "f", f, "a callable z -> f(z) of one argument", 1,
+                            "close over the other arguments, e.g. f = lambda z: cell(z, x)")
     return solve(f, z0, options, caller="deqfast.fixed_point")
 
 

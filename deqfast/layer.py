@@ -70,9 +70,14 @@ class DEQ(nn.Module):
         if compact and self.options.cuda_graph:
             raise ValueError("deqfast.DEQ: compact=True changes the shapes f sees as samples finish, which a captured "
                              "CUDA graph cannot replay; use compact=True or cuda_graph=True, got both")
+        # after the keywords: their errors come first
+        _checks.check_arguments("deqfast.DEQ", "cell", cell, "a callable (z, x) -> z (DEQ calls cell(z, x))", 2,
+                                "give it an x argument (forward(self, z, x)), or solve a map of z alone with "
+                                "deqfast.fixed_point(f, z0)")
         self.stats: Optional[SolverStats] = None
         self.rows_evaluated: Optional[int] = None  # compact=True: cell rows evaluated by the last solve
         self.graph_captures = 0
+        self._warned_plain_dropout = False  # a torch.nn dropout in the cell: looked for (and warned) once
         self._graphs: "collections.OrderedDict[tuple, _KeptGraphs]" = collections.OrderedDict()
         self._dropout_users: dict = {}  # VariationalDropout modules the cell used in the last forward (by id)
 
@@ -81,14 +86,29 @@ class DEQ(nn.Module):
     def forward(self, x, z0=None):
         if z0 is None:
             if not isinstance(x, torch.Tensor):
-                raise TypeError(f"deqfast.DEQ: x must be a torch.Tensor when z0 is not given, got {type(x).__name__}")
+                raise TypeError(f"deqfast.DEQ: x must be a torch.Tensor when z0 is not given, got {type(x).__name__}"
+                                f"{_checks.conversion_hint(x, 'x')}"
+                                + ("; with a list/tuple x (several inputs) pass z0 as well" if isinstance(x, (list, tuple)) else ""))
             if not x.is_floating_point():
                 raise TypeError(f"deqfast.DEQ: x must be floating point when z0 is not given (z0 = zeros_like(x)), got {x.dtype}")
             _checks.check_not_in_func_transform("deqfast.DEQ", "x", x)
             z0 = torch.zeros_like(x)
+        elif _batch_mismatch(x, z0):
+            try:
+                return self._forward(x, z0)
+            except Exception as exc:  # a cell that fails on it: say why in the traceback (Python >= 3.11)
+                if hasattr(exc, "add_note"):
+                    exc.add_note(f"deqfast.DEQ: {_batch_mismatch(x, z0)}: DEQ calls cell(z, x) with z shaped like "
+                                 f"z0, so z0 needs x's batch size on dim 0 (or leave z0 out: zeros_like(x))")
+                raise
+        return self._forward(x, z0)
+
+    def _forward(self, x, z0):
         if self.training:  # one variational-dropout mask per forward, fixed during the solve
             if isinstance(self.cell, nn.Module):
                 reset_dropout(self.cell)
+                if not getattr(self, "_warned_plain_dropout", False):  # (absent in a DEQ pickled before)
+                    self._warn_plain_dropout()
             for mod in getattr(self, "_dropout_users", {}).values():  # those a plain-callable cell used last time
                 mod.reset()
         self._dropout_users = {}
@@ -99,6 +119,20 @@ class DEQ(nn.Module):
                 return self._graphed_forward(x, z0)
             z, self.stats = solve(lambda z: self.cell(z, x), z0, self.options, caller="deqfast.DEQ")
             return z
+
+    def _warn_plain_dropout(self) -> None:
+        """Warn once if the cell holds a torch.nn dropout in training mode: it draws a new mask at
+        every call of the cell, so f changes between iterations and the solve cannot converge.
+        Looked for at the first forward in training mode only (one walk over the cell's modules)."""
+        self._warned_plain_dropout = True
+        for name, mod in self.cell.named_modules():
+            if isinstance(mod, nn.modules.dropout._DropoutNd) and mod.training and mod.p > 0:
+                _checks.warn(f"deqfast.DEQ: the cell holds {type(mod).__name__}(p={mod.p}) at "
+                             f"{('cell.' + name) if name else 'cell'}, which draws a new mask at every call of the "
+                             f"cell, so the solve cannot converge in training mode (layer.stats will show it); "
+                             f"use deqfast.VariationalDropout(p), whose mask is kept during the solve",
+                             UserWarning)
+                return
 
     def _graphs_keepable(self, x, z0) -> bool:
         """Whether the forward solve's graphs can be kept across calls (see the class docstring)."""
@@ -226,6 +260,16 @@ class DEQ(nn.Module):
 def _parts(z):
     """The tensors of a state (or of a cell's output): a list of one tensor, or of the list/tuple's."""
     return list(z) if isinstance(z, (list, tuple)) else [z]
+
+
+def _batch_mismatch(x, z0) -> str:
+    """'z0 has batch size 4 (dim 0), x has 8' where both are known and differ (x of batch 1 broadcasts)."""
+    xb, zb = _first(x), _first(z0)
+    if not (isinstance(xb, torch.Tensor) and isinstance(zb, torch.Tensor) and xb.dim() > 0 and zb.dim() > 0):
+        return ""
+    if xb.shape[0] in (zb.shape[0], 1):
+        return ""
+    return f"z0 has batch size {zb.shape[0]} (dim 0), x has {xb.shape[0]}"
 
 
 def _first(z0):

@@ -55,6 +55,8 @@ def jacobian_penalty(f: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor,
     """
     caller = "deqfast.jacobian_penalty"
     _checks.check_callable(caller, "f", f)
+    _checks.check_arguments(caller, "f", f, "a callable z -> f(z) of one argument", 1,
+                            "close over the other arguments, e.g. f = lambda z: cell(z, x)")
     _checks.check_z0(caller, z, name="z")
     _checks.check_int(caller, "vecs", vecs, 1)
     create_graph = torch.is_grad_enabled()  # False under no_grad and inference_mode: a measurement
