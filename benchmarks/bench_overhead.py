@@ -283,6 +283,18 @@ def broyden_impls() -> Dict[str, Optional[Callable]]:
     return impls
 
 
+def _count_and_time(solve: Callable, f: Callable, z0: torch.Tensor, T: int, cfg, repeats: int):
+    """(evaluations of f in one solve(f, z0, T), counted; common.time_function's timing of it)."""
+    calls = [0]
+
+    def counted(z):
+        calls[0] += 1
+        return f(z)
+
+    solve(counted, z0, T)
+    return calls[0], common.time_function(lambda: solve(f, z0, T), cfg.device, repeats=repeats, warmup=1)
+
+
 def measure_broyden(B: int, d: int, T: int, cfg, repeats: int) -> dict:
     f, z0 = make_problem(B, d, cfg.device)
     row = {"B": B, "d": d, "T": T}
@@ -293,17 +305,10 @@ def measure_broyden(B: int, d: int, T: int, cfg, repeats: int) -> dict:
             if solve is None:
                 row[name] = None
                 continue
-            calls = [0]
-
-            def counted(z):
-                calls[0] += 1
-                return f(z)
-
-            solve(counted, z0, T)
-            seconds = common.time_function(lambda: solve(f, z0, T), cfg.device, repeats=repeats, warmup=1)
-            row[name] = {"nfe": calls[0], "solve_ms": seconds["median_s"] * 1e3, "solve_ms_min": seconds["min_s"] * 1e3,
-                         "per_evaluation_us": seconds["median_s"] / calls[0] * 1e6,
-                         "overhead_per_evaluation_us": seconds["median_s"] / calls[0] * 1e6 - row["f_us"]}
+            nfe, seconds = _count_and_time(solve, f, z0, T, cfg, repeats)
+            row[name] = {"nfe": nfe, "solve_ms": seconds["median_s"] * 1e3, "solve_ms_min": seconds["min_s"] * 1e3,
+                         "per_evaluation_us": seconds["median_s"] / nfe * 1e6,
+                         "overhead_per_evaluation_us": seconds["median_s"] / nfe * 1e6 - row["f_us"]}
     mine, theirs = row["deqfast"], row.get("torchdeq")
     row["torchdeq_over_deqfast"] = theirs["solve_ms"] / mine["solve_ms"] if theirs else None
     return row
@@ -338,16 +343,9 @@ def measure_host(cfg, repeats: int) -> List[dict]:
         z_typical = f(z0)
         f_us = common.time_function(lambda: f(z_typical), cfg.device, repeats=repeats, warmup=3, inner=50)["median_s"] * 1e6
         for name, solve in host_impls().items():
-            calls = [0]
-
-            def counted(z):
-                calls[0] += 1
-                return f(z)
-
-            solve(counted, z0, HOST_T)
-            seconds = common.time_function(lambda: solve(f, z0, HOST_T), cfg.device, repeats=repeats, warmup=1)
+            nfe, seconds = _count_and_time(solve, f, z0, HOST_T, cfg, repeats)
             iteration_us = seconds["median_s"] / HOST_T * 1e6
-            rows.append({"solver": name, "nfe": calls[0], "f_us": f_us, "iteration_us": iteration_us,
+            rows.append({"solver": name, "nfe": nfe, "f_us": f_us, "iteration_us": iteration_us,
                          "overhead_us": iteration_us - f_us})
     return rows
 
