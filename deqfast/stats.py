@@ -51,13 +51,18 @@ class SolverStats:
         return self.nstep.shape[0]
 
     def summary(self) -> str:
-        """One line: converged count, worst residual and mean steps (synchronises with the device)."""
+        """One line: converged count, worst residual and mean steps (synchronises with the device).
+
+        The worst relative residual is over the samples whose residual is finite: a failed
+        sample's is NaN (measured at f(z*)) or inf, which would hide the others' worst."""
         n_conv = int(self.converged.sum())
         n_fail = int(self.failed.sum())
-        worst = float(self.rel_residual.max()) if self.batch_size else float("nan")
+        measured = torch.isfinite(self.rel_residual)
+        worst = float(self.rel_residual[measured].max()) if bool(measured.any()) else float("nan")
+        scope = f" (of the {int(measured.sum())} finite)" if not bool(measured.all()) else ""
         text = (
             f"{n_conv}/{self.batch_size} converged, {n_fail} failed, "
-            f"worst rel residual {worst:.3e}, mean nstep {self.nstep.double().mean():.1f}"
+            f"worst rel residual {worst:.3e}{scope}, mean nstep {self.nstep.double().mean():.1f}"
         )
         if self.backward is not None:
             text += f" | backward: {self.backward.summary()}"

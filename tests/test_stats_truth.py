@@ -124,3 +124,21 @@ def test_adjoint_of_a_tiny_gradient():
         assert stats.backward.converged.all() and (stats.backward.nstep > 3).all()
         grads.append(gx.double() / scale)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backward", ["implicit", "bptt"])
+def test_summary_worst_residual_is_not_hidden_by_a_failed_sample(backward):
+    """A sample whose f goes NaN fails; its residual is NaN (measured at f(z*), implicit) or inf
+    (bptt). summary()'s worst relative residual is the others' worst, not NaN."""
+    torch.manual_seed(3)
+    W = 0.5 * torch.randn(4, 4, dtype=torch.float64) / 2
+    bad = torch.tensor([[0.0], [0.0], [float("nan")]], dtype=torch.float64)
+    f = lambda z: torch.tanh(z @ W.T + 1.0) + bad * z
+    z0 = torch.zeros(3, 4, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        _, stats = deqfast.fixed_point(f, z0, backward=backward, max_iter=5, tol=1e-30)
+    assert stats.failed.tolist() == [False, False, True]
+    worst = float(stats.rel_residual[:2].max())
+    assert math.isfinite(worst) and worst > 0
+    assert f"worst rel residual {worst:.3e}" in stats.summary(), stats.summary()
