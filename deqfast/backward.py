@@ -58,6 +58,18 @@ def _neumann_stats(u: torch.Tensor, last_term: torch.Tensor, terms: int, tol: fl
     return stats if per_sample else broadcast_stats(stats, B)
 
 
+def _warn_failed_neumann(caller: str, stats: SolverStats) -> None:
+    """The Neumann series is no solver (nothing freezes or warns in it): warn, as the adjoint
+    solvers do, when it produced NaN/Inf for some samples (one host synchronisation)."""
+    n_failed = int(stats.failed.sum())
+    if n_failed:
+        _checks.warn(
+            f"{caller} backward (neumann): the Neumann series produced NaN/Inf for {n_failed} of {stats.batch_size} "
+            f"samples: their gradients are not finite; stats.backward.failed marks them",
+            RuntimeWarning,
+        )
+
+
 # An adjoint that stopped within this factor of backward_tol is a modest miss: no warning.
 INEXACT_ADJOINT_FACTOR = 10.0
 
@@ -170,6 +182,7 @@ class AdjointFunction(torch.autograd.Function):
                 u, last = neumann_series(vjp, grad, options.neumann_terms)
                 stats = _neumann_stats(u, last, options.neumann_terms, options.backward_tol,
                                        options.backward_stop_mode or options.stop_mode, options.per_sample)
+                _warn_failed_neumann(caller, stats)
             else:
                 kwargs = options.solver_kwargs(options.backward_solver, backward=True)
                 with torch.no_grad():

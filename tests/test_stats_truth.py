@@ -142,3 +142,18 @@ def test_summary_worst_residual_is_not_hidden_by_a_failed_sample(backward):
     worst = float(stats.rel_residual[:2].max())
     assert math.isfinite(worst) and worst > 0
     assert f"worst rel residual {worst:.3e}" in stats.summary(), stats.summary()
+
+
+@pytest.mark.parametrize("backward", ["neumann", "implicit"])
+def test_adjoint_nan_for_some_samples_is_warned(backward):
+    """An incoming gradient with NaN in one sample: the adjoint (the Neumann series, or the implicit
+    adjoint solve) goes NaN there; both warn and mark it in stats.backward.failed."""
+    torch.manual_seed(4)
+    W = (0.3 * torch.randn(4, 4, dtype=torch.float64)).requires_grad_()
+    f = lambda z: torch.tanh(z @ W.T + 1.0)
+    z, stats = deqfast.fixed_point(f, torch.zeros(3, 4, dtype=torch.float64), backward=backward, tol=1e-12)
+    c = torch.ones(3, 4, dtype=torch.float64)
+    c[2, 1] = float("nan")
+    with pytest.warns(RuntimeWarning, match="NaN/Inf"):
+        (z * c).sum().backward()
+    assert stats.backward.failed.tolist() == [False, False, True]
