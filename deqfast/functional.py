@@ -139,6 +139,13 @@ def solve(f: Callable, z0: torch.Tensor, options: Options, *, caller: str,
             f = _bptt_refusing_dropped_tangents(f, z0, caller)
         with _solvers._common.entry(caller):
             z, stats = solver(f, z0, **kwargs)
+        if torch.is_grad_enabled() and not z.requires_grad:
+            # Every sample met tol at z0 (a warm start at the fixed point): the solver returned z0
+            # and recorded no step, so z has no graph and backward would fail. Return the one
+            # iteration it made, f(z0), recorded (within tol of z0): BPTT through that iteration.
+            fz = f(z)
+            if fz.requires_grad:
+                z = fz
         return z, stats
 
     # backward_warm_start: the solver's history goes to the backward (kept only then).

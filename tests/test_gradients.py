@@ -424,3 +424,22 @@ def test_nothing_requires_grad_then_z_does_not_and_no_adjoint_runs(solver, backw
     assert z.requires_grad
     grad_b, = torch.autograd.grad((z * c).sum(), [cell.b])
     assert torch.isfinite(grad_b).all() and grad_b.abs().sum() > 0
+
+
+@pytest.mark.parametrize("solver", ["anderson", "fixed_point", "broyden"])
+def test_bptt_started_at_the_fixed_point_has_a_gradient(solver):
+    """bptt from a z0 where every sample already meets tol (a warm start at the fixed point): the
+    solver takes no step and returns z0, which had no graph, so backward failed ('element 0 of
+    tensors does not require grad'). The result is now the one iteration made, f(z0), recorded:
+    its gradient is that of one step through f at z0 (JFB's there), within tol of z0."""
+    cell, x, z0, c = _problem("tanh", seed=24)
+    f = lambda z: cell(z, x)
+    z_star, _ = deqfast.fixed_point(f, z0, solver=solver, **TIGHT)
+    z_star = z_star.detach()
+    out, stats = deqfast.fixed_point(f, z_star, solver=solver, backward="bptt", tol=1e-8)
+    assert int(stats.nstep.max()) == 1 and out.requires_grad
+    torch.testing.assert_close(out, z_star, rtol=0, atol=1e-10)
+    params = [x, *cell.parameters()]
+    grads = torch.autograd.grad((out * c).sum(), params)
+    out_jfb, _ = deqfast.fixed_point(f, z_star, solver=solver, backward="jfb", tol=1e-8)
+    _assert_rel(grads, torch.autograd.grad((out_jfb * c).sum(), params), 1e-12)
