@@ -130,6 +130,9 @@ def conversion_hint(value, name: str) -> str:
     """'; convert it ...' for a numpy array (or another array-like) given where a tensor is expected."""
     if hasattr(value, "__array__") or isinstance(value, numbers.Number):
         return f"; convert it with torch.as_tensor({name}, dtype=torch.float32)"
+    if isinstance(value, dict):
+        return (f"; a state of several tensors is a list or tuple of them (e.g. list({name}.values()), and f "
+                f"takes and returns the same list), not a dict")
     return ""
 
 

@@ -198,3 +198,9 @@ def test_readme_commands_name_scripts_and_options_that_exist():
         if "--out" in args and args.index("--out") == len(args) - 1:
             args.append("some/folder")  # the README's sentence goes on with the folder
         parsers[name](args)  # SystemExit (argparse's error) fails the test
+
+
+def test_a_dict_state_points_to_a_list_state():
+    z0 = {"h": torch.zeros(2, 3), "c": torch.zeros(2, 3)}
+    with pytest.raises(TypeError, match=r"z0 must be a torch\.Tensor, got dict; a state of several tensors is a list"):
+        deqfast.fixed_point(lambda z: z, z0)
