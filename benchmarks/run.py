@@ -50,7 +50,7 @@ BENCHMARKS = ["overhead", "training", "complexity", "convergence", "compaction"]
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="few repeats; small sizes on the CPU (a few minutes on 2 idle cores, "
+    p.add_argument("--quick", action="store_true", help="few repeats; small sizes on the CPU (about 1 minute on 2 idle cores, "
                         "far longer on a busy machine)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--out", type=Path, default=None,
