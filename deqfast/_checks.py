@@ -186,6 +186,14 @@ def f_output(caller: str, out, like: torch.Tensor, what: str = "f(z)", like_name
     return out
 
 
+@_compiler_disable
+def _version(z: torch.Tensor) -> int:
+    """z's version counter, read eagerly under torch.compile: dynamo traced the read into the frame
+    around f(z) and kept the value of its first compile, so a later z with another counter (a z0
+    written in place before) was taken for f writing into z."""
+    return z._version
+
+
 def call_f(caller: str, f, z: torch.Tensor, like: torch.Tensor, like_name: str = "z0") -> torch.Tensor:
     """f(z) checked by :func:`f_output`, and checked not to have written into z: the solver's
     iterate (and its history) would silently change under it.
@@ -197,9 +205,9 @@ def call_f(caller: str, f, z: torch.Tensor, like: torch.Tensor, like_name: str =
     if z.is_inference():
         with torch.inference_mode(False):
             z = z.clone()
-    version = z._version
+    version = _version(z)
     out = f(z)
-    if z._version != version:
+    if _version(z) != version:
         raise RuntimeError(
             f"{caller}: f modified its argument z in place (e.g. torch.relu_ or nn.ReLU(inplace=True) "
             f"applied to z), which would corrupt the solver's iterate; use out-of-place operations on z"
