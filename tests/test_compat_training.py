@@ -40,3 +40,46 @@ def test_torch_compile_with_a_z0_written_in_place_before_is_not_refused():
     with pytest.raises(RuntimeError, match="modified its argument z in place"):
         torch.compile(lambda z0: deqfast.fixed_point(bad, z0, solver=solver, max_iter=3)[0],
                       backend="aot_eager")(z1.clone())
+
+
+class _Model(nn.Module):
+    """A compat DEQ between two linear maps, its cell weight-normalised as torchdeq's zoo does."""
+
+    def __init__(self, lib=compat, norm="weight_norm", seed=0, d=8, **config):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.inj, self.cell, self.out = nn.Linear(4, d), nn.Linear(d, d), nn.Linear(d, 2)
+        lib.apply_norm(self, norm, filter_out=["inj", "out"])
+        self.deq = lib.get_deq(**config)
+
+    def forward(self, x):
+        u = self.inj(x)
+        z_list, self.info = self.deq(lambda z: torch.tanh(self.cell(z) + u), torch.zeros_like(u))
+        return self.out(z_list[-1])
+
+
+def test_torch_compile_of_a_compat_model_matches_eager_and_does_not_recompile_per_iteration():
+    """torch.compile(model, backend="aot_eager") of a model holding a compat DEQ: the loss and every
+    gradient are eager's, and the number of graphs dynamo compiles does not grow with f_max_iter (the
+    compat solvers' per-evaluation bookkeeping, with its Python-int count, was recompiled at every
+    iteration up to dynamo's recompile limit, which it then warned about)."""
+    from torch._dynamo.utils import counters
+
+    x, y = torch.randn(6, 4, generator=torch.Generator().manual_seed(1)), torch.zeros(6, 2)
+    graphs = []
+    for f_max_iter in (4, 8):  # (fixed_point_iter with grad=2 recompiled likewise)
+        torch._dynamo.reset()
+        counters.clear()
+        model = _Model(f_max_iter=f_max_iter, f_tol=1e-30, f_solver="anderson", ift=True)
+        compat.reset_norm(model)
+        loss = ((torch.compile(model, backend="aot_eager")(x) - y) ** 2).mean()
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        graphs.append(counters["stats"]["unique_graphs"])
+        nstep = model.info["nstep"]
+    compat.reset_norm(model)
+    loss_eager = ((model(x) - y) ** 2).mean()
+    grads_eager = torch.autograd.grad(loss_eager, list(model.parameters()))
+    assert graphs[0] == graphs[1], graphs
+    torch.testing.assert_close(nstep, model.info["nstep"], rtol=0, atol=0)
+    torch.testing.assert_close(loss, loss_eager, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grads, grads_eager, rtol=1e-5, atol=1e-6)

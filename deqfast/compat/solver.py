@@ -93,6 +93,13 @@ class _Tracker:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         fx = self.f(x)
+        self._record(x, fx)
+        return fx
+
+    @_checks.eager_under_compile
+    def _record(self, x: torch.Tensor, fx: torch.Tensor) -> None:
+        """The bookkeeping of one evaluation, run eagerly under torch.compile: its Python-int count
+        made dynamo recompile it at every evaluation up to its recompile limit (with a warning)."""
         self.n += 1
         self.last_fx = fx
         diff = fx - x
@@ -100,7 +107,7 @@ class _Tracker:
         values["rel"] = values["abs"] / (fx.norm(dim=1) + _EPS)
         if self.broyden and self.n == 1:
             self.at_x0 = values  # used only if the solve stops here (see info)
-            return fx
+            return
         step = float(self.n - 1 if self.broyden else self.n)
         cand = x if self.broyden else fx
         if self.whole:
@@ -122,7 +129,6 @@ class _Tracker:
                 self.step[mode] = torch.where(is_lowest, torch.full_like(self.step[mode], step), self.step[mode])
         for mode in ("abs", "rel"):
             self.trace[mode].append(values[mode])
-        return fx
 
     def info(self, max_iter: int) -> SolverStat:
         if self.broyden and self.at_x0 is not None:
