@@ -83,3 +83,72 @@ def test_torch_compile_of_a_compat_model_matches_eager_and_does_not_recompile_pe
     torch.testing.assert_close(nstep, model.info["nstep"], rtol=0, atol=0)
     torch.testing.assert_close(loss, loss_eager, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(grads, grads_eager, rtol=1e-5, atol=1e-6)
+
+
+def _step(model, opt, x, y):
+    compat.reset_norm(model)
+    opt.zero_grad()
+    loss = ((model(x) - y) ** 2).mean()
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+_CONFIGS = [dict(f_solver="anderson", ift=True, f_max_iter=8), dict(f_solver="fixed_point_iter", grad=2, f_max_iter=6),
+            dict(f_solver="broyden", hook_ift=True, core="indexing", n_states=2, f_max_iter=8)]
+
+
+@pytest.mark.parametrize("norm", ["weight_norm", "spectral_norm"])
+def test_checkpoint_keys_are_torchdeqs_and_a_resumed_run_takes_the_same_steps(norm):
+    """state_dict keys and values are torchdeq's (a checkpoint loads either way); a run saved after two
+    steps with torch.save (model and optimiser) and loaded into a fresh model from another seed takes
+    the same next steps, bit for bit, as the run that went on."""
+    torchdeq = pytest.importorskip("torchdeq")
+    x, y = torch.randn(6, 4, generator=torch.Generator().manual_seed(1)), torch.randn(6, 2)
+    theirs, ours = _Model(torchdeq, norm, f_solver="anderson"), _Model(compat, norm, f_solver="anderson")
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    torch.testing.assert_close(ours.state_dict(), theirs.state_dict(), rtol=0, atol=0)
+    ours.load_state_dict(theirs.state_dict())
+    theirs.load_state_dict(ours.state_dict())
+    model = _Model(compat, norm, **_CONFIGS[0])
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(2):
+        _step(model, opt, x, y)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    went_on = [_step(model, opt, x, y) for _ in range(2)]
+    buffer.seek(0)
+    checkpoint = torch.load(buffer)
+    resumed = _Model(compat, norm, seed=5, **_CONFIGS[0])
+    opt = torch.optim.Adam(resumed.parameters(), 1e-2)
+    resumed.load_state_dict(checkpoint["model"])
+    opt.load_state_dict(checkpoint["opt"])
+    torch.testing.assert_close([_step(resumed, opt, x, y) for _ in range(2)], went_on, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("config", _CONFIGS)
+def test_a_trained_compat_model_deepcopies_and_pickles_whole(config):
+    """copy.deepcopy (an EMA or a best-model copy), pickle and torch.save of the whole model after a
+    training step (its normalised weights recomputed under no_grad, as torchdeq needs for a deepcopy
+    too): the copy computes what the model computes. (torchdeq 0.1.0's DEQ cannot be pickled: its
+    gradient functions are closures; compat's pickled with ift but not with a phantom gradient.)"""
+    import copy
+    import pickle
+
+    x, y = torch.randn(6, 4, generator=torch.Generator().manual_seed(1)), torch.randn(6, 2)
+    model = _Model(compat, "spectral_norm", **config)
+    _step(model, torch.optim.SGD(model.parameters(), 0.1), x, y)
+    with torch.no_grad():
+        compat.reset_norm(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    copies = [copy.deepcopy(model), pickle.loads(pickle.dumps(model)), torch.load(buffer, weights_only=False)]
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+    for other in copies:
+        other.eval()
+        with torch.no_grad():
+            compat.reset_norm(other)
+            torch.testing.assert_close(other(x), expected, rtol=0, atol=0)

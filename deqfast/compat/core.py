@@ -297,6 +297,27 @@ def _probe_coupling(deq_func, z) -> Optional[bool]:
     return False
 
 
+class _Phantom:
+    """torchdeq's phantom gradient: n_grad_step damped steps from z_pred, with grad; with sup_gap
+    every sup_gap-th step, with sup_loc the listed steps and the last. A class, not torchdeq's
+    closure, so that a model holding the DEQ pickles (torch.save of the whole model), as it does
+    with ift."""
+
+    def __init__(self, n_grad_step, tau, sup_gap, sup_loc):
+        self.n_grad_step, self.tau, self.sup_gap, self.sup_loc = n_grad_step, tau, sup_gap, sup_loc
+
+    def __call__(self, deq_func, z_pred, writer=None):
+        n_grad_step, tau, sup_gap, sup_loc = self.n_grad_step, self.tau, self.sup_gap, self.sup_loc
+        z_out = []
+        for i in range(n_grad_step):
+            z_pred = deq_func(z_pred, tau=tau)
+            if (sup_gap > 0 and (i + 1) % sup_gap == 0) or (sup_gap <= 0 and sup_loc and (i + 1) in sup_loc):
+                z_out.append(z_pred)
+        if sup_gap <= 0:
+            z_out.append(z_pred)
+        return z_out
+
+
 class _GradMixin:
     """torchdeq.grad.backward_factory and the configuration both of its cores share."""
 
@@ -340,20 +361,8 @@ class _GradMixin:
 
     @staticmethod
     def _phantom(n_grad_step, tau, sup_gap, sup_loc):
-        """torchdeq's phantom gradient: n_grad_step damped steps from z_pred, with grad; with sup_gap
-        every sup_gap-th step, with sup_loc the listed steps and the last."""
-
-        def grad_func(deq_func, z_pred, writer=None):
-            z_out = []
-            for i in range(n_grad_step):
-                z_pred = deq_func(z_pred, tau=tau)
-                if (sup_gap > 0 and (i + 1) % sup_gap == 0) or (sup_gap <= 0 and sup_loc and (i + 1) in sup_loc):
-                    z_out.append(z_pred)
-            if sup_gap <= 0:
-                z_out.append(z_pred)
-            return z_out
-
-        return grad_func
+        """torchdeq's phantom gradient (see _Phantom)."""
+        return _Phantom(n_grad_step, tau, sup_gap, sup_loc)
 
     def _ift(self, deq_func, z_pred, writer=None):
         """torchdeq's IFT gradient: the state f(z_pred); its backward replaces the incoming g by the
