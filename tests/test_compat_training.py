@@ -152,3 +152,83 @@ def test_a_trained_compat_model_deepcopies_and_pickles_whole(config):
         with torch.no_grad():
             compat.reset_norm(other)
             torch.testing.assert_close(other(x), expected, rtol=0, atol=0)
+
+
+class _TwoDEQs(nn.Module):
+    """Two DEQ layers in a row, or (``same``) one DEQ module called twice per step with two f's."""
+
+    def __init__(self, lib, same, **config):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inj, self.f, self.g, self.out = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+        lib.apply_norm(self, "spectral_norm", filter_out=["inj", "out"])
+        self.deq1 = lib.get_deq(**config)
+        self.deq2 = self.deq1 if same else lib.get_deq(**config)
+
+    def forward(self, x):
+        u = self.inj(x)
+        z = self.deq1(lambda z: torch.tanh(self.f(z) + u), torch.zeros_like(u))[0][-1]
+        w = self.deq2(lambda w: torch.tanh(0.5 * self.g(w) + z), torch.zeros_like(z))[0][-1]
+        return self.out(w)
+
+
+@pytest.mark.parametrize("same", [False, True])
+def test_train_eval_train_with_two_deqs_follows_torchdeq(same):
+    """Three rounds of a training step then an eval forward under no_grad (eval_f_max_iter, the
+    spectral norm reset in each mode), two DEQ layers or one DEQ called with two f's: the training
+    and eval losses follow torchdeq's from the same seed (fixed-point iteration: the same iterates;
+    compat stops each sample at f_tol, so the eval values agree to about the tolerance)."""
+    torchdeq = pytest.importorskip("torchdeq")
+    x, y = torch.randn(6, 4, generator=torch.Generator().manual_seed(1)), torch.randn(6, 2)
+    config = dict(f_solver="fixed_point_iter", grad=2, f_max_iter=8, eval_f_max_iter=20, f_tol=1e-4)
+    losses = []
+    for lib in (torchdeq, compat):
+        model = _TwoDEQs(lib, same, **config)
+        opt = torch.optim.SGD(model.parameters(), 0.2)
+        run = []
+        for _ in range(3):
+            model.train()
+            lib.reset_norm(model)
+            opt.zero_grad()
+            loss = ((model(x) - y) ** 2).mean()
+            loss.backward()
+            opt.step()
+            model.eval()
+            with torch.no_grad():
+                lib.reset_norm(model)
+                run += [loss.detach(), ((model(x) - y) ** 2).mean()]
+        losses.append(torch.stack(run))
+    assert bool(losses[1][-1] < losses[1][0])  # it trains
+    torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("config", [dict(f_solver="anderson", ift=True), dict(f_solver="anderson", grad=3),
+                                    dict(f_solver="broyden", hook_ift=True, b_tol=1e-3)])
+def test_a_training_step_under_cpu_bfloat16_autocast(config):
+    """A compat training step under torch.autocast("cpu", bfloat16): f runs in bfloat16, the state
+    stays float32 (every f call gets a float32 z, the returned state is float32), the loss is within
+    bfloat16's precision of the float32 step's and the gradients are finite and close to float32's,
+    with no warning. (torchdeq 0.1.0 fails here with ift and hook_ift: a float32 adjoint meets
+    bfloat16 weights, or its hook changes the gradient's dtype; with grad=3 it returns a bfloat16 state.)"""
+    x, y = torch.randn(8, 4, generator=torch.Generator().manual_seed(1)), torch.randn(8, 2)
+    results = []
+    for autocast in (False, True):
+        model = _Model(compat, "weight_norm", d=16, f_max_iter=20, **config)
+        seen = []
+        cell = model.cell
+        compat.reset_norm(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                u = model.inj(x)
+                z_list, info = model.deq(lambda z: seen.append(z.dtype) or torch.tanh(cell(z) + u), torch.zeros(8, 16))
+                loss = ((model.out(z_list[-1]).float() - y) ** 2).mean()
+            grads = torch.autograd.grad(loss, [cell.weight_g, cell.weight_v, model.inj.weight])
+        assert set(seen) == {torch.float32} and z_list[-1].dtype == torch.float32
+        assert all(bool(torch.isfinite(g).all()) for g in grads)
+        results.append((loss.detach(), grads))
+    (loss32, grads32), (loss16, grads16) = results
+    assert not torch.equal(loss16, loss32)  # f did run in bfloat16
+    torch.testing.assert_close(loss16, loss32, rtol=2e-2, atol=0)
+    for g16, g32 in zip(grads16, grads32):
+        assert float((g16 - g32).norm() / g32.norm()) < 0.1
