@@ -54,15 +54,19 @@ class _Model(nn.Module):
 
     def forward(self, x):
         u = self.inj(x)
-        z_list, self.info = self.deq(lambda z: torch.tanh(self.cell(z) + u), torch.zeros_like(u))
+        self.adjoint_nsteps = []
+        writer = lambda info: self.adjoint_nsteps.append(info["nstep"])
+        z_list, self.info = self.deq(lambda z: torch.tanh(self.cell(z) + u), torch.zeros_like(u), backward_writer=writer)
         return self.out(z_list[-1])
 
 
 def test_torch_compile_of_a_compat_model_matches_eager_and_does_not_recompile_per_iteration():
-    """torch.compile(model, backend="aot_eager") of a model holding a compat DEQ: the loss and every
-    gradient are eager's, and the number of graphs dynamo compiles does not grow with f_max_iter (the
-    compat solvers' per-evaluation bookkeeping, with its Python-int count, was recompiled at every
-    iteration up to dynamo's recompile limit, which it then warned about)."""
+    """torch.compile(model, backend="aot_eager") of a model holding a compat DEQ: the loss, every
+    gradient and the adjoint's step counts are eager's, and the number of graphs dynamo compiles does
+    not grow with f_max_iter (the compat solvers' per-evaluation bookkeeping, with its Python-int
+    count, was recompiled at every iteration up to dynamo's recompile limit, which it then warned
+    about). backward_warm_start takes effect under compile too (dynamo evaluated compat's test
+    `produce_grad[-1] == self._ift`, a bound-method comparison, as False: the adjoint ran cold)."""
     from torch._dynamo.utils import counters
 
     x, y = torch.randn(6, 4, generator=torch.Generator().manual_seed(1)), torch.zeros(6, 2)
@@ -70,17 +74,20 @@ def test_torch_compile_of_a_compat_model_matches_eager_and_does_not_recompile_pe
     for f_max_iter in (4, 8):  # (fixed_point_iter with grad=2 recompiled likewise)
         torch._dynamo.reset()
         counters.clear()
-        model = _Model(f_max_iter=f_max_iter, f_tol=1e-30, f_solver="anderson", ift=True)
+        model = _Model(f_max_iter=f_max_iter, f_tol=1e-30, f_solver="anderson", ift=True, b_solver="anderson",
+                       backward_warm_start=True)
         compat.reset_norm(model)
         loss = ((torch.compile(model, backend="aot_eager")(x) - y) ** 2).mean()
         grads = torch.autograd.grad(loss, list(model.parameters()))
         graphs.append(counters["stats"]["unique_graphs"])
-        nstep = model.info["nstep"]
+        nstep, adjoint_nsteps = model.info["nstep"], model.adjoint_nsteps
     compat.reset_norm(model)
     loss_eager = ((model(x) - y) ** 2).mean()
     grads_eager = torch.autograd.grad(loss_eager, list(model.parameters()))
     assert graphs[0] == graphs[1], graphs
     torch.testing.assert_close(nstep, model.info["nstep"], rtol=0, atol=0)
+    assert len(adjoint_nsteps) == 1
+    torch.testing.assert_close(adjoint_nsteps, model.adjoint_nsteps, rtol=0, atol=0)
     torch.testing.assert_close(loss, loss_eager, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(grads, grads_eager, rtol=1e-5, atol=1e-6)
 

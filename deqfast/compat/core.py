@@ -227,7 +227,9 @@ class DEQBase(nn.Module):
             self._coupled = _probe_coupling(deq_func, z_init)
         extra = dict(_compat=dict(whole=bool(self._coupled))) if own else {}
         # backward_warm_start: keep the solver's history for the IFT gradient (training only).
-        warm = self._warm and own and torch.is_grad_enabled() and self.produce_grad[-1] == self._ift
+        # (a flag, not `produce_grad[-1] == self._ift`: dynamo evaluates that bound-method comparison
+        # as False under torch.compile, and the adjoint then ran cold)
+        warm = self._warm and own and torch.is_grad_enabled() and getattr(self, "_last_is_ift", False)
         with torch.no_grad(), (_history.capture() if warm else contextlib.nullcontext()) as history:
             z_star, trajectory, info = self.f_solver(deq_func, x0=z_init, max_iter=f_max_iter, tol=self.f_tol,
                                                      stop_mode=self.f_stop_mode, **kw, **extra)
@@ -350,6 +352,7 @@ class _GradMixin:
         self.hook_ift = bool(get("hook_ift", hook_ift))
         if get("ift", ift) or self.hook_ift:
             self.produce_grad[-1] = self._ift
+        self._last_is_ift = self.produce_grad[-1] == self._ift
         if self._warm and (self.produce_grad[-1] != self._ift or self.f_solver_name not in ("anderson", "broyden")):
             _checks.warn(
                 f"{caller}: backward_warm_start=True has no effect here: it starts the IFT gradient's adjoint "
