@@ -239,3 +239,24 @@ def test_a_training_step_under_cpu_bfloat16_autocast(config):
     torch.testing.assert_close(loss16, loss32, rtol=2e-2, atol=0)
     for g16, g32 in zip(grads16, grads32):
         assert float((g16 - g32).norm() / g32.norm()) < 0.1
+
+
+@pytest.mark.parametrize("b_solver", ["fixed_point_iter", "anderson"])
+def test_ift_under_cpu_autocast_with_a_state_in_the_autocast_dtype(b_solver):
+    """z0 = torch.zeros_like(u) for a u computed under autocast is a bfloat16 state. The IFT gradient
+    re-runs f in backward, which runs outside the autocast block: f's float32 weights then met the
+    bfloat16 z ('mat1 and mat2 must have the same dtype'). f is re-run under the autocast state of
+    the forward now (as torch.utils.checkpoint does): the gradient is finite and near float32's."""
+    x, y = torch.randn(8, 4, generator=torch.Generator().manual_seed(1)), torch.randn(8, 2)
+    grads = []
+    for autocast in (False, True):
+        # b_tol: a bfloat16 adjoint does not reach torchdeq's 1e-6 (compat warns that it stopped short)
+        model = _Model(compat, "weight_norm", d=16, f_max_iter=20, f_solver="anderson", ift=True, b_solver=b_solver,
+                       b_tol=1e-3)
+        compat.reset_norm(model)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = ((model(x).float() - y) ** 2).mean()
+        grads.append(torch.autograd.grad(loss, [model.cell.weight_v, model.inj.weight]))
+    for g16, g32 in zip(*grads[::-1]):
+        assert bool(torch.isfinite(g16).all())
+        assert float((g16 - g32).norm() / g32.norm()) < 0.1

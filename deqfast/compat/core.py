@@ -396,12 +396,25 @@ class _GradMixin:
         return [_IFTGrad.apply(new_z, at, deq_func, self, writer if not own else on_backward, history)]
 
 
+def _autocast_for_backward(at: torch.Tensor):
+    """How _IFTGrad's backward re-runs f: under the forward's autocast state when the state is in a
+    16-bit dtype (z0 = torch.zeros_like(u) for a u computed under autocast): outside autocast, where
+    backward runs, f's float32 weights would meet the 16-bit z ('mat1 and mat2 must have the same
+    dtype'). A float32/float64 state keeps f re-run at full precision (J in float32, as before)."""
+    device = at.device.type
+    if at.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        return lambda: torch.autocast(device, dtype=dtype)
+    return contextlib.nullcontext
+
+
 class _IFTGrad(autograd.Function):
     """Identity on new_z = f(z_pred); backward solves the adjoint equation with J at ``at``."""
 
     @staticmethod
     def forward(ctx, new_z, at, deq_func, deq, writer, history=None):
         ctx.deq_func, ctx.deq, ctx.writer, ctx.history = deq_func, deq, writer, history
+        ctx.autocast = _autocast_for_backward(at)
         ctx.save_for_backward(at)
         return new_z.detach().clone()
 
@@ -414,7 +427,7 @@ class _IFTGrad(autograd.Function):
             # (see the module docstring) are one sample here too: nothing frozen, one test.
             shape, whole = at.shape, bool(deq._coupled)
             h = (at.detach().reshape(1, -1) if whole else at.detach()).requires_grad_()
-            with torch.enable_grad():
+            with torch.enable_grad(), ctx.autocast():
                 fh = ctx.deq_func(h.view(shape)).reshape(h.shape)
             fake = types.SimpleNamespace(saved_tensors=(fh, h), options=deq._b_options,
                                          stats=types.SimpleNamespace(backward=None), on_backward=ctx.writer,
@@ -423,7 +436,7 @@ class _IFTGrad(autograd.Function):
             u = AdjointFunction.backward(fake, grad.reshape(h.shape))[0].view(shape)
         else:  # a registered b_solver, called as torchdeq calls it
             h = at.detach().requires_grad_()
-            with torch.enable_grad():
+            with torch.enable_grad(), ctx.autocast():
                 fh = ctx.deq_func(h)
             grad_f = lambda y: autograd.grad(fh, h, y, retain_graph=True)[0] + grad
             u, _, info = deq.b_solver(grad_f, torch.zeros_like(grad), max_iter=deq.b_max_iter, tol=deq.b_tol,
