@@ -205,9 +205,10 @@ def call_f(caller: str, f, z: torch.Tensor, like: torch.Tensor, like_name: str =
     if z.is_inference():
         with torch.inference_mode(False):
             z = z.clone()
-    version = _version(z)
+    compiling = _is_compiling()  # (eager: the plain attribute, no wrapper on the hot path)
+    version = _version(z) if compiling else z._version
     out = f(z)
-    if _version(z) != version:
+    if (_version(z) if compiling else z._version) != version:
         raise RuntimeError(
             f"{caller}: f modified its argument z in place (e.g. torch.relu_ or nn.ReLU(inplace=True) "
             f"applied to z), which would corrupt the solver's iterate; use out-of-place operations on z"
