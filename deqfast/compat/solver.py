@@ -96,7 +96,7 @@ class _Tracker:
         self._record(x, fx)
         return fx
 
-    @_checks.eager_under_compile
+    @_checks.eager_under_compile(recursive=False)  # torch ops only: no wrapper, no cost per call
     def _record(self, x: torch.Tensor, fx: torch.Tensor) -> None:
         """The bookkeeping of one evaluation, run eagerly under torch.compile: its Python-int count
         made dynamo recompile it at every evaluation up to its recompile limit (with a warning)."""
