@@ -187,11 +187,16 @@ def f_output(caller: str, out, like: torch.Tensor, what: str = "f(z)", like_name
 
 
 @_compiler_disable
+def _version_eagerly(z: torch.Tensor) -> int:
+    return z._version
+
+
 def _version(z: torch.Tensor) -> int:
     """z's version counter, read eagerly under torch.compile: dynamo traced the read into the frame
     around f(z) and kept the value of its first compile, so a later z with another counter (a z0
-    written in place before) was taken for f writing into z."""
-    return z._version
+    written in place before) was taken for f writing into z. Outside compile the plain attribute
+    (the disabled function's wrapper costs ~0.6 µs, twice per f call)."""
+    return _version_eagerly(z) if _is_compiling() else z._version
 
 
 def call_f(caller: str, f, z: torch.Tensor, like: torch.Tensor, like_name: str = "z0") -> torch.Tensor:

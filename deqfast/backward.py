@@ -92,7 +92,7 @@ def _warn_inexact_adjoint(caller: str, options: Options, stats: SolverStats) -> 
     worst = float(criterion[far].max())
     _checks.warn(
         f"{caller} backward (implicit): the adjoint solve stopped at backward_max_iter={options.backward_max_iter} "
-        f"with a {stop_mode} residual up to {worst:.3g}, more than {INEXACT_ADJOINT_FACTOR:g}x backward_tol={tol:g}, "
+        f"with {'an' if stop_mode == 'abs' else 'a'} {stop_mode} residual up to {worst:.3g}, more than {INEXACT_ADJOINT_FACTOR:g}x backward_tol={tol:g}, "
         f"for {n_far} of {stats.batch_size} samples: their gradients are inexact. Raise backward_max_iter, use "
         f"backward_solver='anderson' (or 'broyden'), or loosen backward_tol; stats.backward has the per-sample residuals",
         RuntimeWarning,
