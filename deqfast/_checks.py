@@ -188,15 +188,11 @@ def f_output(caller: str, out, like: torch.Tensor, what: str = "f(z)", like_name
 
 @_compiler_disable
 def _version_eagerly(z: torch.Tensor) -> int:
+    """z's version counter, read outside dynamo: traced into the frame around f(z), the read kept
+    the value of its first compile, so a later z with another counter (a z0 written in place
+    before) was taken for f writing into z. Used only while compiling (the disabled function's
+    wrapper costs ~0.6 µs a call; eager solves read the attribute)."""
     return z._version
-
-
-def _version(z: torch.Tensor) -> int:
-    """z's version counter, read eagerly under torch.compile: dynamo traced the read into the frame
-    around f(z) and kept the value of its first compile, so a later z with another counter (a z0
-    written in place before) was taken for f writing into z. Outside compile the plain attribute
-    (the disabled function's wrapper costs ~0.6 µs, twice per f call)."""
-    return _version_eagerly(z) if _is_compiling() else z._version
 
 
 def call_f(caller: str, f, z: torch.Tensor, like: torch.Tensor, like_name: str = "z0") -> torch.Tensor:
@@ -211,9 +207,9 @@ def call_f(caller: str, f, z: torch.Tensor, like: torch.Tensor, like_name: str =
         with torch.inference_mode(False):
             z = z.clone()
     compiling = _is_compiling()  # (eager: the plain attribute, no wrapper on the hot path)
-    version = _version(z) if compiling else z._version
+    version = _version_eagerly(z) if compiling else z._version
     out = f(z)
-    if (_version(z) if compiling else z._version) != version:
+    if (_version_eagerly(z) if compiling else z._version) != version:
         raise RuntimeError(
             f"{caller}: f modified its argument z in place (e.g. torch.relu_ or nn.ReLU(inplace=True) "
             f"applied to z), which would corrupt the solver's iterate; use out-of-place operations on z"
@@ -231,7 +227,7 @@ def check_arguments(caller: str, name: str, f, expected: str, nargs: int, fix: s
     arguments: a cell f(z) given to DEQ (which calls cell(z, x)), a cell f(z, x) given to
     fixed_point (which calls f(z)), or a class given where an instance was meant. Silent where
     the signature cannot be read (builtins), and under torch.compile (not traced)."""
-    if torch.compiler.is_compiling():
+    if _is_compiling():
         return
     if isinstance(f, type):
         raise TypeError(f"{caller}: {name} must be {expected}, got the class {f.__name__} itself; "

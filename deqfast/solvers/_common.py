@@ -51,8 +51,9 @@ class FlatProblem:
     def __init__(self, caller: str, f: Callable, z0: torch.Tensor, per_sample: bool = True,
                  stop_mode: str = "rel"):
         _checks.check_callable(caller, "f", f)
-        _checks.check_arguments(caller, "f", f, "a callable z -> f(z) of one argument", 1,
-                                "close over the other arguments, e.g. f = lambda z: cell(z, x)")
+        if _ENTRY.get() is None:  # a user's f; inside fixed_point/DEQ/backward f is deqfast's own wrapper
+            _checks.check_arguments(caller, "f", f, "a callable z -> f(z) of one argument", 1,
+                                    "close over the other arguments, e.g. f = lambda z: cell(z, x)")
         _checks.check_z0(caller, z0)
         per_sample = check_per_sample(caller, per_sample)
         self.caller = _ENTRY.get() or caller
