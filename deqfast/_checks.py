@@ -49,7 +49,15 @@ def check_positive(caller: str, name: str, value) -> float:
     return float(value)
 
 
+class OverRelaxation(float):
+    """A damping factor above 1 that deqfast.compat passes on for torchdeq's ``tau > 1``
+    (over-relaxation, which torchdeq accepts): check_damping takes any finite value > 0 of this
+    type. deqfast's own API keeps tau in (0, 1]."""
+
+
 def check_damping(caller: str, name: str, value) -> float:
+    if isinstance(value, OverRelaxation) and 0.0 < value < math.inf:
+        return float(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (0.0 < value <= 1.0):
         raise ValueError(f"{caller}: {name} must be in (0, 1], got {value!r}")
     return float(value)

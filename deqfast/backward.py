@@ -166,6 +166,8 @@ class AdjointFunction(torch.autograd.Function):
         grad_in, grad = grad, grad.detach()
 
         caller = ctx.caller
+        # deqfast.compat's backward_writer records each evaluation (v, Jᵀv) for torchdeq's traces.
+        record = getattr(ctx.on_backward, "record_evaluation", None)
 
         def vjp(v):
             jtv = torch.autograd.grad(fz, z_leaf, v, retain_graph=True, allow_unused=True)[0]
@@ -175,6 +177,8 @@ class AdjointFunction(torch.autograd.Function):
                     f"so backward={options.backward!r} has no Jacobian df/dz to solve with; make f use z "
                     f"differentiably, or use backward='jfb' if f is meant to be constant in z"
                 )
+            if record is not None:
+                record(v, jtv, grad)
             return jtv
 
         with torch.enable_grad(), _solvers._common.entry(f"{caller} backward"):

@@ -36,7 +36,7 @@ from . import solver as _solver
 from .dropout import reset_dropout
 from .loss import power_method
 from .norm import reset_norm
-from .utils import ARG_KEYS, DEQConfig, warn_once
+from .utils import ARG_KEYS, DEQConfig, check_tau, warn_once
 
 __all__ = ["get_deq", "reset_deq", "register_deq", "DEQSliced", "DEQIndexing", "DEQBase"]
 
@@ -126,12 +126,58 @@ class _DEQFunc:
 
 
 def _backward_info(stats) -> "_solver.SolverStat":
-    """deqfast's adjoint SolverStats as torchdeq's dict (what backward_writer receives)."""
+    """deqfast's adjoint SolverStats as torchdeq's dict, its last residual as a one-column trace
+    (torchdeq_info; backward_writer gets _BackwardWriter's torchdeq-shaped traces)."""
     info = _solver.SolverStat(abs_lowest=stats.residual, rel_lowest=stats.rel_residual,
                               abs_trace=stats.residual.unsqueeze(1), rel_trace=stats.rel_residual.unsqueeze(1),
                               nstep=stats.nstep.to(torch.get_default_dtype()))
     info.deqfast_stats = stats
     return info
+
+
+class _BackwardWriter:
+    """torchdeq's backward_writer on deqfast's adjoint solve: the writer gets the SolverStat torchdeq's
+    b_solver returns, its traces included, from what deqfast's adjoint evaluates.
+
+    torchdeq solves u = g + Jᵀu with b_solver from u = 0, max_iter = b_max_iter. Its fixed-point
+    iteration's step k (k = 1..b_max_iter) records ‖F(u) − u‖ at u = u_{k-1} (F(u) = g + Jᵀu; u_0 = 0,
+    so step 1's is ‖g‖, free) and returns u_k. deqfast's adjoint starts at u_1 = g and measures the
+    residual at each iterate it evaluates: its evaluation j is torchdeq's step j + 1, so the steps
+    1..b_max_iter are step 1 (free) and its first b_max_iter − 1 evaluations; the last (the residual
+    of the returned u) is left out of the traces as torchdeq leaves it out. Anderson and Broyden start
+    from u = 0 in both and record as torchdeq's (from Anderson's third evaluation; Broyden's first is
+    not a step). Each evaluation costs a subtraction and a norm here, and only when a writer is given:
+    no extra VJP. ``info.deqfast_stats`` holds deqfast's SolverStats of the adjoint solve."""
+
+    def __init__(self, writer, rows: int, solver_name: str, max_iter: int, stop_mode: str, warm: bool):
+        self.writer, self.rows, self.max_iter, self.stop_mode = writer, rows, int(max_iter), stop_mode
+        self.kind = {"anderson": "anderson", "broyden": "broyden"}.get(solver_name, "fixed_point")
+        self.free_step = self.kind == "fixed_point" and not warm  # deqfast's plain adjoint starts at F(0) = g
+        self.tracker = None
+
+    def _limit(self) -> int:
+        """Evaluations torchdeq's b_solver records (its steps) within b_max_iter."""
+        return self.max_iter + 1 if self.kind == "broyden" else self.max_iter
+
+    def record_evaluation(self, v, jtv, grad):
+        B = self.rows
+        if self.tracker is None:
+            g = grad.reshape(B, -1)
+            self.tracker = _solver._Tracker(None, g, self.stop_mode, False, False, broyden=self.kind == "broyden",
+                                            anderson=self.kind == "anderson")
+            if self.free_step:
+                self.tracker._record(torch.zeros_like(g), g)
+        if self.tracker.n < self._limit():
+            self.tracker._record(v.reshape(B, -1), (grad + jtv).reshape(B, -1))
+
+    def __call__(self, stats):
+        tracker, self.tracker = self.tracker, None
+        if tracker is None:
+            info = _backward_info(stats)
+        else:
+            info = tracker.info(self.max_iter)
+            info.deqfast_stats = stats
+        self.writer(info)
 
 
 def _solver_name(caller, key, value):
@@ -171,7 +217,7 @@ class DEQBase(nn.Module):
         for key in ("f_stop_mode", "b_stop_mode"):
             _checks.check_choice(caller, key, getattr(self, key), _checks.STOP_MODES)
         _checks.check_int(caller, "f_max_iter", self.f_max_iter, 0)
-        _checks.check_int(caller, "b_max_iter", self.b_max_iter, 1)
+        _checks.check_int(caller, "b_max_iter", self.b_max_iter, 0)  # 0: only without IFT (see _setup_grads)
         _checks.check_real(caller, "f_tol", self.f_tol)
         _checks.check_real(caller, "b_tol", self.b_tol)
         eval_f_max_iter = get("eval_f_max_iter", eval_f_max_iter)
@@ -194,9 +240,12 @@ class DEQBase(nn.Module):
         self._b_options = Options.build(
             caller, solver="fixed_point", max_iter=1, backward="implicit",
             backward_solver=_ADJOINT_SOLVERS.get(self.b_solver_name, "fixed_point"),
-            backward_max_iter=int(self.b_max_iter),
+            # torchdeq's Broyden evaluates b_max_iter + 1 times (its start, then one per update)
+            backward_max_iter=max(int(self.b_max_iter), 1) + (self.b_solver_name == "broyden"),
             backward_tol=0.0 if self.b_solver_name == "simple_fixed_point_iter" else self.b_tol,
-            backward_stop_mode=self.b_stop_mode, m=6)
+            backward_stop_mode=self.b_stop_mode,
+            # torchdeq's b_solver defaults: Anderson's m = 6, Broyden's LBFGS_thres = max_iter (all updates)
+            m=max(int(self.b_max_iter), 1) if self.b_solver_name == "broyden" else 6)
 
     def _sradius(self, deq_func, z_star):
         with torch.enable_grad():
@@ -344,13 +393,24 @@ class _GradMixin:
             raise ValueError(f"{caller}: grad must have 1 entry or one per sampled state ({len(self.indexing)}), got {list(grad)!r}")
         pairs = list(grad) if len(grad) == len(self.indexing) else [grad[0]] * len(self.indexing)
         tau = get("tau", tau)
-        _checks.check_damping(caller, "tau", tau)
+        check_tau(caller, "tau", tau)  # over-relaxation (tau > 1) too, as torchdeq
         sup_gap = get("sup_gap", sup_gap)
         sup_gap = -1 if sup_gap is None else sup_gap
         sup_loc = get("sup_loc", sup_loc) or []
         self.produce_grad = [self._phantom(k, tau, sup_gap, sup_loc) for k in pairs]
         self.hook_ift = bool(get("hook_ift", hook_ift))
         if get("ift", ift) or self.hook_ift:
+            if self.b_max_iter == 0:
+                # torchdeq runs its b_solver for 0 steps and returns its start, u = 0: a zero gradient
+                # through the state, silently. Unused without IFT, b_max_iter = 0 is taken there.
+                raise ValueError(f"{caller}: b_max_iter must be >= 1 with ift=True or hook_ift=True (0 steps of the "
+                                 f"adjoint solve give a zero gradient through the DEQ's state), got 0")
+            if self.b_solver_name == "anderson" and self.b_max_iter <= 2:
+                # torchdeq's Anderson makes its first step at its third evaluation: with b_max_iter <= 2 it
+                # returns its start u = 0, a zero gradient through the state.
+                raise ValueError(f"{caller}: b_max_iter must be >= 3 with b_solver='anderson' and ift=True or "
+                                 f"hook_ift=True (torchdeq's Anderson returns its start u = 0 before its third "
+                                 f"evaluation: a zero gradient through the DEQ's state), got {self.b_max_iter}")
             self.produce_grad[-1] = self._ift
         self._last_is_ift = self.produce_grad[-1] == self._ift
         if self._warm and (self.produce_grad[-1] != self._ift or self.f_solver_name not in ("anderson", "broyden")):
@@ -377,9 +437,12 @@ class _GradMixin:
         state (jac_reg(f(z), z), as DEQ-seq computes it) and then leaves the loss the 1-step
         gradient, and a second backward gets the 1-step gradient too; compat's gives the IFT
         gradient each time, as ift does (tests/test_compat_zoo.py)."""
-        on_backward = None if writer is None else (lambda stats: writer(_backward_info(stats)))
         z_pred = z_pred.detach()
         own = self.b_solver in _solver.OWN_SOLVERS
+        on_backward = None
+        if writer is not None and own:
+            on_backward = _BackwardWriter(writer, z_pred.shape[0], self.b_solver_name, self.b_max_iter,
+                                          self.b_stop_mode, warm=self._history is not None)
         if self.hook_ift and own:
             # Coupled rows: the adjoint solve too treats the whole state as one sample.
             shape, whole = z_pred.shape, bool(self._coupled)

@@ -25,7 +25,7 @@ import torch
 
 from .. import _checks
 from .. import solvers as _solvers
-from .utils import warn_once
+from .utils import check_tau, warn_once
 
 __all__ = ["register_solver", "get_solver", "solver_stat_from_final_step", "SolverStat",
            "anderson_solver", "broyden_solver", "fixed_point_iter", "simple_fixed_point_iter"]
@@ -75,13 +75,18 @@ class _Tracker:
     chosen by the whole state's residual; the per-row statistics are those of that iterate."""
 
     def __init__(self, f: Callable, x0: torch.Tensor, stop_mode: str, whole: bool, return_final: bool,
-                 broyden: bool = False):
+                 broyden: bool = False, anderson: bool = False):
         B = x0.shape[0]
-        full = lambda v: torch.full((B,), v, dtype=x0.dtype, device=x0.device)
+        # torchdeq's initial statistics are in the default dtype (float32): they stay so when no step
+        # is recorded, and a step's values promote them (to float64 for a float64 state).
+        full = lambda v: torch.full((B,), v, dtype=torch.get_default_dtype(), device=x0.device)
         self.f, self.stop_mode, self.whole, self.return_final = f, stop_mode, whole, return_final
         # torchdeq's Broyden: the first evaluation (at x0) is not a step; step k is the iterate after
         # k updates (evaluation k + 1), and the best iterate itself, not f there, is kept.
         self.broyden = broyden
+        # torchdeq's Anderson records its traces from its third evaluation on (its first two set up the
+        # history): compat's traces leave out those two too (they remain candidates for the best iterate).
+        self.anderson = anderson
         self.at_x0 = None
         self.lowest = {"abs": full(_INIT), "rel": full(_INIT)}
         self.step = {"abs": torch.zeros(B, device=x0.device), "rel": torch.zeros(B, device=x0.device)}
@@ -127,8 +132,9 @@ class _Tracker:
                     self.best_f = torch.where(is_lowest.unsqueeze(1), cand, self.best_f)
                 self.lowest[mode] = torch.where(is_lowest, values[mode], self.lowest[mode])
                 self.step[mode] = torch.where(is_lowest, torch.full_like(self.step[mode], step), self.step[mode])
-        for mode in ("abs", "rel"):
-            self.trace[mode].append(values[mode])
+        if not (self.anderson and self.n <= 2):
+            for mode in ("abs", "rel"):
+                self.trace[mode].append(values[mode])
 
     def info(self, max_iter: int) -> SolverStat:
         if self.broyden and self.at_x0 is not None:
@@ -140,9 +146,12 @@ class _Tracker:
                 self.lowest[mode] = torch.where(missing, self.at_x0[mode], self.lowest[mode])
                 self.step[mode] = torch.where(missing, torch.ones_like(self.step[mode]), self.step[mode])
         traces = {}
+        # torchdeq's trace length: max_iter + 1 columns (its initial 1e8 and one per step, padded with
+        # the lowest after an early stop); Anderson's max_iter - 1 (steps 3..max_iter), 1 if max_iter <= 2.
+        length = max(1, max_iter - 1) if self.anderson else max_iter + 1
         for mode in ("abs", "rel"):
             trace = list(self.trace[mode])
-            trace += [self.lowest[mode]] * max(0, max_iter + 1 - len(trace))  # torchdeq pads after its early stop
+            trace += [self.lowest[mode]] * max(0, length - len(trace))  # torchdeq pads after its early stop
             traces[mode] = torch.stack(trace, dim=1)
         stat = SolverStat(abs_lowest=self.lowest["abs"], rel_lowest=self.lowest["rel"], abs_trace=traces["abs"],
                           rel_trace=traces["rel"], nstep=self.step[self.stop_mode].clone())
@@ -162,7 +171,7 @@ def _solve(kind: str, func: Callable, x0: torch.Tensor, max_iter, tol, stop_mode
 
     max_iter = int(max_iter)
     broyden = kind == "broyden"
-    tracker = _Tracker(f_rows, rows, stop_mode, whole, return_final, broyden=broyden)
+    tracker = _Tracker(f_rows, rows, stop_mode, whole, return_final, broyden=broyden, anderson=kind == "anderson")
     # torchdeq's Broyden evaluates f max_iter + 1 times (x0, then one per update) and samples the
     # iterate after update k when k + 1 is listed: positions count evaluations for every solver.
     evaluations = max_iter + 1 if broyden else max_iter
@@ -229,6 +238,9 @@ def anderson_solver(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=N
                     return_final=False, **kwargs):
     """torchdeq.solver.anderson_solver on deqfast's Anderson (see the module docstring)."""
     kwargs, private = _params("anderson_solver", "anderson", kwargs)
+    tau = check_tau("deqfast.compat.solver.anderson_solver", "tau", tau)
+    if tau > 1:  # over-relaxation, as torchdeq takes it (deqfast's own anderson keeps tau <= 1)
+        tau = _checks.OverRelaxation(tau)
     return _solve("anderson", func, x0, max_iter, tol, stop_mode, indexing, return_final,
                   dict(m=m, lam=lam, tau=tau), **private)
 
@@ -251,7 +263,7 @@ def fixed_point_iter(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=
     returned and sampled at the indexing steps."""
     kwargs, private = _params("fixed_point_iter", "fixed_point", kwargs)
     if tau != 1.0:
-        _checks.check_damping("deqfast.compat.solver.fixed_point_iter", "tau", tau)
+        check_tau("deqfast.compat.solver.fixed_point_iter", "tau", tau)  # tau > 1 too, as torchdeq
         f = func
         func = lambda x: tau * f(x) + (1 - tau) * x  # torchdeq's expression, bit for bit
     return _solve("fixed_point", func, x0, max_iter, tol, stop_mode, indexing, return_final, dict(tau=1.0), **private)
@@ -261,6 +273,8 @@ def simple_fixed_point_iter(func, x0, max_iter=50, tau=1.0, indexing=None, **kwa
     """torchdeq.solver.simple_fixed_point_iter: exactly max_iter steps ``fx = func(x, tau=tau)``,
     no monitoring; returns the last f value and final-step stats, as torchdeq."""
     kwargs.pop("_compat", None)
+    if tau != 1.0:
+        check_tau("deqfast.compat.solver.simple_fixed_point_iter", "tau", tau)
     indexing_list = []
     fx = x = x0
     for k in range(int(max_iter)):

@@ -29,6 +29,21 @@ def warn_once(where: str, names, what: str) -> None:
                      f"{'it' if len(new) == 1 else 'them'}); this warning is shown once", UserWarning)
 
 
+def check_tau(caller: str, name: str, value) -> float:
+    """torchdeq's damping factor: any finite real > 0, over-relaxation (tau > 1) included, as torchdeq
+    takes it (returned as given). tau <= 0 is refused: tau = 0 makes the damped map the identity,
+    whose every point is a fixed point (torchdeq returns z0 as converged), and tau < 0 steps away
+    from f(z)."""
+    import math
+    import numbers
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
+        raise TypeError(f"{caller}: {name} must be a real number > 0, got {value!r}")
+    if not 0.0 < value < math.inf:
+        raise ValueError(f"{caller}: {name} must be a finite number > 0 (a damping factor; tau = 0 makes the "
+                         f"damped map the identity, so z0 would pass as the fixed point), got {value!r}")
+    return value
+
+
 class DEQConfig:
     """torchdeq's configuration wrapper: ``args`` is None, a dict, an argparse.Namespace, a DEQConfig
     or any object with attributes (read with ``vars``). Unlike torchdeq, ``update`` writes into a
