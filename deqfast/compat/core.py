@@ -87,9 +87,14 @@ def _in_dtype(out, like: torch.Tensor):
 
 class _DEQFunc:
     """torchdeq's DEQWrapper/MDEQWrapper: f on the solver's state (a tensor as given; a list/tuple
-    packed into one (B, D) tensor), with torchdeq's damped call ``f(z, tau)``."""
+    packed into one (B, D) tensor), with torchdeq's damped call ``f(z, tau)``.
 
-    def __init__(self, func: Callable, z_init, caller: str):
+    ``speedy``: torchdeq's SpeedyMDEQWrapper (no_stat, the default with simple_fixed_point_iter) for a
+    list/tuple state, which hands back f's own container: a state comes back as the container of the
+    call that made it (f's tuple or list; a list from a damped call, tau != 1; z_init's own type when
+    no step was made). compat still packs the state (one (B, D) tensor) and only matches the type."""
+
+    def __init__(self, func: Callable, z_init, caller: str, speedy: bool = False):
         _checks.check_callable(caller, "func", func)
         if isinstance(z_init, torch.Tensor):
             _checks.check_z0(caller, z_init, name="z_init")
@@ -98,10 +103,13 @@ class _DEQFunc:
         elif isinstance(z_init, (list, tuple)) and z_init and all(isinstance(t, torch.Tensor) for t in z_init):
             self.layout = PackedState(caller, list(z_init), name="z_init")
             self.layout.container = type(z_init) if type(z_init) in (list, tuple) else list
+            self.speedy = speedy
+            self.init_container = self.made = self.f_container = self.layout.container
 
             def parts_in_dtype(*parts):
                 out = func(*parts)
                 if isinstance(out, (list, tuple)) and len(out) == len(z_init):
+                    self.f_container = tuple if isinstance(out, tuple) else list
                     out = [_in_dtype(o, z) for o, z in zip(out, z_init)]
                 return out
 
@@ -111,10 +119,19 @@ class _DEQFunc:
                             f"got {type(z_init).__name__}")
 
     def list2vec(self, z):
-        return z if self.layout is None else self.layout.pack(z)
+        if self.layout is None:
+            return z
+        self.packed_init = self.layout.pack(z)
+        return self.packed_init
 
     def vec2list(self, z):
-        return z if self.layout is None else list(self.layout.unpack(z))
+        if self.layout is None:
+            return z
+        parts = self.layout.unpack(z)
+        if not self.speedy:
+            return list(parts)  # torchdeq's MDEQWrapper.vec2list
+        container = self.init_container if z is self.packed_init else self.made
+        return container(parts)
 
     @staticmethod
     def detach(z):
@@ -122,6 +139,8 @@ class _DEQFunc:
 
     def __call__(self, z, tau=1.0):
         out = self.f(z)
+        if self.layout is not None:
+            self.made = self.f_container if tau == 1.0 else list
         return out if tau == 1.0 else tau * out + (1 - tau) * z
 
 
@@ -248,10 +267,12 @@ class DEQBase(nn.Module):
             m=max(int(self.b_max_iter), 1) if self.b_solver_name == "broyden" else 6)
 
     def _sradius(self, deq_func, z_star):
+        """torchdeq's: z* itself is made to require grad (in place), so the z* returned with
+        sradius_mode=True requires grad (a leaf; a list state's parts are views of it), as torchdeq's."""
         with torch.enable_grad():
-            z_leaf = z_star.detach().requires_grad_()
-            new_z_star = deq_func(z_leaf)
-        _, sradius = power_method(new_z_star, z_leaf, n_iters=100)
+            z_star.requires_grad_()
+            new_z_star = deq_func(z_star)
+        _, sradius = power_method(new_z_star, z_star, n_iters=100)
         return sradius
 
     def _solver_kwargs(self, solver_kwargs) -> dict:
@@ -289,7 +310,7 @@ class DEQBase(nn.Module):
         """The start of both cores' call: warn once about keywords torchdeq ignores, pack z_init."""
         if kwargs:
             warn_once("deqfast.compat: the DEQ call", kwargs, "keyword(s)")
-        deq_func = _DEQFunc(func, z_init, "deqfast.compat")
+        deq_func = _DEQFunc(func, z_init, "deqfast.compat", speedy=bool(self.no_stat))
         return deq_func, deq_func.list2vec(z_init), self._solver_kwargs(solver_kwargs)
 
     def _eval(self, deq_func, z_init, solver_kwargs, sradius_mode):
@@ -297,7 +318,13 @@ class DEQBase(nn.Module):
         and the solver's info."""
         z_star, _, info = self._run_solver(deq_func, z_init, solver_kwargs.get("f_max_iter", self.eval_f_max_iter),
                                            solver_kwargs)
-        info["sradius"] = self._sradius(deq_func, z_star) if sradius_mode else torch.zeros(1, device=z_star.device)
+        if sradius_mode:
+            # A tensor of its own (compat's z* may be a view of the solver's rows): the parts of a list
+            # state, views of it made after _sradius, then require grad under torch.no_grad() too.
+            z_star = z_star.clone()
+            info["sradius"] = self._sradius(deq_func, z_star)
+        else:
+            info["sradius"] = torch.zeros(1, device=z_star.device)
         return [deq_func.vec2list(z_star)], info
 
     def forward(self, func, z_init, solver_kwargs=None, sradius_mode=False, backward_writer=None, **kwargs):
