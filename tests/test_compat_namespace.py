@@ -506,8 +506,8 @@ def test_coupling_decision():
 @pytest.mark.parametrize("f_max_iter,tol,n_expected", [(90, 1e-10, 1), (12, 1e-14, 3)],
                          ids=["converges-before-the-first-sample", "unconverged"])
 def test_indexing_core_with_anderson(f_max_iter, tol, n_expected):
-    """core='indexing' with Anderson: the solve runs in pieces ending at the sampled steps, each
-    restarting Anderson's history from the last f value. A sample after the batch converged is
+    """core='indexing' with Anderson: one solve, its best-so-far states sampled at the sampled steps
+    (deqfast's Anderson, not torchdeq's: the states differ). A sample after the batch converged is
     dropped, as in torchdeq, so where compat's Anderson converges sooner it returns fewer states
     (here: before the first sampled step, where torchdeq's converges before the second); the last
     state and the gradient agree with torchdeq's. Unconverged, each sampled state is closer to the

@@ -208,18 +208,14 @@ def test_broyden_solver_bookkeeping_equals_torchdeq(indexing):
     """torchdeq's broyden_solver evaluates f at x0 first, then makes max_iter updates; step k is the
     iterate after k updates, its residual is recorded, and the best iterate itself (not f there) is
     returned; indexing samples the best-so-far iterate after update k when k + 1 is listed. deqfast's
-    Broyden takes the same steps: compat returns the same iterate and statistics, and the same first
-    sampled state (compat restarts its Broyden history at each sampled step: the later ones differ)."""
+    Broyden takes the same steps: compat returns the same iterate, statistics and sampled states (one
+    solve, sampled as it goes)."""
     f, z0 = _cell(25, L=0.9)
     z, traj, info = compat.solver.broyden_solver(f, z0, max_iter=8, tol=1e-30, indexing=indexing)
     z_ref, traj_ref, info_ref = torchdeq.solver.broyden_solver(f, z0, max_iter=8, tol=1e-30, indexing=indexing)
     assert len(traj) == len(traj_ref)
-    if indexing:
-        torch.testing.assert_close(traj[0], traj_ref[0], rtol=1e-10, atol=0)
-        torch.testing.assert_close(z, z_ref, rtol=0.1, atol=0)
-        assert info["abs_trace"].shape == info_ref["abs_trace"].shape
-        torch.testing.assert_close(info["abs_trace"][:, :3], info_ref["abs_trace"][:, :3], rtol=1e-8, atol=0)
-        return
+    for t, t_ref in zip(traj, traj_ref):
+        torch.testing.assert_close(t, t_ref, rtol=1e-10, atol=0)
     torch.testing.assert_close(z, z_ref, rtol=1e-10, atol=0)
     _assert_info_equal(info, info_ref, rtol=1e-8)
 

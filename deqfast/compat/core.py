@@ -540,11 +540,9 @@ class _IFTGrad(autograd.Function):
 
 class DEQIndexing(_GradMixin, DEQBase):
     """torchdeq.core.DEQIndexing: one solve of f_max_iter steps whose best-so-far states at the
-    sampled steps (n_states or indexing) each get a gradient. deqfast's solvers keep no trajectory:
-    the solve runs in consecutive pieces ending at the sampled steps, each continuing from the last
-    f value (exactly torchdeq's trajectory for fixed-point iteration; Anderson and Broyden restart
-    their history at each sampled step). A sample whose step comes after the batch converged is not
-    returned, as in torchdeq."""
+    sampled steps (n_states or indexing) each get a gradient: compat's solver wrapper samples them
+    as the one solve goes (torchdeq's trajectory for fixed-point iteration and Broyden). A sample
+    whose step comes after the batch converged is not returned, as in torchdeq."""
 
     def __init__(self, args=None, ift=False, hook_ift=False, grad=1, tau=1.0, sup_gap=-1, sup_loc=None,
                  n_states=1, indexing=None, **kwargs):

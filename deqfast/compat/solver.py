@@ -12,10 +12,9 @@ often than the solver calls it.
 
 Differences from torchdeq (the README's "From torchdeq" table): a sample stops at the first
 iterate that meets ``tol`` (torchdeq iterates every sample until the whole batch does); Anderson and
-Broyden are deqfast's (Anderson counts its first two evaluations as candidates, Broyden keeps at most
-``LBFGS_thres`` updates and has no line search); ``indexing`` restarts the solver at each sampled step
-from the last f value (the same trajectory as torchdeq's for fixed-point iteration; for Anderson and
-Broyden the history restarts).
+Broyden are deqfast's (Anderson counts its first two evaluations as candidates, though its traces
+start at its third as torchdeq's; Broyden keeps at most ``LBFGS_thres`` updates and has no line search).
+``indexing`` samples the best-so-far state from the wrapper as the one solve goes (no restart).
 """
 from __future__ import annotations
 
@@ -95,6 +94,9 @@ class _Tracker:
         self.best_f = x0
         self.last_fx = x0
         self.n = 0
+        self.steps = []  # torchdeq's step number of each trace column after the first
+        self.positions = frozenset()  # evaluations after which the best-so-far state is sampled (indexing)
+        self.samples = []  # (evaluation, best-so-far state)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         fx = self.f(x)
@@ -135,6 +137,27 @@ class _Tracker:
         if not (self.anderson and self.n <= 2):
             for mode in ("abs", "rel"):
                 self.trace[mode].append(values[mode])
+            self.steps.append(self.n)
+        if self.n in self.positions:
+            self.samples.append((self.n, self.best_f))
+
+    def cut_at_stop(self, tol: float) -> None:
+        """Forget what was recorded after torchdeq's stop: the first step whose largest residual (under
+        stop_mode) is under tol. deqfast's solver, checking every few evaluations on an accelerator,
+        may make a few more (at frozen samples): torchdeq's trace pads those columns with the lowest
+        and samples no state there. One host synchronisation."""
+        if not self.steps:
+            return
+        under = (torch.stack(self.trace[self.stop_mode][1:]).amax(dim=1) < tol).nonzero()
+        if under.numel() == 0:
+            return
+        last = int(under[0, 0]) + 1  # trace columns kept after the first
+        if last < len(self.steps):
+            stop_n = self.steps[last - 1]
+            for mode in ("abs", "rel"):
+                del self.trace[mode][1 + last:]
+            del self.steps[last:]
+            self.samples = [(n, t) for n, t in self.samples if n <= stop_n]
 
     def info(self, max_iter: int) -> SolverStat:
         if self.broyden and self.at_x0 is not None:
@@ -172,25 +195,21 @@ def _solve(kind: str, func: Callable, x0: torch.Tensor, max_iter, tol, stop_mode
     max_iter = int(max_iter)
     broyden = kind == "broyden"
     tracker = _Tracker(f_rows, rows, stop_mode, whole, return_final, broyden=broyden, anderson=kind == "anderson")
-    # torchdeq's Broyden evaluates f max_iter + 1 times (x0, then one per update) and samples the
-    # iterate after update k when k + 1 is listed: positions count evaluations for every solver.
+    # Positions count evaluations. torchdeq's Broyden evaluates f max_iter + 1 times (x0, then one per
+    # update) and samples the iterate after update k when k + 1 is listed (evaluation k + 1); its
+    # Anderson makes its first step at its third evaluation and samples nothing before.
     evaluations = max_iter + 1 if broyden else max_iter
-    positions = sorted({int(p) for p in (indexing or ()) if 1 + broyden <= p <= evaluations})
-    trajectory = []
+    first = {"broyden": 2, "anderson": 3}.get(kind, 1)
+    tracker.positions = frozenset(int(p) for p in (indexing or ()) if first <= p <= evaluations)
     # torchdeq's Anderson records nothing before its third evaluation: with max_iter <= 2 it returns x0.
     skip = max_iter <= 0 or (kind == "anderson" and max_iter <= 2)
     if not skip:
-        start, stats = rows, None
-        ends = positions + ([evaluations] if not positions or positions[-1] != evaluations else [])
-        for end in ends:
-            gap = end - tracker.n
-            before = tracker.n
-            stats = _run(kind, tracker, start, gap, 0.0 if return_final else tol, stop_mode, params, whole)
-            if end in positions and tracker.n - before == gap:
-                trajectory.append(tracker.best_f.view(shape))
-            if tracker.n - before < gap or bool((stats.converged | stats.failed).all()):
-                break  # torchdeq stops sampling once the batch has converged
-            start = tracker.last_fx.detach()
+        # One solve: the states at the indexing steps are sampled from the tracker as it goes (the
+        # solver's history, Anderson's and Broyden's, runs on through them, as torchdeq's).
+        _run(kind, tracker, rows, evaluations, 0.0 if return_final else tol, stop_mode, params, whole)
+        if not return_final and not whole:
+            tracker.cut_at_stop(tol)
+    trajectory = [t.view(shape) for _, t in tracker.samples]
     if indexing and not trajectory:
         trajectory.append(tracker.best_f.view(shape))
     info = tracker.info(max_iter)
