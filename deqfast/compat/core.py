@@ -602,7 +602,8 @@ class DEQSliced(_GradMixin, DEQBase):
             indexing = self._compute_f_iter(fm) if type(fm) in (int, float) else self.indexing
             z_out = []
             for f_max_iter, produce_grad in zip(indexing, self.produce_grad):
-                z_star, _, info = self._run_solver(deq_func, z_star, max(int(f_max_iter), 0), solver_kwargs)
+                # A slice of torchdeq's np.diff can be negative (indexing past f_max_iter): no step, as there.
+                z_star, _, info = self._run_solver(deq_func, z_star, int(f_max_iter), solver_kwargs)
                 z_star = z_star.detach()
                 z_out += produce_grad(deq_func, z_star, writer=backward_writer)
                 z_star = z_out[-1]

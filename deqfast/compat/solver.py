@@ -209,10 +209,12 @@ def _solve(kind: str, func: Callable, x0: torch.Tensor, max_iter, tol, stop_mode
         _run(kind, tracker, rows, evaluations, 0.0 if return_final else tol, stop_mode, params, whole)
         if not return_final and not whole:
             tracker.cut_at_stop(tol)
+    info = tracker.info(max_iter)
+    if skip:  # no step: torchdeq returns x0 itself (requiring grad if it does)
+        return x0, [x0] if indexing else [], info
     trajectory = [t.view(shape) for _, t in tracker.samples]
     if indexing and not trajectory:
         trajectory.append(tracker.best_f.view(shape))
-    info = tracker.info(max_iter)
     return tracker.best_f.detach().view(shape), [t.detach() for t in trajectory], info
 
 
