@@ -180,6 +180,7 @@ class _BackwardWriter:
 
     def record_evaluation(self, v, jtv, grad):
         B = self.rows
+        v, jtv, grad = v.detach(), jtv.detach(), grad.detach()  # statistics, never part of a graph
         if self.tracker is None:
             g = grad.reshape(B, -1)
             self.tracker = _solver._Tracker(None, g, self.stop_mode, False, False, broyden=self.kind == "broyden",
