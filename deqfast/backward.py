@@ -90,11 +90,15 @@ def _warn_inexact_adjoint(caller: str, options: Options, stats: SolverStats) -> 
     if not n_far:
         return
     worst = float(criterion[far].max())
+    max_iter, names = options.backward_max_iter, ("backward_max_iter", "backward_solver", "backward_tol", "stats.backward")
+    if caller == "deqfast.compat":  # the user set torchdeq's keywords (compat's Broyden adjoint: b_max_iter + 1 evaluations)
+        max_iter -= options.backward_solver == "broyden"
+        names = ("b_max_iter", "b_solver", "b_tol", "the backward_writer's info")
     _checks.warn(
-        f"{caller} backward (implicit): the adjoint solve stopped at backward_max_iter={options.backward_max_iter} "
-        f"with {'an' if stop_mode == 'abs' else 'a'} {stop_mode} residual up to {worst:.3g}, more than {INEXACT_ADJOINT_FACTOR:g}x backward_tol={tol:g}, "
-        f"for {n_far} of {stats.batch_size} samples: their gradients are inexact. Raise backward_max_iter, use "
-        f"backward_solver='anderson' (or 'broyden'), or loosen backward_tol; stats.backward has the per-sample residuals",
+        f"{caller} backward (implicit): the adjoint solve stopped at {names[0]}={max_iter} "
+        f"with {'an' if stop_mode == 'abs' else 'a'} {stop_mode} residual up to {worst:.3g}, more than {INEXACT_ADJOINT_FACTOR:g}x {names[2]}={tol:g}, "
+        f"for {n_far} of {stats.batch_size} samples: their gradients are inexact. Raise {names[0]}, use "
+        f"{names[1]}='anderson' (or 'broyden'), or loosen {names[2]}; {names[3]} has the per-sample residuals",
         RuntimeWarning,
     )
 

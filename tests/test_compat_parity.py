@@ -162,7 +162,11 @@ def test_backward_writer_traces_equal_torchdeq(b_solver, b_max_iter):
         deq = lib.get_deq(f_max_iter=40, f_tol=1e-12, ift=True, b_solver=b_solver, b_max_iter=b_max_iter, b_tol=1e-12)
         deq.train()
         z, _ = deq(_f(W, x), _zeros(), backward_writer=calls.append)
-        grads = torch.autograd.grad((z[-1] ** 2).sum(), (W, x))
+        if lib is compat:  # unconverged: compat warns in torchdeq's terms
+            with pytest.warns(RuntimeWarning, match=f"stopped at b_max_iter={b_max_iter} .*b_tol=1e-12"):
+                grads = torch.autograd.grad((z[-1] ** 2).sum(), (W, x))
+        else:
+            grads = torch.autograd.grad((z[-1] ** 2).sum(), (W, x))
         assert len(calls) == 1
         seen.append((calls[0], grads))
     (ref, ref_grads), (info, grads) = seen
