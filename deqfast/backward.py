@@ -74,7 +74,7 @@ def _warn_failed_neumann(caller: str, stats: SolverStats) -> None:
 INEXACT_ADJOINT_FACTOR = 10.0
 
 
-def _warn_inexact_adjoint(caller: str, options: Options, stats: SolverStats) -> None:
+def _warn_inexact_adjoint(caller: str, options: Options, stats: SolverStats, what: str = "adjoint") -> None:
     """Warn when the implicit adjoint stopped (at backward_max_iter) with some sample's residual
     above INEXACT_ADJOINT_FACTOR x backward_tol: its gradient is then inexact. Costs one host
     synchronisation per backward (the adjoint loop already makes one every check_every steps).
@@ -91,10 +91,12 @@ def _warn_inexact_adjoint(caller: str, options: Options, stats: SolverStats) -> 
         return
     worst = float(criterion[far].max())
     _checks.warn(
-        f"{caller} backward (implicit): the adjoint solve stopped at backward_max_iter={options.backward_max_iter} "
+        (f"{caller} backward (implicit): the adjoint solve" if what == "adjoint" else f"{caller}: the {what} solve (implicit)")
+        + f" stopped at backward_max_iter={options.backward_max_iter} "
         f"with {'an' if stop_mode == 'abs' else 'a'} {stop_mode} residual up to {worst:.3g}, more than {INEXACT_ADJOINT_FACTOR:g}x backward_tol={tol:g}, "
-        f"for {n_far} of {stats.batch_size} samples: their gradients are inexact. Raise backward_max_iter, use "
-        f"backward_solver='anderson' (or 'broyden'), or loosen backward_tol; stats.backward has the per-sample residuals",
+        f"for {n_far} of {stats.batch_size} samples: their {'gradients' if what == 'adjoint' else what + 's'} are inexact. Raise backward_max_iter, use "
+        f"backward_solver='anderson' (or 'broyden'), or loosen backward_tol"
+        + ("; stats.backward has the per-sample residuals" if what == "adjoint" else ""),
         RuntimeWarning,
     )
 
@@ -130,6 +132,44 @@ def _not_differentiable_again(u: torch.Tensor, caller: str, *depends_on: torch.T
     return out[0] if isinstance(out, tuple) else out
 
 
+def solve_tangent(f: Callable[[torch.Tensor], torch.Tensor], z_star: torch.Tensor, f_dot: torch.Tensor,
+                  options: Options, caller: str) -> torch.Tensor:
+    """Forward-mode AD through the fixed point: the tangent t of z* = f(z*) solves t = J t + ḟ,
+    with ḟ the tangent of f(z*) from the tangents of what f closes over (x, parameters) and J = ∂f/∂z.
+
+    ``implicit``: the map t ↦ J t + ḟ, which is the tangent of one forward-mode evaluation of f at
+    the dual (z*, t) (the closed-over tensors carry their own tangents, which add ḟ), solved by
+    ``backward_solver`` to ``backward_tol`` (at most ``backward_max_iter`` evaluations, from t = ḟ,
+    the first iterate from 0). ``neumann``: t = Σ_{k<K} J^k ḟ, K = neumann_terms (K − 1 evaluations).
+    f runs under no_grad (no reverse graph is recorded). Returns the tangent (shape of z*)."""
+    from torch.autograd import forward_ad
+
+    def tangent_map(t: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            out = f(forward_ad.make_dual(z_star, t.view_as(z_star) if t.shape != z_star.shape else t))
+        tangent = forward_ad.unpack_dual(out).tangent
+        # f's value may carry no tangent where nothing it reads has one (J t = 0 and ḟ = 0 there)
+        return torch.zeros_like(z_star) if tangent is None else tangent
+
+    f_dot = f_dot.detach()
+    name = "forward-mode tangent"
+    with torch.no_grad(), _solvers._common.entry(f"{caller} {name}"):
+        if options.backward == "neumann":
+            t = f_dot
+            last = f_dot
+            for _ in range(options.neumann_terms - 1):
+                t_next = tangent_map(t)
+                last, t = t_next - t, t_next
+            stats = _neumann_stats(t, last, options.neumann_terms, options.backward_tol,
+                                   options.backward_stop_mode or options.stop_mode, options.per_sample)
+            _warn_failed_neumann(f"{caller} ({name})", stats)
+            return t
+        kwargs = options.solver_kwargs(options.backward_solver, backward=True)
+        t, stats = _solvers.SOLVERS[options.backward_solver](tangent_map, f_dot, **kwargs)
+    _warn_inexact_adjoint(f"{caller} ({name})", options, stats, what="tangent")
+    return t
+
+
 class AdjointFunction(torch.autograd.Function):
     """Identity on f(z*) in forward; in backward replaces the incoming g by the adjoint u.
 
@@ -141,14 +181,24 @@ class AdjointFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, fz, z_leaf, options: Options, stats: SolverStats, on_backward, caller: str = "deqfast.fixed_point",
-                history=None):
+                history=None, tangent=None):
         ctx.save_for_backward(fz, z_leaf)
+        ctx.tangent = tangent  # forward-mode AD: z*'s tangent, solved by solve_tangent
         ctx.caller = caller
         ctx.options = options
         ctx.stats = stats
         ctx.on_backward = on_backward
         ctx.history = history  # the forward solver's history (backward_warm_start), else None
         return fz.detach().clone()
+
+    @staticmethod
+    def jvp(ctx, *input_tangents):
+        """Forward-mode AD: the tangent of z*, solved before apply (:func:`solve_tangent`)."""
+        if ctx.tangent is None:  # pragma: no cover - solve() always solves it where fz has a tangent
+            raise RuntimeError(f"{ctx.caller}: internal error: a forward-mode tangent reached the adjoint "
+                               f"Function without the tangent of z* solved")
+        tangent, ctx.tangent = ctx.tangent, None
+        return tangent
 
     @staticmethod
     def backward(ctx, grad):
@@ -213,7 +263,7 @@ class AdjointFunction(torch.autograd.Function):
             ctx.on_backward(stats)
         if create_graph:
             u = _not_differentiable_again(u, caller, fz, grad_in)
-        return u, None, None, None, None, None, None
+        return u, None, None, None, None, None, None, None
 
 
 # --- backward_warm_start -------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from . import _checks
 from . import solvers as _solvers
 from .solvers import _history
 from ._state import PackedState
-from .backward import AdjointFunction
+from .backward import AdjointFunction, solve_tangent
 from .options import Options
 from .solvers._common import measure_at
 from .stats import SolverStats
@@ -171,19 +171,21 @@ def solve(f: Callable, z0: torch.Tensor, options: Options, *, caller: str,
     jacobian_free = options.backward == "jfb" or (options.backward == "neumann" and options.neumann_terms == 1)
     if jacobian_free or not torch.is_grad_enabled():
         fz = f(z_star)
-        if not jacobian_free:
-            _refuse_forward_ad(fz, options.backward, caller)
         _measure(stats, z_star, fz, options)
+        if not jacobian_free:
+            tangent = _tangent_of_z_star(f, z_star, fz, options, caller)
+            if tangent is not None:
+                fz = _forward_ad.make_dual(_forward_ad.unpack_dual(fz).primal, tangent)
         return fz, stats
 
     z_leaf = z_star.detach().requires_grad_()
     fz = f(z_leaf)
-    _refuse_forward_ad(fz, options.backward, caller)
     _measure(stats, z_star, fz, options)
+    tangent = _tangent_of_z_star(f, z_star, fz, options, caller)
     if not _needs_grad_besides(fz, z_leaf):
         # Nothing f closes over requires grad (a frozen DEQ): z does not either, and no adjoint runs.
-        return fz.detach(), stats
-    return AdjointFunction.apply(fz, z_leaf, options, stats, on_backward, caller, history), stats
+        return (fz.detach() if tangent is None else _forward_ad.make_dual(fz.detach(), tangent)), stats
+    return AdjointFunction.apply(fz, z_leaf, options, stats, on_backward, caller, history, tangent), stats
 
 
 def _forward_ad_active() -> bool:
@@ -199,15 +201,40 @@ def _forward_ad_error(backward: str, caller: str) -> RuntimeError:
     return RuntimeError(
         f"{caller}: forward-mode AD (torch.autograd.forward_ad: a tangent on x or on a tensor f closes over) "
         f"is not supported by backward={backward!r} here: the solve would drop the tangent of z* (no tangent, "
-        f"read as zero, or one step's). Use reverse mode, backward='bptt' with grad enabled and a tensor f closes "
-        f"over requiring grad (the recorded solve carries the tangent), or backward='jfb'/'phantom' (their graphs' tangents)"
+        f"read as zero, or one step's). Use backward='implicit' (the tangent solved at z*, exact) or 'neumann', "
+        f"backward='bptt' with grad enabled and a tensor f closes over requiring grad (the recorded solve carries "
+        f"the tangent), or backward='jfb'/'phantom' (their graphs' tangents)"
     )
 
 
-def _refuse_forward_ad(fz: torch.Tensor, backward: str, caller: str) -> None:
-    """implicit/neumann: f(z*) carries a tangent that the solve's z* does not (no implicit JVP)."""
-    if _has_tangent(fz):
-        raise _forward_ad_error(backward, caller)
+def _tangent_of_z_star(f: Callable, z_star: torch.Tensor, fz: torch.Tensor, options: Options, caller: str):
+    """implicit/neumann under forward-mode AD: f(z*) carries the tangent ḟ of what f closes over
+    (z* itself carries none); the tangent of z* solves t = J t + ḟ (:func:`solve_tangent`). None
+    where fz carries no tangent (no dual level open, or nothing f reads has a tangent).
+
+    The tangent comes without a reverse-mode graph: where ḟ has one (reverse over forward, e.g. a
+    loss on a tangent differentiated in the parameters), differentiating it raises an error that
+    says so instead of silently holding J and z* constant."""
+    if not _forward_ad_active():
+        return None
+    f_dot = _forward_ad.unpack_dual(fz).tangent
+    if f_dot is None:
+        return None
+    tangent = solve_tangent(f, z_star, f_dot, options, caller)
+    if torch.is_grad_enabled() and f_dot.requires_grad:
+        tangent = _tangent_not_differentiable(tangent, f_dot, options.backward, caller)
+    return tangent
+
+
+def _tangent_not_differentiable(tangent: torch.Tensor, f_dot: torch.Tensor, backward: str, caller: str) -> torch.Tensor:
+    message = (
+        f"{caller}: the forward-mode tangent of z* through backward={backward!r} is exact but not differentiable "
+        f"in reverse mode (reverse over forward, e.g. a loss on a tangent differentiated again): it is solved "
+        f"without a graph. Use backward='bptt' (a recorded solve) for that, or differentiate in reverse mode only"
+    )
+    inputs = [tangent.detach().requires_grad_(), f_dot]
+    out = torch._C._functions.DelayedError(message, len(inputs))(*inputs)
+    return out[0] if isinstance(out, tuple) else out
 
 
 def _bptt_refusing_dropped_tangents(f: Callable, z0: torch.Tensor, caller: str) -> Callable:
