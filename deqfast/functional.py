@@ -11,7 +11,7 @@ from . import _checks
 from . import solvers as _solvers
 from .solvers import _history
 from ._state import PackedState
-from .backward import AdjointFunction, solve_tangent
+from .backward import AdjointFunction, ExplicitF, solve_tangent
 from .options import Options
 from .solvers._common import measure_at
 from .stats import SolverStats
@@ -102,7 +102,8 @@ def fixed_point(
     _checks.check_callable("deqfast.fixed_point", "f", f)
     _checks.check_arguments("deqfast.fixed_point", "f", f, "a callable z -> f(z) of one argument", 1,
                             "close over the other arguments, e.g. f = lambda z: cell(z, x)")
-    return solve(f, z0, options, caller="deqfast.fixed_point")
+    explicit = (lambda: ExplicitF(f)) if isinstance(f, torch.nn.Module) else None
+    return solve(f, z0, options, caller="deqfast.fixed_point", explicit=explicit)
 
 
 def _apply_f(caller: str, f: Callable, z: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -116,16 +117,20 @@ def _measure(stats: SolverStats, z_star: torch.Tensor, fz: torch.Tensor, options
 
 def solve(f: Callable, z0: torch.Tensor, options: Options, *, caller: str,
           on_backward: Optional[Callable[[SolverStats], None]] = None,
-          after_solver: Optional[Callable[[SolverStats], None]] = None):
+          after_solver: Optional[Callable[[SolverStats], None]] = None,
+          explicit: Optional[Callable[[], ExplicitF]] = None):
     """Solve with validated ``options``: the engine behind fixed_point, DEQ and compat.
 
     ``on_backward`` is called with the adjoint solve's stats when backward runs. A list/tuple
-    z0 is packed into one (B, D) state and the result unpacked like it."""
+    z0 is packed into one (B, D) state and the result unpacked like it. ``explicit`` (backward
+    "implicit"): a factory of f as an :class:`ExplicitF`, called once where the adjoint Function is
+    used, whose tensors become its inputs so that a second derivative can reach them exactly."""
     if isinstance(z0, (list, tuple)):
         _checks.check_callable(caller, "f", f)
         layout = PackedState(caller, z0)
+        packed = None if explicit is None else (lambda: explicit().packed(layout))
         z, stats = solve(layout.wrap(f), layout.pack(z0), options, caller=caller, on_backward=on_backward,
-                         after_solver=after_solver)
+                         after_solver=after_solver, explicit=packed)
         return layout.unpack(z), stats
     _checks.check_callable(caller, "f", f)
     _checks.check_z0(caller, z0)
@@ -185,6 +190,10 @@ def solve(f: Callable, z0: torch.Tensor, options: Options, *, caller: str,
     if not _needs_grad_besides(fz, z_leaf):
         # Nothing f closes over requires grad (a frozen DEQ): z does not either, and no adjoint runs.
         return (fz.detach() if tangent is None else _forward_ad.make_dual(fz.detach(), tangent)), stats
+    if explicit is not None and options.backward == "implicit":
+        spec = explicit()
+        return AdjointFunction.apply(fz, z_leaf, options, stats, on_backward, caller, history, tangent, spec,
+                                     *spec.tensors), stats
     return AdjointFunction.apply(fz, z_leaf, options, stats, on_backward, caller, history, tangent), stats
 
 
