@@ -317,3 +317,23 @@ def test_what_remains_unsupported_is_a_clear_error():
     (gxx,) = torch.autograd.grad(gx.square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="third derivative is not implemented"):
         torch.autograd.grad(gxx.sum(), params)
+
+
+@pytest.mark.parametrize("kw", [dict(ift=True), dict(hook_ift=True)])
+def test_compat_ift_forward_mode_tangent(kw):
+    """deqfast.compat's IFT gradient under forward_ad: the tangent of z*, (I − J)⁻¹ ∂f/∂x ẋ (torch's
+    "You must implement the jvp function" before). Its second derivative stays an error (f is a
+    closure): tests/test_compat_zoo.py."""
+    from deqfast import compat
+    cell = Cell(seed=17)
+    x, g = _inputs(seed=18)
+    x = x.detach()
+    x_dot = torch.randn(x.shape, generator=g, dtype=F64)
+    deq = compat.get_deq(f_solver="fixed_point_iter", f_max_iter=200, f_tol=1e-13, b_max_iter=400, b_tol=1e-13, **kw)
+    with fwAD.dual_level():
+        xd = fwAD.make_dual(x, x_dot)
+        z_out, _ = deq(lambda z: cell(z, xd), torch.zeros(3, 5, dtype=F64))
+        tangent = fwAD.unpack_dual(z_out[-1]).tangent
+    with torch.no_grad():
+        z_star = _unrolled(cell, x, torch.zeros(3, 5, dtype=F64))
+    torch.testing.assert_close(tangent, _dense_tangent(cell, z_star, x, x_dot), rtol=1e-9, atol=1e-10)
