@@ -106,8 +106,8 @@ _TWICE = (
     "gradient, e.g. a gradient penalty) is {reason}. It is exact for backward='implicit' where deqfast knows "
     "every tensor f differentiates through: deqfast.DEQ with an nn.Module cell (its parameters and x) or a plain "
     "cell whose only such tensor is x, and fixed_point with an nn.Module f (its parameters). Not supported: "
-    "backward='neumann', f closing over other tensors that require grad, third derivatives. backward='jfb', "
-    "'phantom' and 'bptt' are plain autograd graphs and support it"
+    "backward='neumann', f reading other tensors that require grad (or computed before its call), third "
+    "derivatives. backward='jfb', 'phantom' and 'bptt' are plain autograd graphs and support it"
 )
 _TWICE_COMPAT = (
     "deqfast.compat: the IFT gradient (ift=True or hook_ift=True) is differentiable once; a second "
@@ -184,6 +184,7 @@ class ExplicitF:
         self.x_slots = [i for i, t in enumerate(xs) if has_x and isinstance(t, torch.Tensor) and t.requires_grad]
         self.tensors = [p for _, p in named] + [xs[i] for i in self.x_slots]
         self.layout = None  # a PackedState: f maps packed (B, D) states
+        self.first_node = None  # the autograd sequence number at which f's call at z* began, if known
 
     def packed(self, layout) -> "ExplicitF":
         out = object.__new__(ExplicitF)
@@ -217,11 +218,14 @@ def _twice_unsupported(explicit, fz: torch.Tensor, z_leaf: torch.Tensor):
 
     f's forward graph is walked once (only under create_graph=True): every tensor requiring grad it
     reaches besides z* must be one of ``explicit.tensors`` (a leaf parameter, or x where it is the
-    output of an earlier computation: the walk stops there)."""
+    output of an earlier computation: the walk stops there), and every other node it passes must have
+    been made during f's call (a tensor computed before it from the parameters, e.g. a cached weight,
+    would be held constant by the re-evaluation with the parameters replaced)."""
     if explicit is None:
         return "not implemented here: f is a closure, whose tensors deqfast cannot re-evaluate f with"
     known = {id(t) for t in explicit.tensors}
     stops = {t.grad_fn for t in explicit.tensors if t.grad_fn is not None}
+    first = explicit.first_node
     seen, stack = set(), [fz.grad_fn]
     while stack:
         node = stack.pop()
@@ -235,6 +239,9 @@ def _twice_unsupported(explicit, fz: torch.Tensor, z_leaf: torch.Tensor):
                 return (f"not implemented here: f reads a tensor requiring grad (shape {shape}) that is neither a "
                         f"parameter of the module nor x")
             continue
+        if first is not None and node._sequence_nr() < first:
+            return (f"not implemented here: f reads a tensor requiring grad computed before its call "
+                    f"({node.name()}), neither a parameter of the module nor x")
         stack.extend(next_node for next_node, _ in node.next_functions)
     return None
 

@@ -184,6 +184,7 @@ def solve(f: Callable, z0: torch.Tensor, options: Options, *, caller: str,
         return fz, stats
 
     z_leaf = z_star.detach().requires_grad_()
+    first_node = _next_sequence_nr()  # f's graph: the nodes numbered from here (a second derivative checks it)
     fz = f(z_leaf)
     _measure(stats, z_star, fz, options)
     tangent = _tangent_of_z_star(f, z_star, fz, options, caller)
@@ -192,9 +193,13 @@ def solve(f: Callable, z0: torch.Tensor, options: Options, *, caller: str,
         return (fz.detach() if tangent is None else _forward_ad.make_dual(fz.detach(), tangent)), stats
     if explicit is not None and options.backward == "implicit":
         spec = explicit()
+        spec.first_node = first_node
         return AdjointFunction.apply(fz, z_leaf, options, stats, on_backward, caller, history, tangent, spec,
                                      *spec.tensors), stats
     return AdjointFunction.apply(fz, z_leaf, options, stats, on_backward, caller, history, tangent), stats
+
+
+_next_sequence_nr = getattr(torch._C._autograd, "_get_sequence_nr", lambda: None)
 
 
 def _forward_ad_active() -> bool:

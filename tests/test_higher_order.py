@@ -146,7 +146,8 @@ def test_forward_mode_tangent_of_parameters_and_x_through_deq(grad_mode):
     x_dot = torch.randn(x.shape, generator=g, dtype=F64)
     with torch.set_grad_enabled(grad_mode), fwAD.dual_level():
         duals = {n: fwAD.make_dual(p, dots[n]) for n, p in params.items()}
-        out = torch.func.functional_call(layer, {"cell." + n: v for n, v in duals.items()}, (fwAD.make_dual(x, x_dot), torch.zeros(3, 5, dtype=F64)))
+        inputs = (fwAD.make_dual(x, x_dot), torch.zeros(3, 5, dtype=F64))
+        out = torch.func.functional_call(layer, {"cell." + n: v for n, v in duals.items()}, inputs)
         tangent = fwAD.unpack_dual(out).tangent
     with torch.no_grad():
         z_star = _unrolled(cell, x, torch.zeros(3, 5, dtype=F64))
@@ -337,3 +338,25 @@ def test_compat_ift_forward_mode_tangent(kw):
     with torch.no_grad():
         z_star = _unrolled(cell, x, torch.zeros(3, 5, dtype=F64))
     torch.testing.assert_close(tangent, _dense_tangent(cell, z_star, x, x_dot), rtol=1e-9, atol=1e-10)
+
+
+def test_a_tensor_computed_before_the_cell_from_its_parameters_is_an_error():
+    """A cell reading a tensor made outside its call from its own parameter (a cached weight): the
+    re-evaluation with the parameters replaced would hold that path constant, and the walk of f's
+    graph sees a node older than f's call: an error, not a silent answer."""
+    class Cached(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cell = Cell(seed=19)
+            self.cached = None
+
+        def forward(self, z, x):
+            return self.cell(z, x) + 0.1 * self.cached
+
+    cell = Cached()
+    x, g = _inputs(seed=20)
+    cell.cached = cell.cell.b * 2  # computed before the DEQ's call, from a parameter
+    out = deqfast.DEQ(cell, **TIGHT)(x, torch.zeros(3, 5, dtype=F64))
+    (gx,) = torch.autograd.grad(_loss(out, torch.ones(3, 5, dtype=F64)), x, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"computed before its call \(MulBackward0\)"):
+        torch.autograd.grad(gx.square().sum(), list(cell.parameters()))
