@@ -379,7 +379,7 @@ def solve_tangent(f: Callable[[torch.Tensor], torch.Tensor], z_star: torch.Tenso
     def tangent_map(t: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             out = f(forward_ad.make_dual(z_star, t.view_as(z_star) if t.shape != z_star.shape else t))
-        tangent = forward_ad.unpack_dual(out).tangent
+        tangent = _checks.unwrap_jvp(forward_ad.unpack_dual(out).tangent)
         # f's value may carry no tangent where nothing it reads has one (J t = 0 and ḟ = 0 there)
         return torch.zeros_like(z_star) if tangent is None else tangent
 

@@ -136,6 +136,16 @@ def solve(f: Callable, z0: torch.Tensor, options: Options, *, caller: str,
     _checks.check_z0(caller, z0)
     user_f = f
     f = lambda z: _apply_f(caller, user_f, z, z0)  # errors about f's output name the caller
+    f_star = f  # f at z*: under torch.func.jvp its value is wrapped and carries the tangents
+    under_jvp = _checks.jvp_level() is not None
+    if under_jvp:
+        if options.backward == "bptt":
+            raise RuntimeError(
+                f"{caller}: torch.func.jvp through backward='bptt' is not supported (the recorded solver steps "
+                f"run on plain tensors); use backward='implicit', 'neumann', 'jfb' or 'phantom', or "
+                f"torch.autograd.forward_ad with backward='bptt'")
+        z0 = _checks.unwrap_jvp(z0)
+        f = lambda z: _checks.unwrap_jvp(f_star(z))  # the solver iterates on the values
     solver = _solvers.SOLVERS[options.solver]
     kwargs = options.solver_kwargs(options.solver)
 
@@ -167,18 +177,24 @@ def solve(f: Callable, z0: torch.Tensor, options: Options, *, caller: str,
     if options.backward == "phantom":
         z = z_star
         for _ in range(options.phantom_steps):
-            z = torch.lerp(z, f(z), options.phantom_tau)
+            z = torch.lerp(z, f_star(z), options.phantom_tau)
         return z, stats
 
     if z0.shape[0] == 0:  # an empty batch: an empty result whose graph gives empty gradients
-        return f(z_star), stats
+        return f_star(z_star), stats
 
     jacobian_free = options.backward == "jfb" or (options.backward == "neumann" and options.neumann_terms == 1)
-    if jacobian_free or not torch.is_grad_enabled():
-        fz = f(z_star)
-        _measure(stats, z_star, fz, options)
+    if jacobian_free or not torch.is_grad_enabled() or under_jvp:
+        fz = f_star(z_star)
+        if under_jvp and not jacobian_free and torch.is_grad_enabled() and _checks.unwrap_jvp(fz).requires_grad:
+            raise RuntimeError(
+                f"{caller}: under torch.func.jvp, backward={options.backward!r} gives z*'s tangent but no reverse-mode "
+                f"graph, and f reads tensors that require grad with grad enabled; run the jvp under torch.no_grad(), "
+                f"or with tensors that do not require grad (e.g. torch.func.functional_call with detached "
+                f"parameters), or use torch.autograd.forward_ad, where both modes work together")
+        _measure(stats, z_star, _checks.unwrap_jvp(fz), options)
         if not jacobian_free:
-            tangent = _tangent_of_z_star(f, z_star, fz, options, caller)
+            tangent = _tangent_of_z_star(f_star, z_star, fz, options, caller)
             if tangent is not None:
                 fz = _forward_ad.make_dual(_forward_ad.unpack_dual(fz).primal, tangent)
         return fz, stats
@@ -234,6 +250,7 @@ def _tangent_of_z_star(f: Callable, z_star: torch.Tensor, fz: torch.Tensor, opti
     f_dot = _forward_ad.unpack_dual(fz).tangent
     if f_dot is None:
         return None
+    f_dot = _checks.unwrap_jvp(f_dot)
     tangent = solve_tangent(f, z_star, f_dot, options, caller)
     if torch.is_grad_enabled() and f_dot.requires_grad:
         tangent = _tangent_not_differentiable(tangent, f_dot, options.backward, caller)

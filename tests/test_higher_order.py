@@ -360,3 +360,40 @@ def test_a_tensor_computed_before_the_cell_from_its_parameters_is_an_error():
     (gx,) = torch.autograd.grad(_loss(out, torch.ones(3, 5, dtype=F64)), x, create_graph=True)
     with pytest.raises(RuntimeError, match=r"computed before its call \(MulBackward0\)"):
         torch.autograd.grad(gx.square().sum(), list(cell.parameters()))
+
+
+@pytest.mark.parametrize("state", ["tensor", "tuple"])
+def test_torch_func_jvp_equals_dense_solve_and_the_double_vjp_trick(state):
+    """torch.func.jvp (its one transform) through DEQ(implicit): the tangent of x's push-forward equals
+    the dense (I − J)⁻¹ ∂f/∂x ẋ and torch.autograd.functional.jvp's (the double-VJP trick, which runs
+    through the second-order backward); tangents on the parameters via functional_call too."""
+    cell = PairCell() if state == "tuple" else Cell(seed=23)
+    layer = deqfast.DEQ(cell, **TIGHT)
+    x, g = _inputs(seed=24)
+    x = x.detach()
+    x_dot = torch.randn(x.shape, generator=g, dtype=F64)
+    z0 = _zeros(cell, 3)
+    with torch.no_grad():  # the cell's parameters require grad: reverse mode off inside torch.func.jvp
+        out, tangent = torch.func.jvp(lambda xx: layer(xx, z0), (x,), (x_dot,))
+        z_star = _unrolled(cell, x, z0)
+    assert isinstance(out, type(z0)) and isinstance(tangent, type(z0))
+    torch.testing.assert_close(_flat(out), _flat(z_star), rtol=0, atol=1e-12)
+    layout = deqfast._state.PackedState("test", list(z0)) if state == "tuple" else None
+    f_flat = (lambda z, xx: layout.pack(cell(tuple(layout.unpack(z)), xx))) if layout else cell
+    expected = _dense_tangent(f_flat, _flat(z_star), x, x_dot)
+    torch.testing.assert_close(_flat(tangent), expected, rtol=1e-10, atol=1e-11)
+    _, double_vjp = torch.autograd.functional.jvp(lambda xx: _flat(layer(xx, z0)), x, x_dot)
+    torch.testing.assert_close(double_vjp, expected, rtol=1e-10, atol=1e-11)
+    if state == "tensor":
+        params = {n: p.detach() for n, p in layer.named_parameters()}
+        dots = {n: torch.randn(p.shape, generator=g, dtype=F64) for n, p in params.items()}
+        _, t_params = torch.func.jvp(lambda p: torch.func.functional_call(layer, p, (x, z0)), (params,), (dots,))
+        with fwAD.dual_level():
+            duals = {n: fwAD.make_dual(p, dots[n]) for n, p in params.items()}
+            t_fw = fwAD.unpack_dual(torch.func.functional_call(layer, duals, (x, z0))).tangent
+        torch.testing.assert_close(t_params, t_fw, rtol=1e-12, atol=1e-13)
+        with pytest.raises(RuntimeError, match="under torch.func.jvp.*no reverse-mode graph.*torch.no_grad"):
+            torch.func.jvp(lambda xx: layer(xx, z0), (x,), (x_dot,))  # grad on, parameters requiring grad
+        with pytest.raises(RuntimeError, match="torch.func.jvp through backward='bptt' is not supported"):
+            with torch.no_grad():
+                torch.func.jvp(lambda xx: deqfast.DEQ(cell, backward="bptt")(xx, z0), (x,), (x_dot,))
