@@ -379,11 +379,13 @@ def solve_tangent(f: Callable[[torch.Tensor], torch.Tensor], z_star: torch.Tenso
     def tangent_map(t: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             out = f(forward_ad.make_dual(z_star, t.view_as(z_star) if t.shape != z_star.shape else t))
-        tangent = _checks.unwrap_jvp(forward_ad.unpack_dual(out).tangent)
+        tangent = forward_ad.unpack_dual(out).tangent
+        tangent = _checks.unwrap_jvp(tangent) if under_jvp else tangent
         # f's value may carry no tangent where nothing it reads has one (J t = 0 and ḟ = 0 there)
         return torch.zeros_like(z_star) if tangent is None else tangent
 
     f_dot = f_dot.detach()
+    under_jvp = _checks.jvp_level() is not None
     name = "forward-mode tangent"
     with torch.no_grad(), _solvers._common.entry(f"{caller} {name}"):
         if options.backward == "neumann":
@@ -409,6 +411,11 @@ class AdjointFunction(torch.autograd.Function):
     reaches x and every parameter f closes over, so returning u as the gradient of ``fz`` lets
     autograd carry uᵀ ∂f/∂θ to all of them (no hooks, DDP-safe). The VJPs Jᵀv reuse that same
     graph (retain_graph=True): f is never re-run in backward.
+
+    Forward-mode AD: ``tangent`` (z*'s, from :func:`solve_tangent`) is what :meth:`jvp` returns.
+    ``explicit`` (an :class:`ExplicitF`) and its tensors ``theta`` (inputs, whose first-order gradient
+    is None: they reach them through f's graph): under create_graph=True the backward returns their
+    gradients built for exact second derivatives instead (:func:`implicit_vjp`), f's graph unused.
     """
 
     @staticmethod

@@ -192,7 +192,7 @@ def solve(f: Callable, z0: torch.Tensor, options: Options, *, caller: str,
                 f"graph, and f reads tensors that require grad with grad enabled; run the jvp under torch.no_grad(), "
                 f"or with tensors that do not require grad (e.g. torch.func.functional_call with detached "
                 f"parameters), or use torch.autograd.forward_ad, where both modes work together")
-        _measure(stats, z_star, _checks.unwrap_jvp(fz), options)
+        _measure(stats, z_star, _checks.unwrap_jvp(fz) if under_jvp else fz, options)
         if not jacobian_free:
             tangent = _tangent_of_z_star(f_star, z_star, fz, options, caller)
             if tangent is not None:
@@ -250,7 +250,8 @@ def _tangent_of_z_star(f: Callable, z_star: torch.Tensor, fz: torch.Tensor, opti
     f_dot = _forward_ad.unpack_dual(fz).tangent
     if f_dot is None:
         return None
-    f_dot = _checks.unwrap_jvp(f_dot)
+    if _checks.jvp_level() is not None:
+        f_dot = _checks.unwrap_jvp(f_dot)
     tangent = solve_tangent(f, z_star, f_dot, options, caller)
     if torch.is_grad_enabled() and f_dot.requires_grad:
         tangent = _tangent_not_differentiable(tangent, f_dot, options.backward, caller)
