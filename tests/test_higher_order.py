@@ -175,15 +175,19 @@ def test_forward_mode_tangent_is_not_differentiated_silently():
 # --- second derivatives --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("state", ["tensor", "tuple"])
-def test_gradient_penalties_equal_full_unrolling(state):
+@pytest.mark.parametrize("state,keywords", [
+    ("tensor", {}), ("tuple", {}), ("tensor", dict(backward_solver="anderson")),
+    ("tensor", dict(backward_solver="broyden", per_sample=False)),
+    ("tensor", dict(compact=True, solver="anderson", backward_warm_start=True))])
+def test_gradient_penalties_equal_full_unrolling(state, keywords):
     """d/d(x, θ) of ‖∂L/∂x‖² and of ‖∂L/∂θ‖² through DEQ(backward="implicit") equal those of f
-    unrolled UNROLL times with autograd (contraction 0.5: converged far below float64 rounding)."""
+    unrolled UNROLL times with autograd (contraction 0.5: converged far below float64 rounding),
+    with each adjoint solver, coupled rows, compaction and a warm-started first-order adjoint."""
     cell = PairCell() if state == "tuple" else Cell()
     x, g = _inputs()
     B = x.shape[0]
     c = torch.randn(B, 7 if state == "tuple" else 5, generator=g, dtype=F64)
-    layer = deqfast.DEQ(cell, **TIGHT)
+    layer = deqfast.DEQ(cell, **TIGHT, **keywords)
     z0 = _zeros(cell, B)
     got = _penalties(lambda xx: layer(xx, z0), cell, x, c)
     expected = _penalties(lambda xx: _unrolled(cell, xx, z0), cell, x, c)
