@@ -125,12 +125,32 @@ def _in_func_transform_eagerly(t: torch.Tensor) -> bool:
 _is_legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda t: False)
 
 
+def jvp_level():
+    """1 when the one torch.func transform active is torch.func.jvp (its tensors are then wrapped at
+    level 1 and carry forward-mode tangents, which fixed_point and DEQ handle), else None."""
+    if _is_compiling():
+        return None
+    functorch = torch._C._functorch
+    top = functorch.peek_interpreter_stack()
+    if top is None or top.level() != 1 or top.key() != functorch.TransformType.Jvp:
+        return None
+    return 1
+
+
+def unwrap_jvp(t):
+    """t's value under torch.func.jvp (the tensor its level-1 wrapper holds); t itself elsewhere."""
+    if isinstance(t, torch.Tensor) and torch._C._functorch.is_gradtrackingtensor(t):
+        return torch._C._functorch._unwrap_for_grad(t, 1)
+    return t
+
+
 def check_not_in_func_transform(caller: str, name: str, t: torch.Tensor) -> None:
-    if in_func_transform(t):
+    if in_func_transform(t) and not (jvp_level() is not None and not torch._C._functorch.is_batchedtensor(t)):
         raise RuntimeError(
-            f"{caller}: {name} is a tensor of a torch.func transform (vmap, grad, jacrev, jvp, ...), which "
-            f"deqfast does not support; call deqfast outside the transform (it already solves a whole batch "
-            f"along dim 0, and its backward modes give the gradients)"
+            f"{caller}: {name} is a tensor of a torch.func transform (vmap, grad, jacrev, nested transforms, ...), "
+            f"which deqfast does not support (torch.func.jvp alone is, and torch.autograd.forward_ad); call deqfast "
+            f"outside the transform (it already solves a whole batch along dim 0, and its backward modes give the "
+            f"gradients)"
         )
 
 

@@ -74,7 +74,7 @@ def _warn_failed_neumann(caller: str, stats: SolverStats) -> None:
 INEXACT_ADJOINT_FACTOR = 10.0
 
 
-def _warn_inexact_adjoint(caller: str, options: Options, stats: SolverStats) -> None:
+def _warn_inexact_adjoint(caller: str, options: Options, stats: SolverStats, what: str = "adjoint") -> None:
     """Warn when the implicit adjoint stopped (at backward_max_iter) with some sample's residual
     above INEXACT_ADJOINT_FACTOR x backward_tol: its gradient is then inexact. Costs one host
     synchronisation per backward (the adjoint loop already makes one every check_every steps).
@@ -95,29 +95,43 @@ def _warn_inexact_adjoint(caller: str, options: Options, stats: SolverStats) -> 
         max_iter -= options.backward_solver == "broyden"
         names = ("b_max_iter", "b_solver", "b_tol", "the backward_writer's info")
     _checks.warn(
-        f"{caller} backward (implicit): the adjoint solve stopped at {names[0]}={max_iter} "
+        (f"{caller} backward (implicit): the adjoint solve" if what == "adjoint" else f"{caller}: the {what} solve (implicit)")
+        + f" stopped at {names[0]}={max_iter} "
         f"with {'an' if stop_mode == 'abs' else 'a'} {stop_mode} residual up to {worst:.3g}, more than {INEXACT_ADJOINT_FACTOR:g}x {names[2]}={tol:g}, "
-        f"for {n_far} of {stats.batch_size} samples: their gradients are inexact. Raise {names[0]}, use "
-        f"{names[1]}='anderson' (or 'broyden'), or loosen {names[2]}; {names[3]} has the per-sample residuals",
+        f"for {n_far} of {stats.batch_size} samples: their {'gradients' if what == 'adjoint' else what + 's'} are inexact. Raise {names[0]}, use "
+        f"{names[1]}='anderson' (or 'broyden'), or loosen {names[2]}"
+        + (f"; {names[3]} has the per-sample residuals" if what == "adjoint" else ""),
         RuntimeWarning,
     )
 
 
 _TWICE = (
-    "deqfast: the implicit/neumann gradient is differentiable once; a second derivative through it "
-    "(create_graph=True, then differentiating the gradient) is not implemented. backward='jfb', "
-    "'phantom' and 'bptt' are plain autograd graphs and support it"
+    "deqfast: a second derivative through backward={backward!r} (create_graph=True, then differentiating the "
+    "gradient, e.g. a gradient penalty) is {reason}. It is exact for backward='implicit' where deqfast knows "
+    "every tensor f differentiates through: deqfast.DEQ with an nn.Module cell (its parameters and x) or a plain "
+    "cell whose only such tensor is x, and fixed_point with an nn.Module f (its parameters). Not supported: "
+    "backward='neumann', f reading other tensors that require grad (or computed before its call), third "
+    "derivatives. backward='jfb', 'phantom' and 'bptt' are plain autograd graphs and support it"
 )
 _TWICE_COMPAT = (
     "deqfast.compat: the IFT gradient (ift=True or hook_ift=True) is differentiable once; a second "
     "derivative through it (create_graph=True, then differentiating the gradient, e.g. a loss on "
-    "d output / d input) is not implemented. Without ift and hook_ift (torchdeq's default), grad=k "
+    "d output / d input) is not implemented: torchdeq's f is a closure whose tensors deqfast cannot "
+    "re-evaluate (deqfast.DEQ with an nn.Module cell and backward='implicit' supports it exactly). Without ift "
+    "and hook_ift (torchdeq's default), grad=k "
     "(torchdeq's phantom gradient, as deq-zoo's INR configs use) is a plain autograd graph and supports it. "
     "(torchdeq 0.1.0 runs this case but holds the adjoint constant: its second derivative is not exact)"
 )
 
 
-def _not_differentiable_again(u: torch.Tensor, caller: str, *depends_on: torch.Tensor) -> torch.Tensor:
+def _twice_message(caller: str, backward: str, reason) -> str:
+    if caller.startswith("deqfast.compat"):
+        return _TWICE_COMPAT
+    return _TWICE.format(backward=backward, reason=reason or "not implemented for backward={!r}".format(backward))
+
+
+def _not_differentiable_again(u: torch.Tensor, caller: str, *depends_on: torch.Tensor, reason=None,
+                              backward: str = "neumann") -> torch.Tensor:
     """u, as a tensor whose differentiation raises _TWICE (_TWICE_COMPAT under deqfast.compat), torch's
     once_differentiable mechanism.
 
@@ -129,9 +143,269 @@ def _not_differentiable_again(u: torch.Tensor, caller: str, *depends_on: torch.T
     detached u alone was skipped by ``torch.autograd.grad(..., inputs=params)``, which then
     returned the second derivative without u's part (found: 4.67 where the exact value is 8.09)."""
     inputs = [u.detach().requires_grad_()] + [t for t in depends_on if t is not None and t.requires_grad]
-    message = _TWICE_COMPAT if caller.startswith("deqfast.compat") else _TWICE
+    message = _twice_message(caller, backward, reason)
     out = torch._C._functions.DelayedError(message, len(inputs))(*inputs)
     return out[0] if isinstance(out, tuple) else out
+
+
+def _pop_history(ctx):
+    """ctx.history, removed from ctx: the solve frees its buffers once the preconditioner is built."""
+    history, ctx.history = ctx.history, None
+    return history
+
+
+# --- second derivatives through backward="implicit" ---------------------------------------------
+#
+# The gradient a parameter θ gets is ∂f/∂θᵀ u, u = (I − Jᵀ)⁻¹ g, all at z*(θ). Differentiating it
+# again needs (1) u as a differentiable function of g, z* and θ, and (2) z* itself as one of θ. Both
+# are implicit functions, whose derivatives are solves with J or Jᵀ; the graph f builds in forward
+# (at a detached z*, the one f evaluation of the first-order path) has neither. So under
+# create_graph=True the backward re-evaluates f at z* once more, as a function of explicit tensors:
+#   z  = _FixedPoint(z*; θ)           value z*, VJP ζ̄ ↦ ∂f/∂θᵀ (I − Jᵀ)⁻¹ ζ̄ (implicit_vjp again);
+#   f_c = f(z, θ') with θ' = aliases of θ (so ∂/∂θ' is the partial at fixed z; z reaches θ itself);
+#   v  = _AdjointValue(g + Jᵀv*)      value v* (the adjoint solve), VJP v̄ ↦ w = (I − J)⁻¹ v̄ into
+#                                     g + Jᵀv*: g gets w, (z, θ') get ∂(wᵀJᵀv*) (Jᵀv* one differentiable VJP);
+#   ∂L/∂θ = autograd.grad(f_c, θ', v, create_graph=True).
+# Returned through the AdjointFunction's θ inputs, this is the first-order gradient (same value) with
+# a graph whose derivative is exact. It needs the tensors f differentiates through as inputs of the
+# forward's Function: deqfast.DEQ passes its cell's parameters and x (:class:`ExplicitF`).
+
+
+class ExplicitF:
+    """f(z) as a function of z and of the tensors it differentiates through (``tensors``): the
+    parameters (requiring grad) of an nn.Module f or cell, and x's tensors requiring grad, called with
+    those tensors replaced (torch.func.functional_call)."""
+
+    def __init__(self, fn, x=None, has_x: bool = False):
+        self.fn = fn
+        self.has_x = has_x
+        module = fn if isinstance(fn, torch.nn.Module) else None
+        self.module = module
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad] if module is not None else []
+        self.names = [n for n, _ in named]
+        self.x = x
+        xs = list(x) if isinstance(x, (list, tuple)) else [x]
+        self.x_slots = [i for i, t in enumerate(xs) if has_x and isinstance(t, torch.Tensor) and t.requires_grad]
+        self.tensors = [p for _, p in named] + [xs[i] for i in self.x_slots]
+        self.layout = None  # a PackedState: f maps packed (B, D) states
+        self.first_node = None  # the autograd sequence number at which f's call at z* began, if known
+
+    def packed(self, layout) -> "ExplicitF":
+        out = object.__new__(ExplicitF)
+        out.__dict__.update(self.__dict__)
+        out.layout = layout
+        return out
+
+    def __call__(self, z: torch.Tensor, tensors) -> torch.Tensor:
+        if self.layout is not None:
+            inner = object.__new__(ExplicitF)
+            inner.__dict__.update(self.__dict__)
+            inner.layout = None
+            return self.layout.wrap(lambda parts: inner(parts, tensors))(z)
+        n = len(self.names)
+        args = (z,)
+        if self.has_x:
+            x = self.x
+            if self.x_slots:
+                xs = list(x) if isinstance(x, (list, tuple)) else [x]
+                for slot, t in zip(self.x_slots, tensors[n:]):
+                    xs[slot] = t
+                x = type(x)(xs) if isinstance(x, (list, tuple)) else xs[0]
+            args = (z, x)
+        if self.module is None:
+            return self.fn(*args)
+        return torch.func.functional_call(self.module, dict(zip(self.names, tensors[:n])), args, strict=False)
+
+
+def _twice_unsupported(explicit, fz: torch.Tensor, z_leaf: torch.Tensor):
+    """None where a second derivative through implicit is exact (see above), else why not (for _TWICE).
+
+    f's forward graph is walked once (only under create_graph=True): every tensor requiring grad it
+    reaches besides z* must be one of ``explicit.tensors`` (a leaf parameter, or x where it is the
+    output of an earlier computation: the walk stops there), and every other node it passes must have
+    been made during f's call (a tensor computed before it from the parameters, e.g. a cached weight,
+    would be held constant by the re-evaluation with the parameters replaced)."""
+    if explicit is None:
+        return "not implemented here: f is a closure, whose tensors deqfast cannot re-evaluate f with"
+    known = {id(t) for t in explicit.tensors}
+    stops = {t.grad_fn for t in explicit.tensors if t.grad_fn is not None}
+    first = explicit.first_node
+    seen, stack = set(), [fz.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen or node in stops:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            if variable is not z_leaf and id(variable) not in known:
+                shape = tuple(variable.shape)
+                return (f"not implemented here: f reads a tensor requiring grad (shape {shape}) that is neither a "
+                        f"parameter of the module nor x")
+            continue
+        if first is not None and node._sequence_nr() < first:
+            return (f"not implemented here: f reads a tensor requiring grad computed before its call "
+                    f"({node.name()}), neither a parameter of the module nor x")
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return None
+
+
+def implicit_vjp(cotangent: torch.Tensor, z_star: torch.Tensor, explicit: ExplicitF, options: Options, caller: str,
+                 create_graph: bool):
+    """(∂f/∂θᵀ (I − Jᵀ)⁻¹ c for θ in explicit.tensors (None where unused), the adjoint solve's stats), at
+    the fixed point z*: the VJP of z*(θ). With create_graph, a graph exact to second order (see above)."""
+    theta = explicit.tensors
+    with torch.enable_grad():
+        z = _FixedPoint.apply(z_star, explicit, options, caller, *theta) if create_graph else \
+            z_star.detach().requires_grad_()
+        aliases = [t.view_as(t) for t in theta]
+        fz = explicit(z, aliases)
+
+        def vjp(v):
+            jtv = torch.autograd.grad(fz, z, v, retain_graph=True, allow_unused=True)[0]
+            return torch.zeros_like(v) if jtv is None else jtv
+
+        v, stats = solve_adjoint(vjp, cotangent.detach(), options, None, caller)
+        if create_graph:
+            jtv = torch.autograd.grad(fz, z, v, create_graph=True, allow_unused=True)[0]
+            y = cotangent if jtv is None else cotangent + jtv
+            if y.requires_grad:
+                v = _AdjointValue.apply(y, v, _TransposedSolve(fz, z, options, caller))
+        grads = torch.autograd.grad(fz, aliases, v, create_graph=create_graph, allow_unused=True)
+    return grads, stats
+
+
+class _TransposedSolve:
+    """w = (I − J)⁻¹ v̄, i.e. w = v̄ + J w, with J w from the graph of f_c by the double-VJP trick."""
+
+    def __init__(self, fz, z, options: Options, caller: str):
+        self.fz, self.z, self.options, self.caller = fz, z, options, caller
+
+    def __call__(self, v_bar: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            lam = torch.zeros_like(self.z, requires_grad=True)
+            jt_lam = torch.autograd.grad(self.fz, self.z, lam, create_graph=True, allow_unused=True)[0]
+
+            def jvp(w):
+                if jt_lam is None or not jt_lam.requires_grad:
+                    return torch.zeros_like(w)
+                jw = torch.autograd.grad(jt_lam, lam, w, retain_graph=True, allow_unused=True)[0]
+                return torch.zeros_like(w) if jw is None else jw
+
+            w, _ = solve_adjoint(jvp, v_bar.detach(), self.options, None, self.caller + " (second order)")
+        return w
+
+
+class _AdjointValue(torch.autograd.Function):
+    """Value v* (the solved adjoint); backward replaces v̄ by (I − J)⁻¹ v̄ on y = g + Jᵀv*."""
+
+    @staticmethod
+    def forward(ctx, y, v, transposed_solve):
+        ctx.transposed_solve = transposed_solve
+        return v.detach().clone()
+
+    @staticmethod
+    def backward(ctx, v_bar):
+        w = ctx.transposed_solve(v_bar)
+        if torch.is_grad_enabled():  # a third derivative
+            w = _not_differentiable_again(w, "deqfast", v_bar, reason="exact to second order only: a third "
+                                          "derivative is not implemented", backward="implicit")
+        return w, None, None
+
+
+class _FixedPoint(torch.autograd.Function):
+    """z* as a function of the tensors f differentiates through: value z*, VJP ζ̄ ↦ ∂f/∂θᵀ (I − Jᵀ)⁻¹ ζ̄."""
+
+    @staticmethod
+    def forward(ctx, z_star, explicit, options, caller, *theta):
+        ctx.explicit, ctx.options, ctx.caller = explicit, options, caller
+        ctx.save_for_backward(z_star)
+        return z_star.detach().clone()
+
+    @staticmethod
+    def backward(ctx, z_bar):
+        z_star, = ctx.saved_tensors
+        grads, _ = implicit_vjp(z_bar, z_star, ctx.explicit, ctx.options, ctx.caller,
+                                create_graph=torch.is_grad_enabled())
+        return (None, None, None, None) + tuple(grads)
+
+
+def solve_adjoint(vjp: Callable[[torch.Tensor], torch.Tensor], grad: torch.Tensor, options: Options, history,
+                  caller: str):
+    """u = g + Jᵀu (``implicit``: ``backward_solver`` to ``backward_tol``, warm-started from the forward's
+    ``history`` where given) or u = Σ_{k<K} (Jᵀ)^k g (``neumann``), with ``vjp(v) = Jᵀv``. Returns (u, stats)."""
+    with _solvers._common.entry(f"{caller} backward"):
+        if options.backward == "neumann":
+            u, last = neumann_series(vjp, grad, options.neumann_terms)
+            stats = _neumann_stats(u, last, options.neumann_terms, options.backward_tol,
+                                   options.backward_stop_mode or options.stop_mode, options.per_sample)
+            _warn_failed_neumann(caller, stats)
+        else:
+            kwargs = options.solver_kwargs(options.backward_solver, backward=True)
+            with torch.no_grad():
+                precondition = warm_preconditioner(history, grad, options.lam)
+                history = None
+                if precondition is not None and options.backward_solver == "fixed_point":
+                    del kwargs["tau"]
+                    u, stats = warm_adjoint_iteration(vjp, grad, precondition, **kwargs)
+                elif precondition is not None and options.backward_solver == "anderson":
+                    del kwargs["tau"]
+                    u, stats = warm_adjoint_anderson(vjp, grad, precondition, **kwargs)
+                elif options.backward_solver == "fixed_point":
+                    del kwargs["tau"]
+                    u, stats = adjoint_iteration(vjp, grad, **kwargs)
+                else:
+                    solver = _solvers.SOLVERS[options.backward_solver]
+                    rows = grad.shape[0] if options.per_sample else 1
+                    u0 = torch.zeros_like(grad) if precondition is None else \
+                        precondition(grad.reshape(rows, -1)).reshape(grad.shape)
+                    # Broyden warm-started: H starts at −M (from the forward's history), not −I.
+                    seeded = precondition is not None and options.backward_solver == "broyden"
+                    with _history.seed(*precondition.broyden_seed(grad.dtype)) if seeded else contextlib.nullcontext():
+                        u, stats = solver(lambda v: grad + vjp(v), u0, **kwargs)
+    if options.backward == "implicit":
+        _warn_inexact_adjoint(caller, options, stats)
+    return u, stats
+
+
+def solve_tangent(f: Callable[[torch.Tensor], torch.Tensor], z_star: torch.Tensor, f_dot: torch.Tensor,
+                  options: Options, caller: str) -> torch.Tensor:
+    """Forward-mode AD through the fixed point: the tangent t of z* = f(z*) solves t = J t + ḟ,
+    with ḟ the tangent of f(z*) from the tangents of what f closes over (x, parameters) and J = ∂f/∂z.
+
+    ``implicit``: the map t ↦ J t + ḟ, which is the tangent of one forward-mode evaluation of f at
+    the dual (z*, t) (the closed-over tensors carry their own tangents, which add ḟ), solved by
+    ``backward_solver`` to ``backward_tol`` (at most ``backward_max_iter`` evaluations, from t = ḟ,
+    the first iterate from 0). ``neumann``: t = Σ_{k<K} J^k ḟ, K = neumann_terms (K − 1 evaluations).
+    f runs under no_grad (no reverse graph is recorded). Returns the tangent (shape of z*)."""
+    from torch.autograd import forward_ad
+
+    def tangent_map(t: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            out = f(forward_ad.make_dual(z_star, t.view_as(z_star) if t.shape != z_star.shape else t))
+        tangent = forward_ad.unpack_dual(out).tangent
+        tangent = _checks.unwrap_jvp(tangent) if under_jvp else tangent
+        # f's value may carry no tangent where nothing it reads has one (J t = 0 and ḟ = 0 there)
+        return torch.zeros_like(z_star) if tangent is None else tangent
+
+    f_dot = f_dot.detach()
+    under_jvp = _checks.jvp_level() is not None
+    name = "forward-mode tangent"
+    with torch.no_grad(), _solvers._common.entry(f"{caller} {name}"):
+        if options.backward == "neumann":
+            t = f_dot
+            last = f_dot
+            for _ in range(options.neumann_terms - 1):
+                t_next = tangent_map(t)
+                last, t = t_next - t, t_next
+            stats = _neumann_stats(t, last, options.neumann_terms, options.backward_tol,
+                                   options.backward_stop_mode or options.stop_mode, options.per_sample)
+            _warn_failed_neumann(f"{caller} ({name})", stats)
+            return t
+        kwargs = options.solver_kwargs(options.backward_solver, backward=True)
+        t, stats = _solvers.SOLVERS[options.backward_solver](tangent_map, f_dot, **kwargs)
+    _warn_inexact_adjoint(f"{caller} ({name})", options, stats, what="tangent")
+    return t
 
 
 class AdjointFunction(torch.autograd.Function):
@@ -141,18 +415,36 @@ class AdjointFunction(torch.autograd.Function):
     reaches x and every parameter f closes over, so returning u as the gradient of ``fz`` lets
     autograd carry uᵀ ∂f/∂θ to all of them (no hooks, DDP-safe). The VJPs Jᵀv reuse that same
     graph (retain_graph=True): f is never re-run in backward.
+
+    Forward-mode AD: ``tangent`` (z*'s, from :func:`solve_tangent`) is what :meth:`jvp` returns.
+    ``explicit`` (an :class:`ExplicitF`) and its tensors ``theta`` (inputs, whose first-order gradient
+    is None: they reach them through f's graph): under create_graph=True the backward returns their
+    gradients built for exact second derivatives instead (:func:`implicit_vjp`), f's graph unused.
     """
 
     @staticmethod
     def forward(ctx, fz, z_leaf, options: Options, stats: SolverStats, on_backward, caller: str = "deqfast.fixed_point",
-                history=None):
+                history=None, tangent=None, explicit=None, *theta):
         ctx.save_for_backward(fz, z_leaf)
+        # explicit: f as a function of z and the tensors it differentiates through (``theta``, inputs
+        # here so that a second-order gradient can reach them; their first-order gradient is None)
+        ctx.explicit = explicit
+        ctx.tangent = tangent  # forward-mode AD: z*'s tangent, solved by solve_tangent
         ctx.caller = caller
         ctx.options = options
         ctx.stats = stats
         ctx.on_backward = on_backward
         ctx.history = history  # the forward solver's history (backward_warm_start), else None
         return fz.detach().clone()
+
+    @staticmethod
+    def jvp(ctx, *input_tangents):
+        """Forward-mode AD: the tangent of z*, solved before apply (:func:`solve_tangent`)."""
+        if ctx.tangent is None:  # pragma: no cover - solve() always solves it where fz has a tangent
+            raise RuntimeError(f"{ctx.caller}: internal error: a forward-mode tangent reached the adjoint "
+                               f"Function without the tangent of z* solved")
+        tangent, ctx.tangent = ctx.tangent, None
+        return tangent
 
     @staticmethod
     def backward(ctx, grad):
@@ -185,43 +477,29 @@ class AdjointFunction(torch.autograd.Function):
                 record(v, jtv, grad)
             return jtv
 
-        with torch.enable_grad(), _solvers._common.entry(f"{caller} backward"):
-            if options.backward == "neumann":
-                u, last = neumann_series(vjp, grad, options.neumann_terms)
-                stats = _neumann_stats(u, last, options.neumann_terms, options.backward_tol,
-                                       options.backward_stop_mode or options.stop_mode, options.per_sample)
-                _warn_failed_neumann(caller, stats)
-            else:
-                kwargs = options.solver_kwargs(options.backward_solver, backward=True)
-                with torch.no_grad():
-                    precondition = warm_preconditioner(ctx.history, grad, options.lam)
-                    ctx.history = None  # its buffers are no longer needed
-                    if precondition is not None and options.backward_solver == "fixed_point":
-                        del kwargs["tau"]
-                        u, stats = warm_adjoint_iteration(vjp, grad, precondition, **kwargs)
-                    elif precondition is not None and options.backward_solver == "anderson":
-                        del kwargs["tau"]
-                        u, stats = warm_adjoint_anderson(vjp, grad, precondition, **kwargs)
-                    elif options.backward_solver == "fixed_point":
-                        del kwargs["tau"]
-                        u, stats = adjoint_iteration(vjp, grad, **kwargs)
-                    else:
-                        solver = _solvers.SOLVERS[options.backward_solver]
-                        rows = grad.shape[0] if options.per_sample else 1
-                        u0 = torch.zeros_like(grad) if precondition is None else \
-                            precondition(grad.reshape(rows, -1)).reshape(grad.shape)
-                        # Broyden warm-started: H starts at −M (from the forward's history), not −I.
-                        seeded = precondition is not None and options.backward_solver == "broyden"
-                        with _history.seed(*precondition.broyden_seed(grad.dtype)) if seeded else contextlib.nullcontext():
-                            u, stats = solver(lambda v: grad + vjp(v), u0, **kwargs)
-            if options.backward == "implicit":
-                _warn_inexact_adjoint(caller, options, stats)
+        explicit = getattr(ctx, "explicit", None)
+        n_theta = len(explicit.tensors) if explicit is not None else 0
+        if create_graph and options.backward == "implicit":
+            unsupported = _twice_unsupported(explicit, fz, z_leaf)
+            if unsupported is None:
+                # Exact second derivatives: the gradient built from differentiable pieces (implicit_vjp).
+                ctx.history = None
+                grads, stats = implicit_vjp(grad_in, z_leaf.detach(), explicit, options, caller, create_graph=True)
+                ctx.stats.backward = stats
+                if ctx.on_backward is not None:
+                    ctx.on_backward(stats)
+                return (None,) * 9 + tuple(grads)
+        else:
+            unsupported = None
+
+        with torch.enable_grad():
+            u, stats = solve_adjoint(vjp, grad, options, _pop_history(ctx), caller)
         ctx.stats.backward = stats
         if ctx.on_backward is not None:
             ctx.on_backward(stats)
         if create_graph:
-            u = _not_differentiable_again(u, caller, fz, grad_in)
-        return u, None, None, None, None, None, None
+            u = _not_differentiable_again(u, caller, fz, grad_in, reason=unsupported, backward=options.backward)
+        return (u,) + (None,) * (8 + n_theta)
 
 
 # --- backward_warm_start -------------------------------------------------------------------------

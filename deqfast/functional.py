@@ -11,7 +11,7 @@ from . import _checks
 from . import solvers as _solvers
 from .solvers import _history
 from ._state import PackedState
-from .backward import AdjointFunction
+from .backward import AdjointFunction, ExplicitF, solve_tangent
 from .options import Options
 from .solvers._common import measure_at
 from .stats import SolverStats
@@ -102,7 +102,8 @@ def fixed_point(
     _checks.check_callable("deqfast.fixed_point", "f", f)
     _checks.check_arguments("deqfast.fixed_point", "f", f, "a callable z -> f(z) of one argument", 1,
                             "close over the other arguments, e.g. f = lambda z: cell(z, x)")
-    return solve(f, z0, options, caller="deqfast.fixed_point")
+    explicit = (lambda: ExplicitF(f)) if isinstance(f, torch.nn.Module) else None
+    return solve(f, z0, options, caller="deqfast.fixed_point", explicit=explicit)
 
 
 def _apply_f(caller: str, f: Callable, z: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -116,21 +117,35 @@ def _measure(stats: SolverStats, z_star: torch.Tensor, fz: torch.Tensor, options
 
 def solve(f: Callable, z0: torch.Tensor, options: Options, *, caller: str,
           on_backward: Optional[Callable[[SolverStats], None]] = None,
-          after_solver: Optional[Callable[[SolverStats], None]] = None):
+          after_solver: Optional[Callable[[SolverStats], None]] = None,
+          explicit: Optional[Callable[[], ExplicitF]] = None):
     """Solve with validated ``options``: the engine behind fixed_point, DEQ and compat.
 
     ``on_backward`` is called with the adjoint solve's stats when backward runs. A list/tuple
-    z0 is packed into one (B, D) state and the result unpacked like it."""
+    z0 is packed into one (B, D) state and the result unpacked like it. ``explicit`` (backward
+    "implicit"): a factory of f as an :class:`ExplicitF`, called once where the adjoint Function is
+    used, whose tensors become its inputs so that a second derivative can reach them exactly."""
     if isinstance(z0, (list, tuple)):
         _checks.check_callable(caller, "f", f)
         layout = PackedState(caller, z0)
+        packed = None if explicit is None else (lambda: explicit().packed(layout))
         z, stats = solve(layout.wrap(f), layout.pack(z0), options, caller=caller, on_backward=on_backward,
-                         after_solver=after_solver)
+                         after_solver=after_solver, explicit=packed)
         return layout.unpack(z), stats
     _checks.check_callable(caller, "f", f)
     _checks.check_z0(caller, z0)
     user_f = f
     f = lambda z: _apply_f(caller, user_f, z, z0)  # errors about f's output name the caller
+    f_star = f  # f at z*: under torch.func.jvp its value is wrapped and carries the tangents
+    under_jvp = _checks.jvp_level() is not None
+    if under_jvp:
+        if options.backward == "bptt":
+            raise RuntimeError(
+                f"{caller}: torch.func.jvp through backward='bptt' is not supported (the recorded solver steps "
+                f"run on plain tensors); use backward='implicit', 'neumann', 'jfb' or 'phantom', or "
+                f"torch.autograd.forward_ad with backward='bptt'")
+        z0 = _checks.unwrap_jvp(z0)
+        f = lambda z: _checks.unwrap_jvp(f_star(z))  # the solver iterates on the values
     solver = _solvers.SOLVERS[options.solver]
     kwargs = options.solver_kwargs(options.solver)
 
@@ -162,28 +177,45 @@ def solve(f: Callable, z0: torch.Tensor, options: Options, *, caller: str,
     if options.backward == "phantom":
         z = z_star
         for _ in range(options.phantom_steps):
-            z = torch.lerp(z, f(z), options.phantom_tau)
+            z = torch.lerp(z, f_star(z), options.phantom_tau)
         return z, stats
 
     if z0.shape[0] == 0:  # an empty batch: an empty result whose graph gives empty gradients
-        return f(z_star), stats
+        return f_star(z_star), stats
 
     jacobian_free = options.backward == "jfb" or (options.backward == "neumann" and options.neumann_terms == 1)
-    if jacobian_free or not torch.is_grad_enabled():
-        fz = f(z_star)
+    if jacobian_free or not torch.is_grad_enabled() or under_jvp:
+        fz = f_star(z_star)
+        if under_jvp and not jacobian_free and torch.is_grad_enabled() and _checks.unwrap_jvp(fz).requires_grad:
+            raise RuntimeError(
+                f"{caller}: under torch.func.jvp, backward={options.backward!r} gives z*'s tangent but no reverse-mode "
+                f"graph, and f reads tensors that require grad with grad enabled; run the jvp under torch.no_grad(), "
+                f"or with tensors that do not require grad (e.g. torch.func.functional_call with detached "
+                f"parameters), or use torch.autograd.forward_ad, where both modes work together")
+        _measure(stats, z_star, _checks.unwrap_jvp(fz) if under_jvp else fz, options)
         if not jacobian_free:
-            _refuse_forward_ad(fz, options.backward, caller)
-        _measure(stats, z_star, fz, options)
+            tangent = _tangent_of_z_star(f_star, z_star, fz, options, caller)
+            if tangent is not None:
+                fz = _forward_ad.make_dual(_forward_ad.unpack_dual(fz).primal, tangent)
         return fz, stats
 
     z_leaf = z_star.detach().requires_grad_()
+    first_node = _next_sequence_nr()  # f's graph: the nodes numbered from here (a second derivative checks it)
     fz = f(z_leaf)
-    _refuse_forward_ad(fz, options.backward, caller)
     _measure(stats, z_star, fz, options)
+    tangent = _tangent_of_z_star(f, z_star, fz, options, caller)
     if not _needs_grad_besides(fz, z_leaf):
         # Nothing f closes over requires grad (a frozen DEQ): z does not either, and no adjoint runs.
-        return fz.detach(), stats
-    return AdjointFunction.apply(fz, z_leaf, options, stats, on_backward, caller, history), stats
+        return (fz.detach() if tangent is None else _forward_ad.make_dual(fz.detach(), tangent)), stats
+    if explicit is not None and options.backward == "implicit":
+        spec = explicit()
+        spec.first_node = first_node
+        return AdjointFunction.apply(fz, z_leaf, options, stats, on_backward, caller, history, tangent, spec,
+                                     *spec.tensors), stats
+    return AdjointFunction.apply(fz, z_leaf, options, stats, on_backward, caller, history, tangent), stats
+
+
+_next_sequence_nr = getattr(torch._C._autograd, "_get_sequence_nr", lambda: None)
 
 
 def _forward_ad_active() -> bool:
@@ -199,15 +231,42 @@ def _forward_ad_error(backward: str, caller: str) -> RuntimeError:
     return RuntimeError(
         f"{caller}: forward-mode AD (torch.autograd.forward_ad: a tangent on x or on a tensor f closes over) "
         f"is not supported by backward={backward!r} here: the solve would drop the tangent of z* (no tangent, "
-        f"read as zero, or one step's). Use reverse mode, backward='bptt' with grad enabled and a tensor f closes "
-        f"over requiring grad (the recorded solve carries the tangent), or backward='jfb'/'phantom' (their graphs' tangents)"
+        f"read as zero, or one step's). Use backward='implicit' (the tangent solved at z*, exact) or 'neumann', "
+        f"backward='bptt' with grad enabled and a tensor f closes over requiring grad (the recorded solve carries "
+        f"the tangent), or backward='jfb'/'phantom' (their graphs' tangents)"
     )
 
 
-def _refuse_forward_ad(fz: torch.Tensor, backward: str, caller: str) -> None:
-    """implicit/neumann: f(z*) carries a tangent that the solve's z* does not (no implicit JVP)."""
-    if _has_tangent(fz):
-        raise _forward_ad_error(backward, caller)
+def _tangent_of_z_star(f: Callable, z_star: torch.Tensor, fz: torch.Tensor, options: Options, caller: str):
+    """implicit/neumann under forward-mode AD: f(z*) carries the tangent ḟ of what f closes over
+    (z* itself carries none); the tangent of z* solves t = J t + ḟ (:func:`solve_tangent`). None
+    where fz carries no tangent (no dual level open, or nothing f reads has a tangent).
+
+    The tangent comes without a reverse-mode graph: where ḟ has one (reverse over forward, e.g. a
+    loss on a tangent differentiated in the parameters), differentiating it raises an error that
+    says so instead of silently holding J and z* constant."""
+    if not _forward_ad_active():
+        return None
+    f_dot = _forward_ad.unpack_dual(fz).tangent
+    if f_dot is None:
+        return None
+    if _checks.jvp_level() is not None:
+        f_dot = _checks.unwrap_jvp(f_dot)
+    tangent = solve_tangent(f, z_star, f_dot, options, caller)
+    if torch.is_grad_enabled() and f_dot.requires_grad:
+        tangent = _tangent_not_differentiable(tangent, f_dot, options.backward, caller)
+    return tangent
+
+
+def _tangent_not_differentiable(tangent: torch.Tensor, f_dot: torch.Tensor, backward: str, caller: str) -> torch.Tensor:
+    message = (
+        f"{caller}: the forward-mode tangent of z* through backward={backward!r} is exact but not differentiable "
+        f"in reverse mode (reverse over forward, e.g. a loss on a tangent differentiated again): it is solved "
+        f"without a graph. Use backward='bptt' (a recorded solve) for that, or differentiate in reverse mode only"
+    )
+    inputs = [tangent.detach().requires_grad_(), f_dot]
+    out = torch._C._functions.DelayedError(message, len(inputs))(*inputs)
+    return out[0] if isinstance(out, tuple) else out
 
 
 def _bptt_refusing_dropped_tangents(f: Callable, z0: torch.Tensor, caller: str) -> Callable:

@@ -12,6 +12,7 @@ from torch import nn
 from . import _checks
 from .dropout import VariationalDropout, record_users, reset_dropout
 from .solvers import _active, _graph
+from .backward import ExplicitF
 from .functional import solve
 from .options import Options
 from .stats import SolverStats
@@ -117,8 +118,14 @@ class DEQ(nn.Module):
                 return self._compact_forward(x, z0)
             if self.options.cuda_graph and self._graphs_keepable(x, z0):
                 return self._graphed_forward(x, z0)
-            z, self.stats = solve(lambda z: self.cell(z, x), z0, self.options, caller="deqfast.DEQ")
+            z, self.stats = solve(lambda z: self.cell(z, x), z0, self.options, caller="deqfast.DEQ",
+                                  explicit=self._explicit(x))
             return z
+
+    def _explicit(self, x):
+        """The cell as a function of z and of its parameters and x (for exact second derivatives
+        through backward="implicit"), built only where the adjoint Function is used."""
+        return lambda: ExplicitF(self.cell, x, has_x=True)
 
     def _warn_plain_dropout(self) -> None:
         """Warn once if the cell holds a torch.nn dropout in training mode: it draws a new mask at
@@ -179,7 +186,8 @@ class DEQ(nn.Module):
 
         before = kept.graphs.captures
         with _graph.reuse(kept.graphs), _no_autocast_cache(_first(z0).device.type):
-            z, self.stats = solve(f, z0, self.options, caller="deqfast.DEQ", after_solver=solver_done)
+            z, self.stats = solve(f, z0, self.options, caller="deqfast.DEQ", after_solver=solver_done,
+                                  explicit=self._explicit(x))
         self.graph_captures += kept.graphs.captures - before
         return z
 
@@ -248,7 +256,8 @@ class DEQ(nn.Module):
             solving[0] = False
 
         with _active.track(active):
-            z, self.stats = solve(f, z0, self.options, caller="deqfast.DEQ", after_solver=solver_done)
+            z, self.stats = solve(f, z0, self.options, caller="deqfast.DEQ", after_solver=solver_done,
+                                  explicit=self._explicit(x))
         self.rows_evaluated = evaluated[0]
         return z
 

@@ -29,7 +29,8 @@ from torch import autograd, nn
 
 from .. import _checks
 from .._state import PackedState
-from ..backward import AdjointFunction, _not_differentiable_again
+from ..backward import AdjointFunction, _not_differentiable_again, solve_tangent
+from ..functional import _forward_ad, _forward_ad_active, _tangent_not_differentiable
 from ..options import Options
 from ..solvers import _history
 from . import solver as _solver
@@ -478,13 +479,41 @@ class _GradMixin:
             with torch.enable_grad():
                 fz = deq_func(z_leaf.view(shape)).reshape(z_leaf.shape)
             history, self._history = self._history, None
+            tangent = self._tangent(deq_func, z_leaf.detach(), fz, shape)
             out = AdjointFunction.apply(fz, z_leaf, self._b_options, types.SimpleNamespace(backward=None), on_backward,
-                                      "deqfast.compat", history)
+                                      "deqfast.compat", history, tangent)
             return [out.view(shape)]
         new_z = deq_func(z_pred)
         at = z_pred if self.hook_ift else new_z.detach()
         history, self._history = self._history, None
-        return [_IFTGrad.apply(new_z, at, deq_func, self, writer if not own else on_backward, history)]
+        tangent = None
+        if _forward_ad.unpack_dual(new_z).tangent is not None if _forward_ad_active() else False:
+            if not own:
+                raise RuntimeError(
+                    "deqfast.compat: forward-mode AD (torch.autograd.forward_ad) through the IFT gradient is supported "
+                    "with deqfast's own b_solver (the tangent of z* solved as t = J t + ḟ), not with a registered "
+                    f"b_solver ({self.b_solver_name!r}), whose algorithm deqfast cannot apply to the tangent")
+            whole = bool(self._coupled)
+            flat = at.reshape(1, -1) if whole else at
+            with torch.no_grad():
+                fz = deq_func(flat.view(at.shape)).reshape(flat.shape)
+            tangent = self._tangent(deq_func, flat, fz, at.shape)
+            tangent = None if tangent is None else tangent.view(at.shape)
+        return [_IFTGrad.apply(new_z, at, deq_func, self, writer if not own else on_backward, history, tangent)]
+
+    def _tangent(self, deq_func, z_flat, fz, shape):
+        """Forward-mode AD: the tangent of z* (t = J t + ḟ, the adjoint's solver and limits), where f(z*)
+        carries a tangent ḟ from what f closes over; else None."""
+        if not _forward_ad_active():
+            return None
+        f_dot = _forward_ad.unpack_dual(fz).tangent
+        if f_dot is None:
+            return None
+        f_flat = lambda z: deq_func(z.view(shape)).reshape(z_flat.shape)
+        tangent = solve_tangent(f_flat, z_flat.detach(), f_dot.reshape(z_flat.shape), self._b_options, "deqfast.compat")
+        if torch.is_grad_enabled() and f_dot.requires_grad:
+            tangent = _tangent_not_differentiable(tangent, f_dot, "implicit", "deqfast.compat")
+        return tangent
 
 
 def _autocast_for_backward(at: torch.Tensor):
@@ -503,11 +532,17 @@ class _IFTGrad(autograd.Function):
     """Identity on new_z = f(z_pred); backward solves the adjoint equation with J at ``at``."""
 
     @staticmethod
-    def forward(ctx, new_z, at, deq_func, deq, writer, history=None):
+    def forward(ctx, new_z, at, deq_func, deq, writer, history=None, tangent=None):
         ctx.deq_func, ctx.deq, ctx.writer, ctx.history = deq_func, deq, writer, history
+        ctx.tangent = tangent  # forward-mode AD: the tangent of z* (DEQBase._tangent)
         ctx.autocast = _autocast_for_backward(at)
         ctx.save_for_backward(at)
         return new_z.detach().clone()
+
+    @staticmethod
+    def jvp(ctx, *input_tangents):
+        tangent, ctx.tangent = ctx.tangent, None
+        return tangent
 
     @staticmethod
     def backward(ctx, grad):
@@ -536,7 +571,7 @@ class _IFTGrad(autograd.Function):
                 ctx.writer(info)
             if torch.is_grad_enabled():  # create_graph: as deqfast's own adjoint, no silent second derivative
                 u = _not_differentiable_again(u, "deqfast.compat", fh, grad)
-        return u, None, None, None, None, None
+        return u, None, None, None, None, None, None
 
 
 class DEQIndexing(_GradMixin, DEQBase):
