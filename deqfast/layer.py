@@ -112,12 +112,14 @@ class DEQ(nn.Module):
             for mod in getattr(self, "_dropout_users", {}).values():  # those a plain-callable cell used last time
                 mod.reset()
         self._dropout_users = {}
-        with record_users(self._dropout_users):
+        norms = _RunningStats(self.cell) if self.options.backward != "bptt" else None
+        with record_users(self._dropout_users), (norms or contextlib.nullcontext()):
             if self.compact and self.options.backward != "bptt":
-                return self._compact_forward(x, z0)
+                return self._compact_forward(x, z0, norms)
             if self.options.cuda_graph and self._graphs_keepable(x, z0):
-                return self._graphed_forward(x, z0)
-            z, self.stats = solve(lambda z: self.cell(z, x), z0, self.options, caller="deqfast.DEQ")
+                return self._graphed_forward(x, z0, norms)
+            z, self.stats = solve(lambda z: self.cell(z, x), z0, self.options, caller="deqfast.DEQ",
+                                  after_solver=norms.release if norms else None)
             return z
 
     def _warn_plain_dropout(self) -> None:
@@ -156,7 +158,7 @@ class DEQ(nn.Module):
                   for t in itertools.chain(self.cell.parameters(), self.cell.buffers())),
         )
 
-    def _graphed_forward(self, x, z0):
+    def _graphed_forward(self, x, z0, norms=None):
         """The solve with the cell reading static copies of x, and the graphs of the last solve
         with the same key replayed (captured on the first)."""
         xs = [x] if isinstance(x, torch.Tensor) else list(x)
@@ -176,6 +178,8 @@ class DEQ(nn.Module):
 
         def solver_done(_stats):
             solving[0] = False
+            if norms:
+                norms.release(_stats)
 
         before = kept.graphs.captures
         with _graph.reuse(kept.graphs), _no_autocast_cache(_first(z0).device.type):
@@ -189,7 +193,7 @@ class DEQ(nn.Module):
         state["_dropout_users"] = {}  # nor references to modules outside the layer
         return state
 
-    def _compact_forward(self, x, z0):
+    def _compact_forward(self, x, z0, norms=None):
         """The solve with the cell evaluated on the samples still active at the last host check.
 
         Each call gathers those samples' rows of z and x, calls the cell on them and scatters the
@@ -246,6 +250,8 @@ class DEQ(nn.Module):
 
         def solver_done(_stats):
             solving[0] = False
+            if norms:
+                norms.release(_stats)
 
         with _active.track(active):
             z, self.stats = solve(f, z0, self.options, caller="deqfast.DEQ", after_solver=solver_done)
@@ -255,6 +261,41 @@ class DEQ(nn.Module):
     def extra_repr(self) -> str:
         o = self.options
         return f"solver={o.solver!r}, max_iter={o.max_iter}, tol={o.tol}, backward={o.backward!r}"
+
+
+class _RunningStats:
+    """The cell's batch-norm layers (``torch.nn.modules.batchnorm._BatchNorm``: BatchNorm1d/2d/3d,
+    SyncBatchNorm, the lazy ones) in training mode with running statistics: while the solver
+    iterates they normalise with the batch's statistics as always but do not update their running
+    statistics (nor ``num_batches_tracked``), which would otherwise take one momentum step per
+    solver iteration, mostly from iterates far from the equilibrium (z0 = 0 first). ``release``
+    (after the solve) turns the updates back on, so the evaluation at the equilibrium, f(z*),
+    updates them: once per forward (implicit, neumann, jfb; phantom: once per phantom step).
+
+    Done by setting ``track_running_stats`` to False during the solve (a module's forward reads
+    it at each call); a context manager, so it is restored if the solve raises. Falsy when the
+    cell holds no such layer (a cell that is not a module: none found)."""
+
+    def __init__(self, cell):
+        self.modules = [mod for mod in cell.modules() if isinstance(mod, nn.modules.batchnorm._BatchNorm)
+                        and mod.training and mod.track_running_stats] if isinstance(cell, nn.Module) else []
+
+    def __bool__(self) -> bool:
+        return bool(self.modules)
+
+    def __enter__(self):
+        for mod in self.modules:
+            mod.track_running_stats = False
+        return self
+
+    def release(self, _stats=None) -> None:
+        for mod in self.modules:
+            mod.track_running_stats = True
+        self.modules = []
+
+    def __exit__(self, *exc):
+        self.release()
+        return False
 
 
 def _parts(z):

@@ -75,3 +75,123 @@ def test_anderson_bptt_gradient_is_finite_when_a_residual_reaches_exactly_zero()
         # BPTT through a converged solve approaches the implicit gradient (float32 iterates)
         assert rel_err(x.grad, dx) < 1e-4, shape
         assert rel_err(a.grad, (torch.cos(z64) * dx).sum()) < 1e-4, shape
+
+
+# --- batch norm in the cell, training mode ------------------------------------------------------
+
+C, H = 3, 4
+
+
+class NormCell(nn.Module):
+    """f(z, x) = tanh(0.5 norm(conv(z)) + x), a contraction for these weights."""
+
+    def __init__(self, norm="bn", momentum=0.1):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.conv = nn.Conv2d(C, C, 3, padding=1)
+        with torch.no_grad():
+            self.conv.weight.copy_(0.3 * torch.randn(self.conv.weight.shape, generator=g) / 3)
+            self.conv.bias.copy_(0.1 * torch.randn(C, generator=g))
+        self.norm = {"bn": lambda: nn.BatchNorm2d(C, momentum=momentum),
+                     "gn": lambda: nn.GroupNorm(1, C), "ln": lambda: nn.LayerNorm([C, H, H])}[norm]()
+
+    def forward(self, z, x):
+        return torch.tanh(0.5 * self.norm(self.conv(z)) + x)
+
+
+def _bn_input():
+    torch.manual_seed(3)
+    return torch.randn(6, C, H, H)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("backward", ["implicit", "jfb", "phantom"])
+def test_batch_norm_running_stats_come_from_the_equilibrium(backward, momentum):
+    """BatchNorm in training mode normalises with batch statistics at every f call, and used to
+    take one running-statistics step per call too: 20-30 momentum steps per forward, mostly from
+    iterates far from the equilibrium (z0 = 0 first), and num_batches_tracked counting solver
+    iterations; with momentum=None (a cumulative average) the running mean averaged every iterate
+    (fails without the fix). Now the solve leaves them alone and the evaluation at the equilibrium
+    updates them: once per forward (phantom: once per phantom step). Oracle: the batch mean and
+    unbiased variance of conv(z*) with z* from float64 iteration."""
+    cell = NormCell(momentum=momentum)
+    oracle = copy.deepcopy(cell).double()
+    x = _bn_input()
+    layer = deqfast.DEQ(cell, tol=1e-6, max_iter=100, backward=backward, phantom_steps=3)
+    z = layer(x)
+    steps = 3 if backward == "phantom" else 1
+    assert int(cell.norm.num_batches_tracked) == steps
+    assert layer.stats.converged.all()
+    x64 = x.double()
+    z_star = fixed_point_oracle(lambda z: oracle(z, x64), torch.zeros_like(x64))
+    h = oracle.conv(z_star)
+    mean, var = h.mean(dim=(0, 2, 3)), h.var(dim=(0, 2, 3), unbiased=True)
+    if momentum is None:  # the cumulative average of `steps` updates at (nearly) z*
+        expected_mean, expected_var = mean, var
+    else:
+        keep = (1 - momentum) ** steps
+        expected_mean, expected_var = (1 - keep) * mean, keep * 1.0 + (1 - keep) * var
+    assert torch.allclose(cell.norm.running_mean.double(), expected_mean, atol=2e-5, rtol=1e-4)
+    assert torch.allclose(cell.norm.running_var.double(), expected_var, atol=2e-5, rtol=1e-4)
+    assert cell.norm.track_running_stats  # restored
+    z.sum().backward()  # (the backward re-runs nothing: no further update)
+    assert int(cell.norm.num_batches_tracked) == steps
+
+
+def test_batch_norm_eval_mode_and_bptt_are_as_before():
+    """Eval mode uses (and keeps) the running statistics; bptt records every iteration as the
+    model itself, so each of its f calls still updates them, as in a plain unrolled network."""
+    cell = NormCell()
+    x = _bn_input()
+    layer = deqfast.DEQ(cell, tol=1e-5, max_iter=100, backward="bptt")
+    calls = []
+    cell.register_forward_hook(lambda *args: calls.append(1))
+    layer(x)
+    assert int(cell.norm.num_batches_tracked) == len(calls) > 3
+    cell.eval()
+    before = cell.norm.running_mean.clone()
+    tracked = int(cell.norm.num_batches_tracked)
+    layer(x)
+    assert torch.equal(cell.norm.running_mean, before) and int(cell.norm.num_batches_tracked) == tracked
+
+
+def test_batch_norm_flag_is_restored_when_the_solve_raises():
+    cell = NormCell()
+    layer = deqfast.DEQ(cell, max_iter=10)
+
+    class Boom(Exception):
+        pass
+
+    calls = [0]
+
+    def hook(*args):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise Boom
+
+    handle = cell.conv.register_forward_hook(hook)
+    with pytest.raises(Boom):
+        layer(_bn_input())
+    handle.remove()
+    assert cell.norm.track_running_stats
+    assert int(cell.norm.num_batches_tracked) == 0
+
+
+@pytest.mark.parametrize("norm, per_sample", [("bn", False), ("bn", True), ("gn", True), ("ln", True)])
+def test_normalised_cell_gradient_matches_the_dense_implicit_gradient(norm, per_sample):
+    """Batch norm couples the samples (its statistics are over the batch); group and layer norm do
+    not. In float64 the implicit gradient through each matches the dense solve over the whole
+    state, with per_sample=False and, for batch norm too, with the default (the adjoint's VJPs are
+    over the whole batch; the frozen rows are within tol)."""
+    cell = NormCell(norm).double()
+    oracle = copy.deepcopy(cell)
+    x = _bn_input().double().requires_grad_()
+    layer = deqfast.DEQ(cell, tol=1e-12, max_iter=200, backward_tol=1e-12, backward_max_iter=300,
+                        backward_solver="anderson", per_sample=per_sample)
+    weighted_loss(layer(x)).backward()
+    x64 = x.detach().clone().requires_grad_()
+    f = lambda z: oracle(z, x64)  # noqa: E731
+    z_star = fixed_point_oracle(f, torch.zeros_like(x64))
+    gW, gx = implicit_gradients(f, z_star, weighted_loss, [oracle.conv.weight, x64])
+    assert rel_err(cell.conv.weight.grad, gW) < 1e-6
+    assert rel_err(x.grad, gx) < 1e-6
