@@ -195,3 +195,68 @@ def test_normalised_cell_gradient_matches_the_dense_implicit_gradient(norm, per_
     gW, gx = implicit_gradients(f, z_star, weighted_loss, [oracle.conv.weight, x64])
     assert rel_err(cell.conv.weight.grad, gW) < 1e-6
     assert rel_err(x.grad, gx) < 1e-6
+
+
+# --- parametrizations under parametrize.cached() --------------------------------------------------
+
+class LinearCell(nn.Module):
+    def __init__(self, d=6, dtype=torch.float32):
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.lin = nn.Linear(d, d).to(dtype)
+        with torch.no_grad():
+            self.lin.weight.copy_(0.4 * torch.randn(d, d, generator=g) / d ** 0.5)
+
+    def forward(self, z, x):
+        return torch.tanh(self.lin(z) + x)
+
+
+@pytest.mark.parametrize("backward", ["implicit", "phantom", "jfb"])
+@pytest.mark.parametrize("kind", ["weight_norm", "spectral_norm"])
+def test_a_parametrized_weight_cached_during_the_solve_still_gets_its_gradient(kind, backward):
+    """Under torch.nn.utils.parametrize.cached() the weight is computed once and kept. First read
+    inside the solver's no_grad, the kept weight had no graph, so the parametrization's parameters
+    (weight_norm's g and v, spectral_norm's original) got no gradient, silently (grad None; fails
+    without the fix). The solve now drops what it put in the cache, so f(z*) computes the weight
+    again with grad. The gradients are those of the same step without caching."""
+    torch.manual_seed(0)
+    cell = LinearCell()
+    (weight_norm if kind == "weight_norm" else spectral_norm)(cell.lin)
+    cell.eval()  # spectral_norm's power iteration stays put: one weight for both runs
+    x = torch.randn(4, 6)
+    layer = deqfast.DEQ(cell, tol=1e-6, backward=backward, backward_tol=1e-8)
+
+    def grads(cached):
+        cell.zero_grad()
+        if cached:
+            with parametrize.cached():
+                weighted_loss(layer(x)).backward()
+        else:
+            weighted_loss(layer(x)).backward()
+        return {name: p.grad for name, p in cell.named_parameters()}
+
+    plain, cached = grads(False), grads(True)
+    for name in plain:
+        assert cached[name] is not None, name
+        assert torch.allclose(cached[name], plain[name], rtol=1e-5, atol=1e-7), name
+
+
+def test_cached_parametrization_with_fixed_point_and_the_oracle():
+    """The same through deqfast.fixed_point (any closure), against the dense float64 oracle; a
+    weight the user cached before the solve, with grad, is kept (not computed again)."""
+    torch.manual_seed(0)
+    cell = LinearCell()
+    weight_norm(cell.lin)
+    x = torch.randn(4, 6)
+    with parametrize.cached():
+        z, _ = deqfast.fixed_point(lambda z: cell(z, x), torch.zeros(4, 6), tol=1e-7, backward_tol=1e-8)
+        weighted_loss(z).backward()
+        w = cell.lin.weight
+        assert w.requires_grad and cell.lin.weight is w  # cached with grad by f(z*), then kept
+    oracle = copy.deepcopy(cell).double()
+    f = lambda z: oracle(z, x.double())  # noqa: E731
+    z_star = fixed_point_oracle(f, torch.zeros(4, 6))
+    params = list(oracle.lin.parametrizations.weight.parameters())
+    expected = implicit_gradients(f, z_star, weighted_loss, params)
+    for p, e in zip(cell.lin.parametrizations.weight.parameters(), expected):
+        assert rel_err(p.grad, e) < 1e-5
