@@ -90,7 +90,8 @@ class DEQ(nn.Module):
                                 f"{_checks.conversion_hint(x, 'x')}"
                                 + ("; with a list/tuple x (several inputs) pass z0 as well" if isinstance(x, (list, tuple)) else ""))
             if not x.is_floating_point():
-                raise TypeError(f"deqfast.DEQ: x must be floating point when z0 is not given (z0 = zeros_like(x)), got {x.dtype}")
+                raise TypeError(f"deqfast.DEQ: x must be floating point when z0 is not given (z0 = zeros_like(x)), got "
+                                f"{x.dtype}{_checks.complex_hint(x, 'z0')}")
             _checks.check_not_in_func_transform("deqfast.DEQ", "x", x)
             z0 = torch.zeros_like(x)
         elif _batch_mismatch(x, z0):
@@ -210,6 +211,15 @@ class DEQ(nn.Module):
         if self.training and isinstance(self.cell, nn.Module) and any(
                 isinstance(mod, VariationalDropout) and mod.p > 0 for mod in self.cell.modules()):
             raise dropout_error
+        if isinstance(self.cell, nn.Module):
+            for name, mod in self.cell.named_modules():
+                # batch statistics: training mode, or no running statistics to use in eval
+                if isinstance(mod, nn.modules.batchnorm._BatchNorm) and (mod.training or mod.running_mean is None):
+                    raise ValueError(
+                        f"{caller}: the cell's {type(mod).__name__} at {('cell.' + name) if name else 'cell'} "
+                        f"normalises with the statistics of the whole batch, so the samples are coupled and the "
+                        f"active ones alone would be normalised differently (a silently different f); use "
+                        f"compact=False, or a per-sample norm (GroupNorm, LayerNorm) or that layer in eval mode")
         active = _active.ActiveSet()
         evaluated = [0]
         solving = [True]

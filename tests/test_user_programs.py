@@ -177,6 +177,24 @@ def test_batch_norm_flag_is_restored_when_the_solve_raises():
     assert int(cell.norm.num_batches_tracked) == 0
 
 
+def test_compact_refuses_a_cell_with_batch_statistics():
+    """compact=True evaluates the cell on the active samples alone: batch norm would normalise them
+    with their own statistics, a silently different f (the result differed from compact=False by
+    far more than tol). A clear error now, naming the layer; in eval mode (running statistics,
+    per sample) compaction is allowed and gives compact=False's result."""
+    cell = NormCell()
+    x = _bn_input()
+    with pytest.raises(ValueError, match=r"compact=True\): the cell's BatchNorm2d at cell.norm normalises with the "
+                                         r"statistics of the whole batch.*use compact=False"):
+        deqfast.DEQ(cell, compact=True)(x)
+    assert cell.norm.track_running_stats and int(cell.norm.num_batches_tracked) == 0
+    cell.eval()
+    with torch.no_grad():
+        compact = deqfast.DEQ(cell, compact=True, tol=1e-6)(x)
+        full = deqfast.DEQ(cell, tol=1e-6)(x)
+    assert torch.allclose(compact, full, atol=1e-5)
+
+
 @pytest.mark.parametrize("norm, per_sample", [("bn", False), ("bn", True), ("gn", True), ("ln", True)])
 def test_normalised_cell_gradient_matches_the_dense_implicit_gradient(norm, per_sample):
     """Batch norm couples the samples (its statistics are over the batch); group and layer norm do
@@ -260,3 +278,39 @@ def test_cached_parametrization_with_fixed_point_and_the_oracle():
     expected = implicit_gradients(f, z_star, weighted_loss, params)
     for p, e in zip(cell.lin.parametrizations.weight.parameters(), expected):
         assert rel_err(p.grad, e) < 1e-5
+
+
+# --- complex states -------------------------------------------------------------------------------
+
+def test_a_complex_state_is_refused_with_the_real_view_recipe_which_solves_it_exactly():
+    """A complex z0 (or x for DEQ without z0, or a complex f(z)) is a TypeError naming the dtype and
+    the recipe: solve torch.view_as_real of the state. The recipe, checked against the float64
+    oracle on the real view: values and the complex gradients (PyTorch's convention) of W and x."""
+    B, d = 4, 5
+    g = torch.Generator().manual_seed(0)
+    W0 = 0.15 * torch.randn(d, d, dtype=torch.complex128, generator=g)
+    X0 = torch.randn(B, d, dtype=torch.complex128, generator=g)
+    with pytest.raises(TypeError, match=r"z0 must be floating point, got torch.complex64 .*torch.view_as_real"):
+        deqfast.fixed_point(lambda z: 0.5 * z, torch.zeros(B, d, dtype=torch.complex64))
+    with pytest.raises(TypeError, match=r"x must be floating point .*got torch.complex64 .*torch.view_as_real"):
+        deqfast.DEQ(lambda z, x: 0.5 * z + x)(X0.to(torch.complex64))
+    with pytest.raises(TypeError, match=r"got torch.complex64; for a complex state return torch.view_as_real"):
+        deqfast.fixed_point(lambda z: torch.complex(z, z), torch.zeros(B, d))
+
+    def make(W, X):
+        return lambda zr: torch.view_as_real(torch.tanh(torch.view_as_complex(zr) @ W + X))
+
+    def loss(zr):
+        return (torch.view_as_complex(zr).abs() ** 2 * torch.arange(1, B * d + 1, dtype=zr.dtype).reshape(B, d)).sum()
+
+    W64, X64 = W0.clone().requires_grad_(), X0.clone().requires_grad_()
+    f64 = make(W64, X64)
+    z_star = fixed_point_oracle(f64, torch.zeros(B, d, 2, dtype=torch.float64))
+    expected = implicit_gradients(f64, z_star, loss, [W64, X64])
+    for solver in ["anderson", "broyden"]:
+        W, X = W0.to(torch.complex64).requires_grad_(), X0.to(torch.complex64).requires_grad_()
+        zr, _ = deqfast.fixed_point(make(W, X), torch.zeros(B, d, 2), solver=solver, tol=1e-7, backward_tol=1e-8)
+        loss(zr).backward()
+        assert float((zr.detach().double() - z_star).abs().max()) < 1e-6
+        assert rel_err(torch.view_as_real(W.grad), torch.view_as_real(expected[0])) < 2e-6
+        assert rel_err(torch.view_as_real(X.grad), torch.view_as_real(expected[1])) < 2e-6
