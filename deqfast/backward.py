@@ -11,6 +11,7 @@ With g the gradient arriving at z* and J = ∂f/∂z at z*:
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Callable
 
 import torch
@@ -74,7 +75,7 @@ def _warn_failed_neumann(caller: str, stats: SolverStats) -> None:
 INEXACT_ADJOINT_FACTOR = 10.0
 
 
-def _warn_inexact_adjoint(caller: str, options: Options, stats: SolverStats) -> None:
+def _warn_inexact_adjoint(caller: str, options: Options, stats: SolverStats, dtype: torch.dtype = torch.float32) -> None:
     """Warn when the implicit adjoint stopped (at backward_max_iter) with some sample's residual
     above INEXACT_ADJOINT_FACTOR x backward_tol: its gradient is then inexact. Costs one host
     synchronisation per backward (the adjoint loop already makes one every check_every steps).
@@ -90,13 +91,25 @@ def _warn_inexact_adjoint(caller: str, options: Options, stats: SolverStats) -> 
     if not n_far:
         return
     worst = float(criterion[far].max())
+    eps = torch.finfo(dtype).eps
+    precision = ""
+    if stop_mode == "rel" and tol < eps:
+        # a relative residual below the state's rounding is met, if ever, only by an exact fixed point
+        precision = (f" (backward_tol={tol:g} is below the rounding of the {str(dtype).replace('torch.', '')} "
+                     f"state, {eps:.2g}: a tolerance above it, e.g. {_reachable_tol(eps):g}, is what it can meet)")
     _checks.warn(
         f"{caller} backward (implicit): the adjoint solve stopped at backward_max_iter={options.backward_max_iter} "
         f"with {'an' if stop_mode == 'abs' else 'a'} {stop_mode} residual up to {worst:.3g}, more than {INEXACT_ADJOINT_FACTOR:g}x backward_tol={tol:g}, "
         f"for {n_far} of {stats.batch_size} samples: their gradients are inexact. Raise backward_max_iter, use "
-        f"backward_solver='anderson' (or 'broyden'), or loosen backward_tol; stats.backward has the per-sample residuals",
+        f"backward_solver='anderson' (or 'broyden'), or loosen backward_tol{precision}; stats.backward has the per-sample residuals",
         RuntimeWarning,
     )
+
+
+def _reachable_tol(eps: float) -> float:
+    """The power of ten just above a dtype's rounding eps: 1e-2 for bfloat16, 1e-3 for float16,
+    1e-6 for float32, 1e-15 for float64 (the README's advice for the 16-bit types)."""
+    return 10.0 ** math.ceil(math.log10(eps))
 
 
 _TWICE = (
@@ -207,7 +220,7 @@ class AdjointFunction(torch.autograd.Function):
                         with _history.seed(*precondition.broyden_seed(grad.dtype)) if seeded else contextlib.nullcontext():
                             u, stats = solver(lambda v: grad + vjp(v), u0, **kwargs)
             if options.backward == "implicit":
-                _warn_inexact_adjoint(caller, options, stats)
+                _warn_inexact_adjoint(caller, options, stats, grad.dtype)
         ctx.stats.backward = stats
         if ctx.on_backward is not None:
             ctx.on_backward(stats)

@@ -314,3 +314,29 @@ def test_a_complex_state_is_refused_with_the_real_view_recipe_which_solves_it_ex
         assert float((zr.detach().double() - z_star).abs().max()) < 1e-6
         assert rel_err(torch.view_as_real(W.grad), torch.view_as_real(expected[0])) < 2e-6
         assert rel_err(torch.view_as_real(X.grad), torch.view_as_real(expected[1])) < 2e-6
+
+
+# --- 16-bit states with the default tolerances ---------------------------------------------------
+
+@pytest.mark.parametrize("dtype, eps, advice", [(torch.bfloat16, "0.0078", "0.01"), (torch.float16, "0.00098", "0.001"),
+                                                (torch.float32, "1.2e-07", "1e-06")])
+def test_an_adjoint_tolerance_below_the_state_rounding_is_named_in_the_warning(dtype, eps, advice):
+    """model.half() / model.bfloat16() after construction keeps the default backward_tol=1e-6, which
+    a 16-bit state cannot meet: the inexact-adjoint warning (at most every step) now says so and
+    what tolerance the dtype can meet, rather than only 'raise backward_max_iter'. The layer still
+    runs, and its gradient is the float64 one to the dtype's precision."""
+    tol = 1e-6 if dtype != torch.float32 else 1e-8  # the default for 16 bits; below float32's rounding
+
+    def build(**keywords):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 6), deqfast.DEQ(LinearCell(), **keywords), nn.Linear(6, 2))
+
+    model = build(backward_tol=tol, backward_max_iter=8).to(dtype)
+    reference = build(tol=1e-12, max_iter=200, backward_tol=1e-12, backward_max_iter=200).double()
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(2))
+    with pytest.warns(RuntimeWarning, match=rf"below the rounding of the {str(dtype)[6:]} state, {eps}: a tolerance "
+                                            rf"above it, e.g. {advice}, is what it can meet"):
+        model(x.to(dtype)).float().square().sum().backward()
+    reference(x.double()).square().sum().backward()
+    bound = 1e-3 if dtype == torch.float32 else 0.05  # (the forward tol is the default 1e-4)
+    assert rel_err(model[0].weight.grad, reference[0].weight.grad) < bound
