@@ -284,11 +284,13 @@ class _RunningStats:
 
     Done by setting ``track_running_stats`` to False during the solve (a module's forward reads
     it at each call); a context manager, so it is restored if the solve raises. Falsy when the
-    cell holds no such layer (a cell that is not a module: none found)."""
+    cell holds no such layer (a cell that is not a module: none found). A lazy batch norm is left
+    alone at its first forward, which creates its running statistics."""
 
     def __init__(self, cell):
         self.modules = [mod for mod in cell.modules() if isinstance(mod, nn.modules.batchnorm._BatchNorm)
-                        and mod.training and mod.track_running_stats] if isinstance(cell, nn.Module) else []
+                        and mod.training and mod.track_running_stats and not _uninitialized(mod)] \
+            if isinstance(cell, nn.Module) else []
 
     def __bool__(self) -> bool:
         return bool(self.modules)
@@ -306,6 +308,12 @@ class _RunningStats:
     def __exit__(self, *exc):
         self.release()
         return False
+
+
+def _uninitialized(mod: nn.Module) -> bool:
+    """A lazy module (LazyBatchNorm2d, ...) before its first call: it creates its running statistics
+    at that call only if track_running_stats is on, so it is left alone for that forward."""
+    return isinstance(mod, nn.modules.lazy.LazyModuleMixin) and mod.has_uninitialized_params()
 
 
 def _parts(z):

@@ -138,6 +138,21 @@ def test_batch_norm_running_stats_come_from_the_equilibrium(backward, momentum):
     assert int(cell.norm.num_batches_tracked) == steps
 
 
+def test_lazy_batch_norm_is_created_at_the_first_forward_then_updated_once_per_forward():
+    """A LazyBatchNorm creates its running statistics at its first call, only if it tracks them:
+    turning tracking off for the solve made that first forward fail ('has not been fully
+    initialized'; found while writing this file). It is left alone at that forward."""
+    cell = NormCell()
+    cell.norm = nn.LazyBatchNorm2d()
+    layer = deqfast.DEQ(cell, tol=1e-5)
+    x = _bn_input()
+    layer(x).sum().backward()
+    first = int(cell.norm.num_batches_tracked)
+    assert first > 1 and cell.norm.running_mean.shape == (C,)
+    layer(x).sum().backward()
+    assert int(cell.norm.num_batches_tracked) == first + 1
+
+
 def test_batch_norm_eval_mode_and_bptt_are_as_before():
     """Eval mode uses (and keeps) the running statistics; bptt records every iteration as the
     model itself, so each of its f calls still updates them, as in a plain unrolled network."""
