@@ -30,12 +30,12 @@ def fixed_point_oracle(f, z0, tol=1e-13, max_iter=5000):
     raise AssertionError("the oracle's fixed-point iteration did not converge")
 
 
-def implicit_gradients(f, z_star, loss, inputs):
+def implicit_gradients(f, z_star, loss, inputs, vectorize=True):
     """d loss(z*) / d inputs with z* = f(z*): u = (I − J)⁻ᵀ ∂loss/∂z (J dense, over the whole
     state), then uᵀ ∂f/∂inputs at z*."""
     z = z_star.detach()
     n = z.numel()
-    J = torch.autograd.functional.jacobian(lambda v: f(v).reshape(-1), z).reshape(n, n)
+    J = torch.autograd.functional.jacobian(lambda v: f(v).reshape(-1), z, vectorize=vectorize).reshape(n, n)
     zz = z.clone().requires_grad_()
     g = torch.autograd.grad(loss(zz), zz)[0].reshape(-1)
     u = torch.linalg.solve((torch.eye(n, dtype=J.dtype) - J).T, g)
@@ -355,3 +355,167 @@ def test_an_adjoint_tolerance_below_the_state_rounding_is_named_in_the_warning(d
     reference(x.double()).square().sum().backward()
     bound = 1e-3 if dtype == torch.float32 else 0.05  # (the forward tol is the default 1e-4)
     assert rel_err(model[0].weight.grad, reference[0].weight.grad) < bound
+
+
+# --- programs that already worked: kept as regression tests ---------------------------------------
+
+def test_implicit_graph_network_with_a_sparse_adjacency():
+    """IGNN: Z = relu(A (Z W) + X U), nodes on dim 0 (per_sample=False, the rows are coupled through
+    A), torch.sparse.mm inside f; values and gradients of W and U against the dense oracle."""
+    g = torch.Generator().manual_seed(0)
+    N, d, d_in = 10, 4, 3
+    A = torch.sparse_coo_tensor(torch.randint(0, N, (2, 25), generator=g), torch.rand(25, generator=g) / 4,
+                                (N, N), check_invariants=True).coalesce()
+    W0, U0 = 0.3 * torch.randn(d, d, generator=g), torch.randn(d_in, d, generator=g)
+    X = torch.randn(N, d_in, generator=g)
+
+    def make(W, U, A, X):
+        return lambda z: torch.relu(torch.sparse.mm(A, z @ W) + X @ U)
+
+    W64, U64 = W0.double().requires_grad_(), U0.double().requires_grad_()
+    f64 = make(W64, U64, A.double(), X.double())
+    z_star = fixed_point_oracle(f64, torch.zeros(N, d))
+    gW, gU = implicit_gradients(f64, z_star, weighted_loss, [W64, U64], vectorize=False)  # (sparse A)
+    for solver in ["anderson", "broyden"]:
+        W, U = W0.clone().requires_grad_(), U0.clone().requires_grad_()
+        z, stats = deqfast.fixed_point(make(W, U, A, X), torch.zeros(N, d), solver=solver, per_sample=False,
+                                       tol=1e-7, max_iter=100, backward_tol=1e-7)
+        weighted_loss(z).backward()
+        assert stats.converged.all()
+        assert float((z.detach().double() - z_star).abs().max()) < 1e-6
+        assert rel_err(W.grad, gW) < 1e-5 and rel_err(U.grad, gU) < 1e-5
+
+
+class MonotoneCell(nn.Module):
+    """monDEQ's forward-backward splitting step z <- relu((1 - a) z + a (W z + U x)) with
+    W = (1 - m) I - AᵀA + B - Bᵀ (strongly monotone I - W)."""
+
+    def __init__(self, d=6, d_in=3, m=0.5, alpha=0.3):
+        super().__init__()
+        g = torch.Generator().manual_seed(4)
+        self.m, self.alpha = m, alpha
+        self.A = nn.Parameter(0.3 * torch.randn(d, d, generator=g))
+        self.B = nn.Parameter(0.3 * torch.randn(d, d, generator=g))
+        self.U = nn.Linear(d_in, d)
+
+    def forward(self, z, x):
+        I = torch.eye(self.A.shape[0], dtype=self.A.dtype)
+        W = (1 - self.m) * I - self.A.T @ self.A + self.B - self.B.T
+        return torch.relu((1 - self.alpha) * z + self.alpha * (z @ W.T + self.U(x)))
+
+
+def test_monotone_operator_equilibrium_network():
+    cell = MonotoneCell()
+    oracle = copy.deepcopy(cell).double()
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    layer = deqfast.DEQ(cell, tol=1e-7, max_iter=100, backward_solver="anderson", backward_tol=1e-7,
+                        backward_max_iter=200)
+    weighted_loss(layer(x, torch.zeros(5, 6))).backward()
+    x64 = x.detach().double().requires_grad_()
+    f = lambda z: oracle(z, x64)  # noqa: E731
+    z_star = fixed_point_oracle(f, torch.zeros(5, 6))
+    expected = implicit_gradients(f, z_star, weighted_loss, [oracle.A, oracle.B, oracle.U.weight, x64])
+    for got, want in zip([cell.A.grad, cell.B.grad, cell.U.weight.grad, x.grad], expected):
+        assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("layout", ["TBd", "BTd"])
+def test_sequence_state_with_the_batch_first_or_not(layout):
+    """A causal recurrence along T inside f (z_t reads z_{t-1}); state (T, B, d) puts time on dim 0,
+    where deqfast's per-sample rows are time steps: per_sample=False solves it as one state."""
+    T, B, d = 5, 3, 4
+    g = torch.Generator().manual_seed(6)
+    W0, V0 = 0.3 * torch.randn(d, d, generator=g), 0.3 * torch.randn(d, d, generator=g)
+    x = torch.randn((T, B, d) if layout == "TBd" else (B, T, d), generator=g)
+    t_dim = 0 if layout == "TBd" else 1
+
+    def make(W, V, x):
+        def f(z):
+            prev = torch.cat([torch.zeros_like(z.narrow(t_dim, 0, 1)), z.narrow(t_dim, 0, T - 1)], dim=t_dim)
+            return torch.tanh(z @ W + prev @ V + x)
+        return f
+
+    W64, V64 = W0.double().requires_grad_(), V0.double().requires_grad_()
+    f64 = make(W64, V64, x.double())
+    z_star = fixed_point_oracle(f64, torch.zeros(x.shape))
+    gW, gV = implicit_gradients(f64, z_star, weighted_loss, [W64, V64])
+    for per_sample in (layout == "BTd", False):
+        W, V = W0.clone().requires_grad_(), V0.clone().requires_grad_()
+        z, stats = deqfast.fixed_point(make(W, V, x), torch.zeros(x.shape), per_sample=per_sample, tol=1e-7,
+                                       backward_solver="anderson", backward_tol=1e-7)
+        weighted_loss(z).backward()
+        assert float((z.detach().double() - z_star).abs().max()) < 1e-6
+        assert rel_err(W.grad, gW) < 1e-5 and rel_err(V.grad, gV) < 1e-5
+
+
+@pytest.mark.parametrize("backward", ["implicit", "neumann", "phantom"])
+def test_a_loss_scaled_as_by_a_grad_scaler_gives_the_same_unscaled_gradients(backward):
+    """AMP's GradScaler multiplies the loss by 65536 (and more): the relative stopping rule of the
+    adjoint makes its solve, so the unscaled gradient, the same."""
+    cell = LinearCell()
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(7))
+    layer = deqfast.DEQ(cell, tol=1e-6, backward=backward)
+    grads = []
+    for scale in (1.0, 65536.0, 2.0 ** 24):
+        cell.zero_grad()
+        (weighted_loss(layer(x)) * scale).backward()
+        grads.append(cell.lin.weight.grad / scale)
+    for g in grads[1:]:
+        assert torch.allclose(g, grads[0], rtol=1e-5, atol=1e-7)
+
+
+def test_model_level_programs_match_the_oracle_layer():
+    """A parameter shared with a layer outside the DEQ, two DEQs in sequence inside nn.Sequential,
+    called through torch.func.functional_call and under torch.utils.checkpoint, the loss on two
+    samples only, gradient accumulation over two backwards: the parameters' gradients are those
+    of the same model with each DEQ replaced by the float64 oracle layer (dense implicit gradient)."""
+    from torch.func import functional_call
+    from torch.utils.checkpoint import checkpoint
+
+    class OracleDEQ(nn.Module):
+        def __init__(self, cell):
+            super().__init__()
+            self.cell = cell
+
+        def forward(self, x):
+            z_star = fixed_point_oracle(lambda z: self.cell(z, x), torch.zeros_like(x))
+            n = z_star.numel()
+            J = torch.autograd.functional.jacobian(lambda z: self.cell(z, x.detach()).reshape(-1), z_star,
+                                                   vectorize=True).reshape(n, n)
+            inverse_t = torch.linalg.inv(torch.eye(n, dtype=J.dtype) - J).T
+
+            class Adjoint(torch.autograd.Function):
+                @staticmethod
+                def forward(ctx, fz):
+                    return fz.clone()
+
+                @staticmethod
+                def backward(ctx, grad):
+                    return (inverse_t @ grad.reshape(-1)).reshape(grad.shape)
+
+            return Adjoint.apply(self.cell(z_star, x))
+
+    def build(deq):
+        torch.manual_seed(0)
+        shared = nn.Linear(6, 6)
+        first, second = LinearCell(), LinearCell()
+        first.lin = shared  # the first DEQ's weight is also the model's input layer
+        with torch.no_grad():
+            shared.weight.mul_(0.5)
+        return nn.Sequential(shared, deq(first), nn.Linear(6, 6), deq(second))
+
+    model = build(lambda cell: deqfast.DEQ(cell, tol=1e-7, backward_tol=1e-8, backward_max_iter=100))
+    oracle = build(OracleDEQ).double()
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(8))
+
+    def loss_of(out):
+        return weighted_loss(out[[0, 2]])
+
+    params = dict(model.named_parameters())
+    loss_of(functional_call(model, params, (x[:3],))).backward()
+    loss_of(checkpoint(model, x[1:], use_reentrant=False)).backward()
+    x64 = x.double()
+    loss_of(oracle(x64[:3])).backward()
+    loss_of(oracle(x64[1:])).backward()
+    for (name, p), q in zip(model.named_parameters(), oracle.parameters()):
+        assert rel_err(p.grad, q.grad) < 1e-5, name
