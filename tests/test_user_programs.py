@@ -514,8 +514,32 @@ def test_model_level_programs_match_the_oracle_layer():
     params = dict(model.named_parameters())
     loss_of(functional_call(model, params, (x[:3],))).backward()
     loss_of(checkpoint(model, x[1:], use_reentrant=False)).backward()
+    loss = loss_of(model(x[2:]))
+    loss.backward(retain_graph=True)  # a second backward through the same graph: each runs the adjoint
+    loss.backward()
     x64 = x.double()
     loss_of(oracle(x64[:3])).backward()
     loss_of(oracle(x64[1:])).backward()
+    loss = loss_of(oracle(x64[2:]))
+    loss.backward(retain_graph=True)
+    loss.backward()
     for (name, p), q in zip(model.named_parameters(), oracle.parameters()):
         assert rel_err(p.grad, q.grad) < 1e-5, name
+
+
+def test_a_given_z0_that_requires_grad_gets_none_and_x_without_grad_is_fine():
+    """z* does not depend on where the solve starts: a z0 requiring grad (a learned initialisation)
+    gets no gradient through implicit or neumann (exactly 0, left as None), while the
+    parameters get theirs; an x that does not require grad is a constant of the backward."""
+    cell = LinearCell()
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(9))
+    reference = deqfast.DEQ(cell, tol=1e-7, backward_tol=1e-7)
+    weighted_loss(reference(x)).backward()
+    expected = cell.lin.weight.grad.clone()
+    for backward in ["implicit", "neumann"]:
+        cell.zero_grad()
+        init = nn.Linear(6, 6)
+        z0 = init(x)
+        weighted_loss(deqfast.DEQ(cell, tol=1e-7, backward=backward, neumann_terms=40)(x, z0)).backward()
+        assert init.weight.grad is None
+        assert torch.allclose(cell.lin.weight.grad, expected, rtol=1e-4, atol=1e-6)
