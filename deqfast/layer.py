@@ -36,6 +36,11 @@ class DEQ(nn.Module):
     that is not a module (``lambda z, x: self.block(z, x)``) hides its modules: the layer then resets
     those that applied a mask during its previous forward.
 
+    Batch norm in a cell that is a module, in training mode: every f call normalises with the
+    batch's statistics, but the running statistics (and ``num_batches_tracked``) are updated only
+    by the evaluations after the solve, at the equilibrium: once per forward (``phantom``: once per
+    phantom step; ``bptt``: at every iteration, each being part of the model).
+
     ``cuda_graph=True`` on a CUDA state: the graphs of the forward solve's iterations are captured
     once per key and replayed by later calls with the same key -- z's and x's shapes, dtypes and
     devices, the options, the cell's training flags, the autocast and inference modes, and the
