@@ -397,6 +397,9 @@ class MonotoneCell(nn.Module):
         self.A = nn.Parameter(0.3 * torch.randn(d, d, generator=g))
         self.B = nn.Parameter(0.3 * torch.randn(d, d, generator=g))
         self.U = nn.Linear(d_in, d)
+        with torch.no_grad():
+            self.U.weight.copy_(torch.randn(d, d_in, generator=g) / d_in ** 0.5)
+            self.U.bias.copy_(0.1 * torch.randn(d, generator=g))
 
     def forward(self, z, x):
         I = torch.eye(self.A.shape[0], dtype=self.A.dtype)
@@ -543,3 +546,32 @@ def test_a_given_z0_that_requires_grad_gets_none_and_x_without_grad_is_fine():
         weighted_loss(deqfast.DEQ(cell, tol=1e-7, backward=backward, neumann_terms=40)(x, z0)).backward()
         assert init.weight.grad is None
         assert torch.allclose(cell.lin.weight.grad, expected, rtol=1e-4, atol=1e-6)
+
+
+# --- Broyden's restarts and check_every ----------------------------------------------------------
+
+@pytest.mark.parametrize("path", ["fused", "reference"])
+def test_broyden_with_restarts_gives_the_same_bits_for_every_check_every_on_the_cpu(path, monkeypatch):
+    """monDEQ's relu cell with Broyden's memory at DEQ's default m=5: samples blow up and restart
+    (their history cleared). The clear waited for the next host check, so with check_every > 1 the
+    iterates differed from check_every=1's (one sample: converged at 71 evaluations with 1, ran to
+    max_iter=100 with 4), against the README's 'check_every never changes a result' (fails without
+    the fix). On the CPU, reading the restart flags costs no synchronisation: cleared at once."""
+    import importlib
+    broyden_module = importlib.import_module("deqfast.solvers.broyden")
+    if path == "reference":
+        monkeypatch.setattr(deqfast.ops, "use_fused", lambda *a, **k: False)
+    elif not deqfast.extension_info()["compiled"]:
+        pytest.skip("deqfast._C not compiled")
+    clears = []
+    clear = broyden_module._clear
+    monkeypatch.setattr(broyden_module, "_clear", lambda *a: clears.append(1) or clear(*a))
+    cell = MonotoneCell()
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        runs = [deqfast.solvers.broyden(lambda z: cell(z, x), torch.zeros(6, 6), tol=1e-7, max_iter=100, m=5,
+                                        check_every=c) for c in (1, 4, 7)]
+    assert clears  # restarts happened
+    (z1, s1), rest = runs[0], runs[1:]
+    for z, s in rest:
+        assert torch.equal(z, z1) and torch.equal(s.nstep, s1.nstep) and torch.equal(s.residual, s1.residual)
