@@ -152,11 +152,13 @@ def solve(f: Callable, z0: torch.Tensor, options: Options, *, caller: str,
     # backward_warm_start: the solver's history goes to the backward (kept only then).
     warm = options.backward_warm_start and options.backward == "implicit" and torch.is_grad_enabled()
     cached = _cached_parametrizations() if torch.is_grad_enabled() else None
-    with torch.no_grad(), _solvers._common.entry(caller), \
-            (_history.capture() if warm else contextlib.nullcontext()) as history:
-        z_star, stats = solver(f, z0.detach(), **kwargs)
-    if cached is not None:
-        _forget_cached_without_grad(cached)
+    try:
+        with torch.no_grad(), _solvers._common.entry(caller), \
+                (_history.capture() if warm else contextlib.nullcontext()) as history:
+            z_star, stats = solver(f, z0.detach(), **kwargs)
+    finally:  # (also when f raises: a caller that goes on inside cached() must not read them)
+        if cached is not None:
+            _forget_cached_without_grad(cached)
     # z* is a constant of what follows: the pure-PyTorch steps carry a forward-mode AD tangent
     # (no_grad does not stop it), the fused ones do not; neither is z*'s.
     z_star = z_star.detach()

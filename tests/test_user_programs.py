@@ -274,6 +274,27 @@ def test_a_parametrized_weight_cached_during_the_solve_still_gets_its_gradient(k
         assert torch.allclose(cached[name], plain[name], rtol=1e-5, atol=1e-7), name
 
 
+def test_a_solve_that_raises_leaves_no_gradless_weight_in_the_cache():
+    """f raising mid-solve (here at its third call) inside parametrize.cached(): the weight the solve
+    cached without grad is dropped all the same, so a step that goes on in the same block trains."""
+    cell = LinearCell()
+    weight_norm(cell.lin)
+    x = torch.randn(4, 6)
+    calls = [0]
+
+    def f(z):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise FloatingPointError("a NaN check in the user's f")
+        return cell(z, x)
+
+    with parametrize.cached():
+        with pytest.raises(FloatingPointError):
+            deqfast.fixed_point(f, torch.zeros(4, 6))
+        weighted_loss(cell(torch.zeros(4, 6), x)).backward()
+    assert all(p.grad is not None for p in cell.lin.parametrizations.weight.parameters())
+
+
 def test_cached_parametrization_with_fixed_point_and_the_oracle():
     """The same through deqfast.fixed_point (any closure), against the dense float64 oracle; a
     weight the user cached before the solve, with grad, is kept (not computed again)."""
