@@ -221,12 +221,27 @@ class AdjointFunction(torch.autograd.Function):
                             u, stats = solver(lambda v: grad + vjp(v), u0, **kwargs)
             if options.backward == "implicit":
                 _warn_inexact_adjoint(caller, options, stats, grad.dtype)
+        u = _keep_non_finite(u, grad, options.per_sample)
         ctx.stats.backward = stats
         if ctx.on_backward is not None:
             ctx.on_backward(stats)
         if create_graph:
             u = _not_differentiable_again(u, caller, fz, grad_in)
         return u, None, None, None, None, None, None
+
+
+def _keep_non_finite(u: torch.Tensor, grad: torch.Tensor, per_sample: bool) -> torch.Tensor:
+    """u, except that a sample whose incoming gradient holds Inf/NaN gets that gradient itself.
+
+    The Anderson and Broyden adjoint solvers freeze a sample that produces NaN/Inf at its best
+    finite iterate (u0 = 0 at worst): an overflowed incoming gradient then came out as a finite
+    parameter gradient, silently, and AMP's GradScaler, which skips a step and lowers its scale
+    only when it finds Inf/NaN in the gradients, applied the step (the fixed-point adjoint and the
+    Neumann series propagated the non-finite values; so does autograd through any explicit layer).
+    Two elementwise passes over g, no host synchronisation."""
+    rows = grad.shape[0] if per_sample else 1
+    finite = torch.isfinite(grad.reshape(rows, -1)).all(dim=1)
+    return torch.where(finite.view((rows,) + (1,) * (grad.dim() - 1)), u, grad)
 
 
 # --- backward_warm_start -------------------------------------------------------------------------

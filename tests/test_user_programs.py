@@ -596,3 +596,41 @@ def test_broyden_with_restarts_gives_the_same_bits_for_every_check_every_on_the_
     (z1, s1), rest = runs[0], runs[1:]
     for z, s in rest:
         assert torch.equal(z, z1) and torch.equal(s.nstep, s1.nstep) and torch.equal(s.residual, s1.residual)
+
+
+# --- an overflowed incoming gradient (AMP's GradScaler) -------------------------------------------
+
+@pytest.mark.parametrize("backward_solver, warm", [("fixed_point", False), ("anderson", False), ("broyden", False),
+                                                   ("anderson", True), ("broyden", True)])
+@pytest.mark.parametrize("per_sample", [True, False])
+def test_an_overflowed_gradient_stays_non_finite_so_grad_scaler_skips_the_step(backward_solver, warm, per_sample):
+    """GradScaler finds an overflow by Inf/NaN in the parameters' gradients, then skips the step and
+    lowers its scale. The Anderson and Broyden adjoint solvers froze a sample whose incoming
+    gradient held Inf at its best finite iterate, so the parameters' gradients came out finite
+    and the scaler applied the step (fails without the fix). Now such a sample passes its
+    gradient through as it came (as autograd through an explicit layer does); the other samples'
+    gradients are untouched."""
+    cell = LinearCell()
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    layer = deqfast.DEQ(cell, tol=1e-6, backward_solver=backward_solver, backward_warm_start=warm,
+                        per_sample=per_sample, solver="anderson" if backward_solver != "broyden" else "broyden")
+    weights = torch.ones(4, 6)
+    weighted = lambda z: (z * weights).sum()  # noqa: E731
+    weighted(layer(x)).backward()
+    clean_x = x.grad.clone()
+    cell.zero_grad()
+    x.grad = None
+    weights[1, 2] = float("inf")
+    opt = torch.optim.SGD(cell.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    before = [p.detach().clone() for p in cell.parameters()]
+    with pytest.warns(RuntimeWarning, match="NaN/Inf"):
+        scaler.scale(weighted(layer(x))).backward()
+    assert not all(torch.isfinite(p.grad).all() for p in cell.parameters())
+    if per_sample:  # the other samples' input gradients are those of the clean run (scaled)
+        keep = torch.tensor([True, False, True, True])
+        torch.testing.assert_close(x.grad[keep] / 2.0 ** 16, clean_x[keep])
+    scaler.step(opt)
+    scaler.update()
+    assert all(torch.equal(p, q) for p, q in zip(cell.parameters(), before))  # the step was skipped
+    assert scaler.get_scale() < 2.0 ** 16
