@@ -221,7 +221,9 @@ class AdjointFunction(torch.autograd.Function):
                             u, stats = solver(lambda v: grad + vjp(v), u0, **kwargs)
             if options.backward == "implicit":
                 _warn_inexact_adjoint(caller, options, stats, grad.dtype)
-        u = _keep_non_finite(u, grad, options.per_sample)
+        # A non-finite g fails its sample's solve; the solvers' failure warning synchronised already.
+        if bool(stats.failed.any()):
+            u = _keep_non_finite(u, grad, options.per_sample)
         ctx.stats.backward = stats
         if ctx.on_backward is not None:
             ctx.on_backward(stats)
@@ -238,7 +240,7 @@ def _keep_non_finite(u: torch.Tensor, grad: torch.Tensor, per_sample: bool) -> t
     parameter gradient, silently, and AMP's GradScaler, which skips a step and lowers its scale
     only when it finds Inf/NaN in the gradients, applied the step (the fixed-point adjoint and the
     Neumann series propagated the non-finite values; so does autograd through any explicit layer).
-    Two elementwise passes over g, no host synchronisation."""
+    Called only when some sample's adjoint failed, which a non-finite g always makes it do."""
     rows = grad.shape[0] if per_sample else 1
     finite = torch.isfinite(grad.reshape(rows, -1)).all(dim=1)
     return torch.where(finite.view((rows,) + (1,) * (grad.dim() - 1)), u, grad)
