@@ -100,8 +100,7 @@ class NormCell(nn.Module):
 
 
 def _bn_input():
-    torch.manual_seed(3)
-    return torch.randn(6, C, H, H)
+    return torch.randn(6, C, H, H, generator=torch.Generator().manual_seed(3))
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
@@ -239,6 +238,7 @@ class LinearCell(nn.Module):
         self.lin = nn.Linear(d, d).to(dtype)
         with torch.no_grad():
             self.lin.weight.copy_(0.4 * torch.randn(d, d, generator=g) / d ** 0.5)
+            self.lin.bias.copy_(0.1 * torch.randn(d, generator=g))
 
     def forward(self, z, x):
         return torch.tanh(self.lin(z) + x)
