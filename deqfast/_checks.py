@@ -164,6 +164,15 @@ def conversion_hint(value, name: str) -> str:
     return ""
 
 
+def complex_hint(t: torch.Tensor, name: str) -> str:
+    """'; ...' for a complex tensor given as a state: the solvers work on real tensors."""
+    if not t.is_complex():
+        return ""
+    return (f" (the solvers' norms and mixing are real); solve its real view instead: {name} = "
+            f"torch.view_as_real(...) (a real tensor with a last dimension of 2), and f converting with "
+            f"torch.view_as_complex(z) on entry and torch.view_as_real(...) on return")
+
+
 def check_z0(caller: str, z0, name: str = "z0") -> None:
     if not isinstance(z0, torch.Tensor):
         raise TypeError(f"{caller}: {name} must be a torch.Tensor, got {type(z0).__name__}{conversion_hint(z0, name)}")
@@ -172,7 +181,7 @@ def check_z0(caller: str, z0, name: str = "z0") -> None:
         raise TypeError(f"{caller}: {name} must be a dense (strided) tensor, got layout {z0.layout}; "
                         f"convert it with {name}.to_dense()")
     if not z0.is_floating_point():
-        raise TypeError(f"{caller}: {name} must be floating point, got {z0.dtype}")
+        raise TypeError(f"{caller}: {name} must be floating point, got {z0.dtype}{complex_hint(z0, name)}")
     if z0.dtype not in STATE_DTYPES:
         raise TypeError(f"{caller}: {name} must be float16, bfloat16, float32 or float64, got {z0.dtype} "
                         f"(the solver's arithmetic is not defined for it); cast {name} and f's output")
@@ -210,7 +219,9 @@ def f_output(caller: str, out, like: torch.Tensor, what: str = "f(z)", like_name
     if out.dtype != like.dtype:
         if out.is_floating_point() and _autocast_on(like.device):
             return out.to(like.dtype)
-        raise TypeError(f"{caller}: {what} must return dtype {like.dtype} (the dtype of {like_name}), got {out.dtype}")
+        raise TypeError(f"{caller}: {what} must return dtype {like.dtype} (the dtype of {like_name}), got {out.dtype}"
+                        + ("; for a complex state return torch.view_as_real(...) of it (z0 its real view)"
+                           if out.is_complex() else ""))
     return out
 
 

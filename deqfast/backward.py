@@ -11,6 +11,7 @@ With g the gradient arriving at z* and J = ∂f/∂z at z*:
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Callable
 
 import torch
@@ -74,7 +75,8 @@ def _warn_failed_neumann(caller: str, stats: SolverStats) -> None:
 INEXACT_ADJOINT_FACTOR = 10.0
 
 
-def _warn_inexact_adjoint(caller: str, options: Options, stats: SolverStats, what: str = "adjoint") -> None:
+def _warn_inexact_adjoint(caller: str, options: Options, stats: SolverStats, dtype: torch.dtype = torch.float32,
+                          what: str = "adjoint") -> None:
     """Warn when the implicit adjoint stopped (at backward_max_iter) with some sample's residual
     above INEXACT_ADJOINT_FACTOR x backward_tol: its gradient is then inexact. Costs one host
     synchronisation per backward (the adjoint loop already makes one every check_every steps).
@@ -94,15 +96,27 @@ def _warn_inexact_adjoint(caller: str, options: Options, stats: SolverStats, wha
     if caller == "deqfast.compat":  # the user set torchdeq's keywords (compat's Broyden adjoint: b_max_iter + 1 evaluations)
         max_iter -= options.backward_solver == "broyden"
         names = ("b_max_iter", "b_solver", "b_tol", "the backward_writer's info")
+    eps = torch.finfo(dtype).eps
+    precision = ""
+    if stop_mode == "rel" and tol < eps:
+        # a relative residual below the state's rounding is met, if ever, only by an exact fixed point
+        precision = (f" ({names[2]}={tol:g} is below the rounding of the {str(dtype).replace('torch.', '')} "
+                     f"state, {eps:.2g}: a tolerance above it, e.g. {_reachable_tol(eps):g}, is what it can meet)")
     _checks.warn(
         (f"{caller} backward (implicit): the adjoint solve" if what == "adjoint" else f"{caller}: the {what} solve (implicit)")
         + f" stopped at {names[0]}={max_iter} "
         f"with {'an' if stop_mode == 'abs' else 'a'} {stop_mode} residual up to {worst:.3g}, more than {INEXACT_ADJOINT_FACTOR:g}x {names[2]}={tol:g}, "
         f"for {n_far} of {stats.batch_size} samples: their {'gradients' if what == 'adjoint' else what + 's'} are inexact. Raise {names[0]}, use "
-        f"{names[1]}='anderson' (or 'broyden'), or loosen {names[2]}"
+        f"{names[1]}='anderson' (or 'broyden'), or loosen {names[2]}{precision}"
         + (f"; {names[3]} has the per-sample residuals" if what == "adjoint" else ""),
         RuntimeWarning,
     )
+
+
+def _reachable_tol(eps: float) -> float:
+    """The power of ten just above a dtype's rounding eps: 1e-2 for bfloat16, 1e-3 for float16,
+    1e-6 for float32, 1e-15 for float64 (the README's advice for the 16-bit types)."""
+    return 10.0 ** math.ceil(math.log10(eps))
 
 
 _TWICE = (
@@ -364,7 +378,10 @@ def solve_adjoint(vjp: Callable[[torch.Tensor], torch.Tensor], grad: torch.Tenso
                     with _history.seed(*precondition.broyden_seed(grad.dtype)) if seeded else contextlib.nullcontext():
                         u, stats = solver(lambda v: grad + vjp(v), u0, **kwargs)
     if options.backward == "implicit":
-        _warn_inexact_adjoint(caller, options, stats)
+        _warn_inexact_adjoint(caller, options, stats, grad.dtype)
+    # A non-finite g fails its sample's solve; the solvers' failure warning synchronised already.
+    if bool(stats.failed.any()):
+        u = _keep_non_finite(u, grad, options.per_sample)
     return u, stats
 
 
@@ -404,7 +421,7 @@ def solve_tangent(f: Callable[[torch.Tensor], torch.Tensor], z_star: torch.Tenso
             return t
         kwargs = options.solver_kwargs(options.backward_solver, backward=True)
         t, stats = _solvers.SOLVERS[options.backward_solver](tangent_map, f_dot, **kwargs)
-    _warn_inexact_adjoint(f"{caller} ({name})", options, stats, what="tangent")
+    _warn_inexact_adjoint(f"{caller} ({name})", options, stats, f_dot.dtype, what="tangent")
     return t
 
 
@@ -500,6 +517,20 @@ class AdjointFunction(torch.autograd.Function):
         if create_graph:
             u = _not_differentiable_again(u, caller, fz, grad_in, reason=unsupported, backward=options.backward)
         return (u,) + (None,) * (8 + n_theta)
+
+
+def _keep_non_finite(u: torch.Tensor, grad: torch.Tensor, per_sample: bool) -> torch.Tensor:
+    """u, except that a sample whose incoming gradient holds Inf/NaN gets that gradient itself.
+
+    The Anderson and Broyden adjoint solvers freeze a sample that produces NaN/Inf at its best
+    finite iterate (u0 = 0 at worst): an overflowed incoming gradient then came out as a finite
+    parameter gradient, silently, and AMP's GradScaler, which skips a step and lowers its scale
+    only when it finds Inf/NaN in the gradients, applied the step (the fixed-point adjoint and the
+    Neumann series propagated the non-finite values; so does autograd through any explicit layer).
+    Called only when some sample's adjoint failed, which a non-finite g always makes it do."""
+    rows = grad.shape[0] if per_sample else 1
+    finite = torch.isfinite(grad.reshape(rows, -1)).all(dim=1)
+    return torch.where(finite.view((rows,) + (1,) * (grad.dim() - 1)), u, grad)
 
 
 # --- backward_warm_start -------------------------------------------------------------------------

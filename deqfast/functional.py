@@ -6,6 +6,7 @@ from typing import Callable, Optional
 
 import torch
 from torch.autograd import forward_ad as _forward_ad
+from torch.nn.utils import parametrize as _parametrize
 
 from . import _checks
 from . import solvers as _solvers
@@ -165,9 +166,14 @@ def solve(f: Callable, z0: torch.Tensor, options: Options, *, caller: str,
 
     # backward_warm_start: the solver's history goes to the backward (kept only then).
     warm = options.backward_warm_start and options.backward == "implicit" and torch.is_grad_enabled()
-    with torch.no_grad(), _solvers._common.entry(caller), \
-            (_history.capture() if warm else contextlib.nullcontext()) as history:
-        z_star, stats = solver(f, z0.detach(), **kwargs)
+    cached = _cached_parametrizations() if torch.is_grad_enabled() else None
+    try:
+        with torch.no_grad(), _solvers._common.entry(caller), \
+                (_history.capture() if warm else contextlib.nullcontext()) as history:
+            z_star, stats = solver(f, z0.detach(), **kwargs)
+    finally:  # (also when f raises: a caller that goes on inside cached() must not read them)
+        if cached is not None:
+            _forget_cached_without_grad(cached)
     # z* is a constant of what follows: the pure-PyTorch steps carry a forward-mode AD tangent
     # (no_grad does not stop it), the fused ones do not; neither is z*'s.
     z_star = z_star.detach()
@@ -216,6 +222,26 @@ def solve(f: Callable, z0: torch.Tensor, options: Options, *, caller: str,
 
 
 _next_sequence_nr = getattr(torch._C._autograd, "_get_sequence_nr", lambda: None)
+
+
+def _cached_parametrizations():
+    """The keys of torch.nn.utils.parametrize's cache while ``parametrize.cached()`` is on, else None
+    (a module global read: nothing else when caching is off)."""
+    if not getattr(_parametrize, "_cache_enabled", 0):
+        return None
+    return set(_parametrize._cache)
+
+
+def _forget_cached_without_grad(before) -> None:
+    """Drop the parametrized tensors (weight_norm, spectral_norm, ...) that the solve itself put in
+    parametrize.cached()'s cache: computed first inside the solver's no_grad, they carry no graph,
+    and f(z*) (and the rest of the step) reading them would give the parametrization's parameters
+    no gradient, silently. Dropped, they are computed again, with grad, at their next use."""
+    cache = _parametrize._cache
+    for key in [key for key in cache if key not in before]:
+        tensor = cache[key]
+        if tensor is None or not tensor.requires_grad:
+            del cache[key]
 
 
 def _forward_ad_active() -> bool:

@@ -37,6 +37,11 @@ class DEQ(nn.Module):
     that is not a module (``lambda z, x: self.block(z, x)``) hides its modules: the layer then resets
     those that applied a mask during its previous forward.
 
+    Batch norm in a cell that is a module, in training mode: every f call normalises with the
+    batch's statistics, but the running statistics (and ``num_batches_tracked``) are updated only
+    by the evaluations after the solve, at the equilibrium: once per forward (``phantom``: once per
+    phantom step; ``bptt``: at every iteration, each being part of the model).
+
     ``cuda_graph=True`` on a CUDA state: the graphs of the forward solve's iterations are captured
     once per key and replayed by later calls with the same key -- z's and x's shapes, dtypes and
     devices, the options, the cell's training flags, the autocast and inference modes, and the
@@ -91,7 +96,8 @@ class DEQ(nn.Module):
                                 f"{_checks.conversion_hint(x, 'x')}"
                                 + ("; with a list/tuple x (several inputs) pass z0 as well" if isinstance(x, (list, tuple)) else ""))
             if not x.is_floating_point():
-                raise TypeError(f"deqfast.DEQ: x must be floating point when z0 is not given (z0 = zeros_like(x)), got {x.dtype}")
+                raise TypeError(f"deqfast.DEQ: x must be floating point when z0 is not given (z0 = zeros_like(x)), got "
+                                f"{x.dtype}{_checks.complex_hint(x, 'z0')}")
             _checks.check_not_in_func_transform("deqfast.DEQ", "x", x)
             z0 = torch.zeros_like(x)
         elif _batch_mismatch(x, z0):
@@ -113,13 +119,14 @@ class DEQ(nn.Module):
             for mod in getattr(self, "_dropout_users", {}).values():  # those a plain-callable cell used last time
                 mod.reset()
         self._dropout_users = {}
-        with record_users(self._dropout_users):
+        norms = _RunningStats(self.cell) if self.options.backward != "bptt" else None
+        with record_users(self._dropout_users), (norms or contextlib.nullcontext()):
             if self.compact and self.options.backward != "bptt":
-                return self._compact_forward(x, z0)
+                return self._compact_forward(x, z0, norms)
             if self.options.cuda_graph and self._graphs_keepable(x, z0):
-                return self._graphed_forward(x, z0)
+                return self._graphed_forward(x, z0, norms)
             z, self.stats = solve(lambda z: self.cell(z, x), z0, self.options, caller="deqfast.DEQ",
-                                  explicit=self._explicit(x))
+                                  after_solver=norms.release if norms else None, explicit=self._explicit(x))
             return z
 
     def _explicit(self, x):
@@ -163,7 +170,7 @@ class DEQ(nn.Module):
                   for t in itertools.chain(self.cell.parameters(), self.cell.buffers())),
         )
 
-    def _graphed_forward(self, x, z0):
+    def _graphed_forward(self, x, z0, norms=None):
         """The solve with the cell reading static copies of x, and the graphs of the last solve
         with the same key replayed (captured on the first)."""
         xs = [x] if isinstance(x, torch.Tensor) else list(x)
@@ -183,6 +190,8 @@ class DEQ(nn.Module):
 
         def solver_done(_stats):
             solving[0] = False
+            if norms:
+                norms.release(_stats)
 
         before = kept.graphs.captures
         with _graph.reuse(kept.graphs), _no_autocast_cache(_first(z0).device.type):
@@ -197,7 +206,7 @@ class DEQ(nn.Module):
         state["_dropout_users"] = {}  # nor references to modules outside the layer
         return state
 
-    def _compact_forward(self, x, z0):
+    def _compact_forward(self, x, z0, norms=None):
         """The solve with the cell evaluated on the samples still active at the last host check.
 
         Each call gathers those samples' rows of z and x, calls the cell on them and scatters the
@@ -214,6 +223,15 @@ class DEQ(nn.Module):
         if self.training and isinstance(self.cell, nn.Module) and any(
                 isinstance(mod, VariationalDropout) and mod.p > 0 for mod in self.cell.modules()):
             raise dropout_error
+        if isinstance(self.cell, nn.Module):
+            for name, mod in self.cell.named_modules():
+                # batch statistics: training mode, or no running statistics to use in eval
+                if isinstance(mod, nn.modules.batchnorm._BatchNorm) and (mod.training or mod.running_mean is None):
+                    raise ValueError(
+                        f"{caller}: the cell's {type(mod).__name__} at {('cell.' + name) if name else 'cell'} "
+                        f"normalises with the statistics of the whole batch, so the samples are coupled and the "
+                        f"active ones alone would be normalised differently (a silently different f); use "
+                        f"compact=False, or a per-sample norm (GroupNorm, LayerNorm) or that layer in eval mode")
         active = _active.ActiveSet()
         evaluated = [0]
         solving = [True]
@@ -254,6 +272,8 @@ class DEQ(nn.Module):
 
         def solver_done(_stats):
             solving[0] = False
+            if norms:
+                norms.release(_stats)
 
         with _active.track(active):
             z, self.stats = solve(f, z0, self.options, caller="deqfast.DEQ", after_solver=solver_done,
@@ -264,6 +284,49 @@ class DEQ(nn.Module):
     def extra_repr(self) -> str:
         o = self.options
         return f"solver={o.solver!r}, max_iter={o.max_iter}, tol={o.tol}, backward={o.backward!r}"
+
+
+class _RunningStats:
+    """The cell's batch-norm layers (``torch.nn.modules.batchnorm._BatchNorm``: BatchNorm1d/2d/3d,
+    SyncBatchNorm, the lazy ones) in training mode with running statistics: while the solver
+    iterates they normalise with the batch's statistics as always but do not update their running
+    statistics (nor ``num_batches_tracked``), which would otherwise take one momentum step per
+    solver iteration, mostly from iterates far from the equilibrium (z0 = 0 first). ``release``
+    (after the solve) turns the updates back on, so the evaluation at the equilibrium, f(z*),
+    updates them: once per forward (implicit, neumann, jfb; phantom: once per phantom step).
+
+    Done by setting ``track_running_stats`` to False during the solve (a module's forward reads
+    it at each call); a context manager, so it is restored if the solve raises. Falsy when the
+    cell holds no such layer (a cell that is not a module: none found). A lazy batch norm is left
+    alone at its first forward, which creates its running statistics."""
+
+    def __init__(self, cell):
+        self.modules = [mod for mod in cell.modules() if isinstance(mod, nn.modules.batchnorm._BatchNorm)
+                        and mod.training and mod.track_running_stats and not _uninitialized(mod)] \
+            if isinstance(cell, nn.Module) else []
+
+    def __bool__(self) -> bool:
+        return bool(self.modules)
+
+    def __enter__(self):
+        for mod in self.modules:
+            mod.track_running_stats = False
+        return self
+
+    def release(self, _stats=None) -> None:
+        for mod in self.modules:
+            mod.track_running_stats = True
+        self.modules = []
+
+    def __exit__(self, *exc):
+        self.release()
+        return False
+
+
+def _uninitialized(mod: nn.Module) -> bool:
+    """A lazy module (LazyBatchNorm2d, ...) before its first call: it creates its running statistics
+    at that call only if track_running_stats is on, so it is left alone for that forward."""
+    return isinstance(mod, nn.modules.lazy.LazyModuleMixin) and mod.has_uninitialized_params()
 
 
 def _parts(z):

@@ -144,8 +144,13 @@ def anderson_weights(gram, n_filled: int, slot: int, lam: float):
     beta, info = torch.linalg.solve_ex(system, inv_sqrt.unsqueeze(2), check_errors=False)
     w = beta.squeeze(2) * inv_sqrt
     w_sum = w.sum(dim=1, keepdim=True)
-    alpha = w / w_sum
-    ok = (info == 0).unsqueeze(1) & torch.isfinite(alpha).all(dim=1, keepdim=True) & (w_sum > 0)
+    # Divide by 1 where the sum is unusable (0, negative, inf: e.g. a sample whose residual is
+    # exactly 0, scaled by tiny ** -0.5): w / inf would be masked by the where below, but its
+    # derivative w.r.t. the sum, -w / w_sum², is 0 · inf = NaN, which reached every input of
+    # the solve under bptt (the gradient of a converged sample of a 1-element state was NaN).
+    usable = (info == 0).unsqueeze(1) & (w_sum > 0) & torch.isfinite(w_sum)
+    alpha = w / torch.where(usable, w_sum, 1.0)
+    ok = usable & torch.isfinite(alpha).all(dim=1, keepdim=True)
     return torch.where(ok, alpha, fallback)
 
 

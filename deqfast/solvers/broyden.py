@@ -82,6 +82,7 @@ def broyden(
     # state, decided once per solve; the reference below (_h_times, _update) otherwise and while recording.
     fused = not recording and ops.use_fused(x, U, m=base + memory)
     filled = base  # slots 0 .. filled − 1 hold updates (the seed's, then the ring's)
+    on_cpu = x.device.type == "cpu"
     for k in range(1, max_iter):
         if _common.should_stop(state, k - 1, check_every, max_iter):
             break
@@ -97,9 +98,9 @@ def broyden(
         # Restart: with a bounded ring of rank-1 updates (the oldest overwritten, as torchdeq's
         # LBFGS_thres) H can lose the secant structure and walk a sample away from a point it had
         # nearly solved (seen: rel residual 7.7e-11, then 1e25). A sample whose ‖g‖ grows past
-        # _RESTART × its least ‖g‖ goes back to that point, and its history is cleared at the next
-        # host check (a plain step −H g = g until then is not taken: its H is still used, but no
-        # update from the jump enters it). Nothing changes for a sample that never blows up.
+        # _RESTART × its least ‖g‖ goes back to that point, and its history is cleared at the end of
+        # this step on the CPU, at the next host check on an accelerator (until then its H is still
+        # used, but no update from the jump enters it). Nothing changes for a sample that never blows up.
         better = g_sq < restart_sq
         restart_x = torch.where(better.unsqueeze(1), x_next, restart_x)
         restart_g = torch.where(better.unsqueeze(1), gx_next, restart_g)
@@ -117,7 +118,11 @@ def broyden(
             _update(x_next - x, gx_next - gx, U, V, accept, filled, slot, acc)
         filled = min(filled + 1, base + memory)
         x, gx = x_next, gx_next
-        if k % check_every == 0 and bool(pending.any()):  # at a host check (every step on the CPU)
+        # At a host check; on the CPU at every step, whatever check_every (reading pending there is
+        # no device synchronisation): a clear deferred to the next check made the later iterates
+        # depend on check_every (a sample converging at 71 evaluations with check_every=1 ran to
+        # max_iter=100 with 4).
+        if (k % check_every == 0 or on_cpu) and bool(pending.any()):
             _clear(U, V, pending, filled)
             pending = torch.zeros_like(pending)
     if not recording:
