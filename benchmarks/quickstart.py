@@ -48,7 +48,8 @@ def main():
         start = time.perf_counter()
         # cached(): the spectral-normalised W is computed once per step, so f is the same map at
         # every solver iteration (its power iteration would otherwise move f during the solve).
-        # Touch it first with autograd on: cached inside the solver's no_grad it would carry no grad.
+        # Touch it first with autograd on: computed once, with its graph (first computed inside the
+        # solver's no_grad, deqfast drops it after the solve and f(z*) computes it again).
         with nn.utils.parametrize.cached():
             cell.W.weight
             z = deq(x, torch.zeros(args.batch, args.width))
