@@ -10,6 +10,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "../deqfast_numerics.h"
@@ -29,23 +31,49 @@ namespace {
 #define DEQ_HAVE_AVX2_CLONE 0
 #endif
 
-// The same sums as dot_ordered (common.h) for J vectors a_j against one b, in one pass over b:
+// The same sums as dot_ordered (common.h) for J pairs a_j · b_j, in one pass:
 // each of the J dots keeps its kLanes partial sums, each lane summing the same products in the
 // same order as dot_ordered, combined in the same order at the end, so every dot has dot_ordered's
 // bits. J·kLanes independent accumulators instead of kLanes: throughput- rather than
-// latency-bound, and b read once.
+// latency-bound.
 template <int J, typename acc_t, typename scalar_t>
-DEQ_ALWAYS_INLINE void dots_shared(const scalar_t* const* a, const scalar_t* __restrict b, int64_t n, acc_t* out) {
+DEQ_ALWAYS_INLINE void dots_pairs(const scalar_t* const* a, const scalar_t* const* bs, int64_t n, acc_t* out) {
   acc_t lanes[J][kLanes] = {};
   const scalar_t* __restrict aj[J];
-  for (int j = 0; j < J; ++j) aj[j] = a[j];
+  const scalar_t* __restrict bj[J];
+  for (int j = 0; j < J; ++j) {
+    aj[j] = a[j];
+    bj[j] = bs[j];
+  }
   int64_t i = 0;
+#if DEQ_HAVE_AVX2_CLONE
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    // The kLanes partial sums of each dot as one GCC vector (elementwise IEEE adds and multiplies:
+    // the same bits), so that they stay in registers (as arrays indexed in loops they were kept in
+    // memory, each add a store-to-load round trip).
+    typedef acc_t vec __attribute__((vector_size(sizeof(acc_t) * kLanes)));
+    vec acc[J];
+    for (int j = 0; j < J; ++j) acc[j] = vec{} ;
+    for (; i + kLanes <= n; i += kLanes) {
+      for (int j = 0; j < J; ++j) {
+        vec av, bv;
+        std::memcpy(&av, aj[j] + i, sizeof(vec));
+        std::memcpy(&bv, bj[j] + i, sizeof(vec));
+        acc[j] += av * bv;
+      }
+    }
+    for (int j = 0; j < J; ++j) std::memcpy(lanes[j], &acc[j], sizeof(vec));
+  }
+#endif
   for (; i + kLanes <= n; i += kLanes) {
     for (int j = 0; j < J; ++j)
-      for (int l = 0; l < kLanes; ++l) lanes[j][l] += static_cast<acc_t>(aj[j][i + l]) * static_cast<acc_t>(b[i + l]);
+      for (int l = 0; l < kLanes; ++l) lanes[j][l] += static_cast<acc_t>(aj[j][i + l]) * static_cast<acc_t>(bj[j][i + l]);
   }
-  for (int l = 0; i < n; ++i, ++l)
-    for (int j = 0; j < J; ++j) lanes[j][l] += static_cast<acc_t>(aj[j][i]) * static_cast<acc_t>(b[i]);
+  // The tail: element i + l into lane l, as dot_ordered's.
+  const int64_t rest = n - i;
+  for (int l = 0; l < kLanes; ++l)
+    if (l < rest)
+      for (int j = 0; j < J; ++j) lanes[j][l] += static_cast<acc_t>(aj[j][i + l]) * static_cast<acc_t>(bj[j][i + l]);
   for (int j = 0; j < J; ++j) {
     acc_t total = acc_t(0);
     for (int l = 0; l < kLanes; ++l) total += lanes[j][l];
@@ -60,19 +88,27 @@ DEQ_ALWAYS_INLINE void history_task_impl(const scalar_t* xb, const scalar_t* fb,
                                          int64_t m, int64_t slot, int64_t lo, int64_t n, acc_t* row) {
   scalar_t* Gs = Gb + slot * d + lo;
   write_slot(xb + lo, fb + lo, Fb + slot * d + lo, Gs, n);
+  // Groups of 4 sums G_j·G_slot, the last group (1 to 4 sums) with fx·fx.
   const scalar_t* a[4];
+  const scalar_t* b[4];
   int64_t j = 0;
   for (; j + 4 <= m; j += 4) {
-    for (int t = 0; t < 4; ++t) a[t] = Gb + (j + t) * d + lo;
-    dots_shared<4>(a, Gs, n, row + j);
+    for (int t = 0; t < 4; ++t) {
+      a[t] = Gb + (j + t) * d + lo;
+      b[t] = Gs;
+    }
+    dots_pairs<4>(a, b, n, row + j);
   }
-  const int64_t left = m - j;
-  for (int t = 0; t < left; ++t) a[t] = Gb + (j + t) * d + lo;
-  if (left == 3) dots_shared<3>(a, Gs, n, row + j);
-  if (left == 2) dots_shared<2>(a, Gs, n, row + j);
-  if (left == 1) dots_shared<1>(a, Gs, n, row + j);
-  const scalar_t* f1[1] = {fb + lo};
-  dots_shared<1>(f1, fb + lo, n, row + m);
+  const int left = int(m - j);  // 0 to 3; fx·fx goes to row[m] = row[j + left]
+  for (int t = 0; t < left; ++t) {
+    a[t] = Gb + (j + t) * d + lo;
+    b[t] = Gs;
+  }
+  a[left] = b[left] = fb + lo;
+  if (left == 0) dots_pairs<1>(a, b, n, row + j);
+  if (left == 1) dots_pairs<2>(a, b, n, row + j);
+  if (left == 2) dots_pairs<3>(a, b, n, row + j);
+  if (left == 3) dots_pairs<4>(a, b, n, row + j);
 }
 
 // The step over [lo, lo + n) of sample b: out = Σ_j α_j F_j − (1 − τ) Σ_j α_j G_j, each element's
