@@ -36,35 +36,27 @@ namespace {
 // same order as dot_ordered, combined in the same order at the end, so every dot has dot_ordered's
 // bits. J·kLanes independent accumulators instead of kLanes: throughput- rather than
 // latency-bound.
+// With `w` (x, fx, F_slot, G_slot of the chunk) the slot is written first, as write_slot does
+// (in the vector path block by block in the same pass: a block's G_slot is stored before any sum
+// reads it).
+template <typename scalar_t>
+struct SlotWrite {
+  const scalar_t* x;
+  const scalar_t* fx;
+  scalar_t* F;
+  scalar_t* G;
+};
+
+// The scalar part of dots_pairs from element i on (the lanes of elements before i given).
 template <int J, typename acc_t, typename scalar_t>
-DEQ_ALWAYS_INLINE void dots_pairs(const scalar_t* const* a, const scalar_t* const* bs, int64_t n, acc_t* out) {
-  acc_t lanes[J][kLanes] = {};
+DEQ_ALWAYS_INLINE void dots_pairs_from(const scalar_t* const* a, const scalar_t* const* bs, int64_t i, int64_t n,
+                                       acc_t (&lanes)[J][kLanes]) {
   const scalar_t* __restrict aj[J];
   const scalar_t* __restrict bj[J];
   for (int j = 0; j < J; ++j) {
     aj[j] = a[j];
     bj[j] = bs[j];
   }
-  int64_t i = 0;
-#if DEQ_HAVE_AVX2_CLONE
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    // The kLanes partial sums of each dot as one GCC vector (elementwise IEEE adds and multiplies:
-    // the same bits), so that they stay in registers (as arrays indexed in loops they were kept in
-    // memory, each add a store-to-load round trip).
-    typedef acc_t vec __attribute__((vector_size(sizeof(acc_t) * kLanes)));
-    vec acc[J];
-    for (int j = 0; j < J; ++j) acc[j] = vec{} ;
-    for (; i + kLanes <= n; i += kLanes) {
-      for (int j = 0; j < J; ++j) {
-        vec av, bv;
-        std::memcpy(&av, aj[j] + i, sizeof(vec));
-        std::memcpy(&bv, bj[j] + i, sizeof(vec));
-        acc[j] += av * bv;
-      }
-    }
-    for (int j = 0; j < J; ++j) std::memcpy(lanes[j], &acc[j], sizeof(vec));
-  }
-#endif
   for (; i + kLanes <= n; i += kLanes) {
     for (int j = 0; j < J; ++j)
       for (int l = 0; l < kLanes; ++l) lanes[j][l] += static_cast<acc_t>(aj[j][i + l]) * static_cast<acc_t>(bj[j][i + l]);
@@ -74,6 +66,43 @@ DEQ_ALWAYS_INLINE void dots_pairs(const scalar_t* const* a, const scalar_t* cons
   for (int l = 0; l < kLanes; ++l)
     if (l < rest)
       for (int j = 0; j < J; ++j) lanes[j][l] += static_cast<acc_t>(aj[j][i + l]) * static_cast<acc_t>(bj[j][i + l]);
+}
+
+template <int J, typename acc_t, typename scalar_t>
+DEQ_ALWAYS_INLINE void dots_pairs(const scalar_t* const* a, const scalar_t* const* bs, int64_t n, acc_t* out,
+                                  const SlotWrite<scalar_t>* w = nullptr) {
+  acc_t lanes[J][kLanes] = {};
+  int64_t i = 0;
+#if DEQ_HAVE_AVX2_CLONE
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    // The kLanes partial sums of each dot as one GCC vector (elementwise IEEE adds and multiplies:
+    // the same bits), so that they stay in registers (as arrays indexed in loops they were kept in
+    // memory, each add a store-to-load round trip). No restrict: G_slot, written here, may be one
+    // of the a_j, b_j.
+    typedef acc_t vec __attribute__((vector_size(sizeof(acc_t) * kLanes)));
+    vec acc[J];
+    for (int j = 0; j < J; ++j) acc[j] = vec{};
+    for (; i + kLanes <= n; i += kLanes) {
+      if (w != nullptr) {
+        vec xv, fv;
+        std::memcpy(&xv, w->x + i, sizeof(vec));
+        std::memcpy(&fv, w->fx + i, sizeof(vec));
+        const vec gv = fv - xv;
+        std::memcpy(w->F + i, &fv, sizeof(vec));
+        std::memcpy(w->G + i, &gv, sizeof(vec));
+      }
+      for (int j = 0; j < J; ++j) {
+        vec av, bv;
+        std::memcpy(&av, a[j] + i, sizeof(vec));
+        std::memcpy(&bv, bs[j] + i, sizeof(vec));
+        acc[j] += av * bv;
+      }
+    }
+    for (int j = 0; j < J; ++j) std::memcpy(lanes[j], &acc[j], sizeof(vec));
+  }
+#endif
+  if (w != nullptr) write_slot(w->x + i, w->fx + i, w->F + i, w->G + i, n - i);  // what is left of it
+  dots_pairs_from<J>(a, bs, i, n, lanes);
   for (int j = 0; j < J; ++j) {
     acc_t total = acc_t(0);
     for (int l = 0; l < kLanes; ++l) total += lanes[j][l];
@@ -87,7 +116,8 @@ template <typename acc_t, typename scalar_t>
 DEQ_ALWAYS_INLINE void history_task_impl(const scalar_t* xb, const scalar_t* fb, scalar_t* Fb, scalar_t* Gb, int64_t d,
                                          int64_t m, int64_t slot, int64_t lo, int64_t n, acc_t* row) {
   scalar_t* Gs = Gb + slot * d + lo;
-  write_slot(xb + lo, fb + lo, Fb + slot * d + lo, Gs, n);
+  const SlotWrite<scalar_t> w{xb + lo, fb + lo, Fb + slot * d + lo, Gs};
+  const SlotWrite<scalar_t>* first = &w;  // the slot written in the first pass
   // Groups of 4 sums G_j·G_slot, the last group (1 to 4 sums) with fx·fx.
   const scalar_t* a[4];
   const scalar_t* b[4];
@@ -97,7 +127,8 @@ DEQ_ALWAYS_INLINE void history_task_impl(const scalar_t* xb, const scalar_t* fb,
       a[t] = Gb + (j + t) * d + lo;
       b[t] = Gs;
     }
-    dots_pairs<4>(a, b, n, row + j);
+    dots_pairs<4>(a, b, n, row + j, first);
+    first = nullptr;
   }
   const int left = int(m - j);  // 0 to 3; fx·fx goes to row[m] = row[j + left]
   for (int t = 0; t < left; ++t) {
@@ -105,10 +136,10 @@ DEQ_ALWAYS_INLINE void history_task_impl(const scalar_t* xb, const scalar_t* fb,
     b[t] = Gs;
   }
   a[left] = b[left] = fb + lo;
-  if (left == 0) dots_pairs<1>(a, b, n, row + j);
-  if (left == 1) dots_pairs<2>(a, b, n, row + j);
-  if (left == 2) dots_pairs<3>(a, b, n, row + j);
-  if (left == 3) dots_pairs<4>(a, b, n, row + j);
+  if (left == 0) dots_pairs<1>(a, b, n, row + j, first);
+  if (left == 1) dots_pairs<2>(a, b, n, row + j, first);
+  if (left == 2) dots_pairs<3>(a, b, n, row + j, first);
+  if (left == 3) dots_pairs<4>(a, b, n, row + j, first);
 }
 
 // The step over [lo, lo + n) of sample b: out = Σ_j α_j F_j − (1 − τ) Σ_j α_j G_j, each element's
