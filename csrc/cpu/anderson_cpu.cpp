@@ -297,6 +297,7 @@ void step_into(const at::Tensor& x, const at::Tensor& F, const at::Tensor& G, at
                              nstep.mutable_data_ptr<int64_t>(), converged.mutable_data_ptr<bool>(),
                              failed.mutable_data_ptr<bool>()};
     // Sample b: m + 1 sums of P partials and an (n × n) solve, a few hundred flops.
+    const int64_t solve_grain = std::max<int64_t>(1, kMinElementsPerThread / ((m + 1) * (P + m * m)));
     auto solve = [&](int64_t b, const acc_t* part, acc_t* row, acc_t* work) {
       std::fill(row, row + m + 1, acc_t(0));
       for (int64_t c = 0; c < P; ++c)
@@ -324,7 +325,10 @@ void step_into(const at::Tensor& x, const at::Tensor& F, const at::Tensor& G, at
       scalar_t* Fw = F.mutable_data_ptr<scalar_t>();
       scalar_t* Gw = G.mutable_data_ptr<scalar_t>();
       acc_t* part = partials.mutable_data_ptr<acc_t>();
-      at::parallel_for(0, B, chunk_grain(d), [&](int64_t begin, int64_t end) {
+      // The grain of either pass alone (the smaller: many samples of a few elements still split
+      // for their solves).
+      const int64_t grain = std::min(chunk_grain(d), solve_grain);
+      at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
         SolveScratch<acc_t> scratch(m, n_filled);
         for (int64_t b = begin; b < end; ++b) {
           history_task<acc_t>(xp + b * d, fp + b * d, Fw + b * m * d, Gw + b * m * d, d, m, slot, 0, d,
@@ -342,7 +346,7 @@ void step_into(const at::Tensor& x, const at::Tensor& F, const at::Tensor& G, at
       return;
     }
     const acc_t* part = partials.const_data_ptr<acc_t>();
-    at::parallel_for(0, B, std::max<int64_t>(1, kMinElementsPerThread / ((m + 1) * (P + m * m))), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B, solve_grain, [&](int64_t begin, int64_t end) {
       SolveScratch<acc_t> scratch(m, n_filled);
       for (int64_t b = begin; b < end; ++b) solve(b, part, scratch.row, scratch.work);
     });
