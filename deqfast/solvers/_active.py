@@ -48,6 +48,11 @@ def hidden():
         _TRACK.reset(token)
 
 
+def tracking() -> bool:
+    """Whether a set is tracked (else :func:`publish` does nothing)."""
+    return _TRACK.get() is not None
+
+
 def publish(done: torch.Tensor) -> None:
     active = _TRACK.get()
     if active is not None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import ctypes
 import math
 from typing import Callable, Optional
 
@@ -215,6 +216,30 @@ def should_stop(state: SampleState, k: int, check_every: int, max_iter: int) -> 
     done = state.done  # one op (converged | failed), used twice
     _active.publish(done)  # DEQ(compact=True): evaluate only the active samples from here
     return bool(done.all())
+
+
+class HostDone:
+    """Per-sample done flags (uint8, B) that a fused CPU step writes at every step (converged or
+    failed, now or before: the values of ``state.done`` after that step), read by the host check
+    straight from their memory: no op per check (``state.done`` and ``.all()`` cost two op
+    dispatches, a few µs, at every iteration of a CPU solve, where check_every = 1). CPU tensors
+    only (the memory is read synchronously after the op has returned); the tensor must outlive this
+    object's use (the solve's workspace holds it)."""
+
+    __slots__ = ("tensor", "_bytes")
+
+    def __init__(self, flags: torch.Tensor):
+        assert flags.device.type == "cpu" and flags.dtype == torch.uint8 and flags.is_contiguous()
+        self.tensor = flags
+        self._bytes = (ctypes.c_char * flags.numel()).from_address(flags.data_ptr())
+
+    def should_stop(self, k: int, check_every: int, max_iter: int) -> bool:
+        """As :func:`should_stop` (the same checks, the same publication) from these flags."""
+        if not (k + 1 < max_iter and (k + 1) % check_every == 0):
+            return False
+        if _active.tracking():
+            _active.publish(self.tensor.bool())
+        return b"\0" not in self._bytes.raw
 
 
 def finish(problem: FlatProblem, state: SampleState, solver: str, warn: bool = True):

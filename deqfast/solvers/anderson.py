@@ -72,6 +72,7 @@ def anderson(
     workspace = graphs = x_in = x_out = None
     first_graphed = 0  # the first iteration replayed from a graph (set with graphs)
     one_call = False  # the fused path through anderson_fused_step (one op call per step)
+    host_done = None  # on the CPU: the step's done flags, read by the host check without an op
 
     def fused_step(k: int, x: torch.Tensor) -> torch.Tensor:
         """Iteration k on the fused path: f, then one op call (x_next a new tensor; under a CUDA
@@ -124,6 +125,8 @@ def anderson(
                     else:
                         # One op call per step; its scratch buffers are allocated once per solve.
                         workspace = ops.AndersonWorkspace(x, m)
+                        if x.device.type == "cpu":  # flags (B, 2): improved, then done, as bytes
+                            host_done = _common.HostDone(workspace.flags.view(-1)[B:])
         else:
             fx = problem(x)
         slot = k % m
@@ -135,7 +138,10 @@ def anderson(
             F, G, partials = ops.anderson_history(x, fx, F, G, slot, fused=fused)
             gram, x = ops.anderson_step(x, F, G, gram, partials, state, min(k + 1, m), slot, lam, tau, fused=fused)
         evaluated = k + 1
-        if _common.should_stop(state, k, check_every, max_iter):
+        if host_done is not None:
+            if host_done.should_stop(k, check_every, max_iter):
+                break
+        elif _common.should_stop(state, k, check_every, max_iter):
             break
         k += 1
     if graphs is not None and graphs is kept:
