@@ -190,12 +190,93 @@ void broyden_update_cpu(const at::Tensor& dx, const at::Tensor& dg, at::Tensor& 
   });
 }
 
+// One Broyden iteration after f (deqfast::broyden_fused_step): per sample, the record of the evaluation
+// (track_sample), the restart decision and the keep rule's `accept`; elementwise, the best iterate, the
+// restart point, (Δx, Δg) and the new point (x, gx); then broyden_update, the clearing of restarted
+// samples' histories, broyden_direction over the new fill, and x − H gx (best_x for a finished sample).
+// The same arithmetic as deqfast.solvers.broyden's _step over the per-op path, bit for bit.
+at::Tensor broyden_fused_step_cpu(const at::Tensor& x_next, const at::Tensor& fx_next, at::Tensor& x, at::Tensor& gx, at::Tensor& U, at::Tensor& V,
+                                  at::Tensor& restart_x, at::Tensor& restart_g, at::Tensor& restart_sq,
+                                  at::Tensor& pending, at::Tensor& best_x, at::Tensor& best_residual,
+                                  at::Tensor& best_rel, at::Tensor& nstep, at::Tensor& converged, at::Tensor& failed,
+                                  int64_t filled, int64_t slot, bool clear, double tol, bool rel_mode) {
+  check_broyden_fused_step_args("deqfast::broyden_fused_step", x_next, fx_next, x, gx, U, V, restart_x,
+                                restart_g, restart_sq, pending, best_x, best_residual, best_rel, nstep, converged,
+                                failed, filled, slot);
+  const int64_t B = x_next.size(0), d = x_next.size(1), m = U.size(1), C = num_chunks(d);
+  const int64_t filled_next = std::min(filled + 1, m);
+  if (B == 0) return at::empty_like(x_next);
+  const BroydenResidual r = broyden_residual(x_next, fx_next);  // g, (‖g‖², ‖f‖²), (‖g‖, ‖f‖)
+  at::Tensor accept = at::empty({B}, x_next.options().dtype(at::kBool));
+  at::Tensor steps = at::empty({2, B, d}, x_next.options());  // Δx, Δg
+  std::vector<uint8_t> flags(B);
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_next.scalar_type(), "broyden_fused_step_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    SampleState<acc_t> state{best_residual.mutable_data_ptr<acc_t>(), best_rel.mutable_data_ptr<acc_t>(),
+                             nstep.mutable_data_ptr<int64_t>(), converged.mutable_data_ptr<bool>(),
+                             failed.mutable_data_ptr<bool>()};
+    const acc_t* gs = r.sq.const_data_ptr<acc_t>();  // row 0: ‖g‖²
+    const acc_t* ns = r.norms.const_data_ptr<acc_t>();  // (2, B): ‖g‖, then ‖f‖
+    acc_t* rsq = restart_sq.mutable_data_ptr<acc_t>();
+    bool* pend = pending.mutable_data_ptr<bool>();
+    bool* ok = accept.mutable_data_ptr<bool>();
+    for (int64_t b = 0; b < B; ++b) {
+      const BroydenOutcome o = broyden_decide<acc_t>(state, b, gs[b], ns[b], ns[B + b], rsq, pend,
+                                                       static_cast<acc_t>(tol), rel_mode);
+      ok[b] = o.accept;
+      flags[b] = o.flags;
+    }
+    const scalar_t* xn = x_next.const_data_ptr<scalar_t>();
+    const scalar_t* gn = r.g.const_data_ptr<scalar_t>();
+    scalar_t* xp = x.mutable_data_ptr<scalar_t>();
+    scalar_t* gp = gx.mutable_data_ptr<scalar_t>();
+    scalar_t* rx = restart_x.mutable_data_ptr<scalar_t>();
+    scalar_t* rg = restart_g.mutable_data_ptr<scalar_t>();
+    scalar_t* best = best_x.mutable_data_ptr<scalar_t>();
+    scalar_t* dxp = steps.mutable_data_ptr<scalar_t>();
+    scalar_t* dgp = dxp + B * d;
+    at::parallel_for(0, B * C, chunk_grain(d), [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / C, lo = (task % C) * kChunk, hi = std::min(d, lo + kChunk);
+        const uint8_t fl = flags[b];
+        for (int64_t k = b * d + lo; k < b * d + hi; ++k)
+          broyden_advance_element(fl, k, xn, gn, xp, gp, rx, rg, best, dxp, dgp);
+      }
+    });
+    broyden_update_cpu(steps[0], steps[1], U, V, accept, filled, slot);
+    if (clear) {
+      scalar_t* Up = U.mutable_data_ptr<scalar_t>();
+      scalar_t* Vp = V.mutable_data_ptr<scalar_t>();
+      for (int64_t b = 0; b < B; ++b) {
+        if (!pend[b]) continue;
+        for (int64_t k = b * m * d; k < (b * m + filled_next) * d; ++k) {
+          Up[k] = static_cast<scalar_t>(Up[k] * scalar_t(0));  // × 0 as the reference (−0, NaN kept)
+          Vp[k] = static_cast<scalar_t>(Vp[k] * scalar_t(0));
+        }
+        pend[b] = false;
+      }
+    }
+    out = broyden_direction_cpu(U, V, gx, filled_next);
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, B * C, chunk_grain(d), [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / C, lo = (task % C) * kChunk, hi = std::min(d, lo + kChunk);
+        const bool done = (flags[b] & kBroydenDone) != 0;
+        for (int64_t k = b * d + lo; k < b * d + hi; ++k) op[k] = done ? best[k] : static_cast<scalar_t>(xp[k] - op[k]);
+      }
+    });
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace cpu
 
 TORCH_LIBRARY_IMPL(deqfast, CPU, m) {
   m.impl("broyden_direction", &cpu::broyden_direction_cpu);
   m.impl("broyden_update", &cpu::broyden_update_cpu);
+  m.impl("broyden_fused_step", &cpu::broyden_fused_step_cpu);
 }
 
 }  // namespace deqfast
