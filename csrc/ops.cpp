@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #endif
 #include <ATen/MemoryOverlap.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/add.h>
 #include <ATen/ops/clamp_min.h>
@@ -238,11 +239,14 @@ at::Tensor row_sum(const at::Tensor& p, c10::ScalarType acc) {
 }  // namespace
 
 BroydenResidual broyden_residual(const at::Tensor& x, const at::Tensor& fx) {
+  // Inside a kernel: no autograd to record (the tensors need no grad), the backend kernels directly.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   const auto acc = at::toOpMathType(x.scalar_type());
   at::Tensor g = at::sub(fx, x);
-  at::Tensor sq = at::stack({row_sum(at::mul(g, g), acc), row_sum(at::mul(fx, fx), acc)});
-  at::Tensor norms = at::sqrt(at::clamp_min(sq, 0));
-  return {std::move(g), std::move(sq), std::move(norms)};
+  at::Tensor g_sq = row_sum(at::mul(g, g), acc);
+  at::Tensor g_norm = at::sqrt(g_sq);
+  at::Tensor f_norm = at::sqrt(row_sum(at::mul(fx, fx), acc));
+  return {std::move(g), std::move(g_sq), std::move(g_norm), std::move(f_norm)};
 }
 
 }  // namespace deqfast

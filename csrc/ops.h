@@ -56,10 +56,11 @@ void check_broyden_fused_step_args(const char* op, const at::Tensor& x_next, con
                                    int64_t filled, int64_t slot);
 
 // What deqfast.solvers.broyden computes in torch ops before its step, with the same ATen ops (so the same
-// bits on either device): g = fx − x, and (2, B) rows (‖g‖², ‖fx‖²) and (‖g‖, ‖fx‖) in the accumulation
-// dtype, each squared norm summed as its _row_sum does (chunks of 16384 elements beyond that length).
+// bits on either device): g = fx − x, ‖g‖² (B,) and the norms ‖g‖, ‖fx‖ (B,) in the accumulation dtype,
+// each squared norm summed as its _row_sum does (chunks of 16384 elements beyond that length) and its
+// square root taken by torch's sqrt (SampleState.update's clamp_min(0) leaves a sum of squares as it is).
 struct BroydenResidual {
-  at::Tensor g, sq, norms;
+  at::Tensor g, g_sq, g_norm, f_norm;
 };
 BroydenResidual broyden_residual(const at::Tensor& x, const at::Tensor& fx);
 

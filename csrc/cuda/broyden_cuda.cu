@@ -248,16 +248,16 @@ void broyden_update_cuda(const at::Tensor& dx, const at::Tensor& dg, at::Tensor&
   });
 }
 
-// Per sample (one thread each): broyden_decide, into flags[b] and accept[b]; sq (2, B): ‖g‖², ‖f‖²; norms
-// (2, B): ‖g‖, ‖f‖.
+// Per sample (one thread each): broyden_decide, into flags[b] and accept[b].
 template <typename acc_t>
-__global__ void broyden_decide_kernel(SampleState<acc_t> state, const acc_t* __restrict__ sq,
-                                      const acc_t* __restrict__ norms, acc_t* __restrict__ restart_sq,
+__global__ void broyden_decide_kernel(SampleState<acc_t> state, const acc_t* __restrict__ g_sq,
+                                      const acc_t* __restrict__ g_norm, const acc_t* __restrict__ f_norm,
+                                      acc_t* __restrict__ restart_sq,
                                       bool* __restrict__ pending, bool* __restrict__ accept,
                                       uint8_t* __restrict__ flags, int64_t B, acc_t tol, bool rel_mode) {
   const int64_t b = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (b >= B) return;
-  const BroydenOutcome o = broyden_decide(state, b, sq[b], norms[b], norms[B + b], restart_sq, pending, tol, rel_mode);
+  const BroydenOutcome o = broyden_decide(state, b, g_sq[b], g_norm[b], f_norm[b], restart_sq, pending, tol, rel_mode);
   accept[b] = o.accept;
   flags[b] = o.flags;
 }
@@ -326,7 +326,7 @@ at::Tensor broyden_fused_step_cuda(const at::Tensor& x_next, const at::Tensor& f
   const int64_t B = x_next.size(0), d = x_next.size(1), m = U.size(1), C = num_chunks(d);
   const int64_t filled_next = std::min(filled + 1, m);
   if (B == 0) return at::empty_like(x_next);
-  const BroydenResidual r = broyden_residual(x_next, fx_next);  // g, (‖g‖², ‖f‖²), (‖g‖, ‖f‖)
+  const BroydenResidual r = broyden_residual(x_next, fx_next);  // g, ‖g‖², ‖g‖, ‖f‖
   at::Tensor accept = at::empty({B}, x_next.options().dtype(at::kBool));
   at::Tensor flags = at::empty({B}, x_next.options().dtype(at::kByte));
   at::Tensor steps = at::empty({2, B, d}, x_next.options());  // Δx, Δg
@@ -339,7 +339,8 @@ at::Tensor broyden_fused_step_cuda(const at::Tensor& x_next, const at::Tensor& f
                              failed.mutable_data_ptr<bool>()};
     const int threads = 128;
     launch(broyden_decide_kernel<acc_t>, (B + threads - 1) / threads, threads, stream, state,
-           r.sq.const_data_ptr<acc_t>(), r.norms.const_data_ptr<acc_t>(), restart_sq.mutable_data_ptr<acc_t>(),
+           r.g_sq.const_data_ptr<acc_t>(), r.g_norm.const_data_ptr<acc_t>(), r.f_norm.const_data_ptr<acc_t>(),
+           restart_sq.mutable_data_ptr<acc_t>(),
            pending.mutable_data_ptr<bool>(), accept.mutable_data_ptr<bool>(), flags.mutable_data_ptr<uint8_t>(), B,
            static_cast<acc_t>(tol), rel_mode);
     if (C > 0) {
