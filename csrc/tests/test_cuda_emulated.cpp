@@ -440,11 +440,13 @@ void test_broyden_fused_step(at::ScalarType dtype, const BroydenCase& k, bool cl
   const auto opts = at::TensorOptions().dtype(dtype);
   const auto acc = at::toOpMathType(dtype);
   at::Tensor x = at::randn({k.B, k.d}, opts), gx = at::randn({k.B, k.d}, opts);
-  at::Tensor x_next = at::randn({k.B, k.d}, opts), fx_next = at::randn({k.B, k.d}, opts);
+  at::Tensor x_next = at::randn({k.B, k.d}, opts);
+  // A well-posed update (v · Δg ≈ |Δx|² > 0, H = −I + E with ‖E‖ <~ 0.3): Δg = −Δx + noise.
+  at::Tensor fx_next = (x_next + gx - (x_next - x) + 0.1 * at::randn({k.B, k.d}, opts)).to(dtype);
   BroydenWork w{x, gx, at::randn({k.B, k.d}, opts), at::randn({k.B, k.d}, opts),
                 at::full({k.B}, 1e30, opts.dtype(acc)), at::zeros({k.B}, opts.dtype(at::kBool)),
-                (at::randn({k.B, k.m, k.d}, opts) / std::sqrt(double(k.d))).to(dtype), at::randn({k.B, k.m, k.d}, opts),
-                State(at::randn({k.B, k.d}, opts))};
+                (0.3 * at::randn({k.B, k.m, k.d}, opts) / (std::sqrt(double(k.d)) * double(k.m))).to(dtype),
+                at::randn({k.B, k.m, k.d}, opts), State(at::randn({k.B, k.d}, opts))};
   // Slots past `filled` are garbage the op must not read; slot `filled` (fresh) it must write, kept or zeroed.
   if (k.filled < k.m) {
     w.U.slice(1, k.filled, k.m).fill_(std::numeric_limits<double>::quiet_NaN());
@@ -489,7 +491,13 @@ void test_broyden_fused_step(at::ScalarType dtype, const BroydenCase& k, bool cl
   // the update's and the direction's sums run in another order than the CPU's
   check_close(emu.U, cpu.U, tol.value, atol(cpu.U), "U");
   check_close(emu.V, cpu.V, tol.value, atol(cpu.V), "V");
-  check_close(got, want, tol.value, atol(want), "next iterate");
+  // The next iterate: x − H gx over the op's own new state (its update and clear), best_x where done,
+  // exactly; against the CPU op up to the sums' order, amplified by the subtraction's cancellation.
+  const at::Tensor h = deqfast::cuda::broyden_direction_cuda(emu.U, emu.V, emu.gx, filled_next);
+  const at::Tensor done = at::logical_or(emu.s.converged, emu.s.failed).unsqueeze(1);
+  check_close(got, at::where(done, emu.s.best_x, at::sub(emu.x, h)), 0.0, 0.0, "next iterate from the op's state");
+  const double scale = at::nan_to_num(at::cat({emu.x, h}).to(at::kDouble), 0.0, 0.0, 0.0).abs().max().item<double>();
+  check_close(got, want, tol.value, std::max(atol(want), 4 * tol.value * scale), "next iterate");
   EXPECT_MSG(!got.isnan().any().item<bool>(), "the next iterate has NaN (an unwritten element, or a stale slot read)");
   // the situations really arose
   if (k.B >= 6) {
