@@ -165,7 +165,8 @@ def _step(x_next, fx_next, work, U, V, state: SampleState, filled: int, slot: in
     return state.freeze(work.x - h_times(U, V, work.gx, filled))
 
 
-# A sample whose ‖g‖ exceeds this factor times its least ‖g‖ so far restarts from that point.
+# A sample whose ‖g‖ exceeds this factor times its least ‖g‖ so far restarts from that point
+# (deqfast::broyden_fused_step: kBroydenRestartSq = _RESTART², csrc/deqfast_numerics.h).
 _RESTART = 1e3
 
 
