@@ -126,6 +126,7 @@ class _Work:
         self.pending = pending
 
 
+@eager_under_compile  # its Python-int filled, slot, clear: dynamo would recompile it at every iteration
 def _step(x_next, fx_next, work, U, V, state: SampleState, filled: int, slot: int, clear: bool,
           acc: torch.dtype, h_times=None, update=None) -> torch.Tensor:
     """Everything an iteration does after f (the reference of deqfast::broyden_fused_step): record
