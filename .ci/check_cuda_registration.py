@@ -15,7 +15,7 @@ info = module.build_info()
 print("CUDA build:", info)
 assert info["cuda"], "the CUDA backend is not compiled in"
 missing = [op for op in ("anderson_history", "anderson_step", "anderson_fused_step", "fixed_point_step",
-                          "broyden_direction", "broyden_update")
+                          "broyden_direction", "broyden_update", "broyden_fused_step")
            if not torch._C._dispatch_has_kernel_for_dispatch_key(f"deqfast::{op}", "CUDA")]
 assert not missing, f"ops without a CUDA kernel: {missing}"
 print("CUDA kernels registered for every op")

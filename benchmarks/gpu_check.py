@@ -50,7 +50,7 @@ HERE = Path(__file__).resolve().parent
 
 # Every op of TORCH_LIBRARY(deqfast) in csrc/ops.cpp; each must have a CUDA kernel.
 OPS = ("anderson_history", "anderson_step", "anderson_fused_step", "fixed_point_step", "broyden_direction",
-       "broyden_update")
+       "broyden_update", "broyden_fused_step")
 # (B, d, m): the sizes of the performance model (benchmarks/README.md).
 MODEL_SIZES = [(32, 65536, 5), (256, 512, 5), (16, 131072, 5), (8, 1048576, 6)]
 SANITIZER_TOOLS = ("memcheck", "initcheck", "racecheck", "synccheck")

@@ -61,11 +61,24 @@ struct TrackOutcome {
 // Record the evaluation of f at iterate x for sample b, given ‖f(x) − x‖² and ‖f(x)‖².
 // The same logic as deqfast.reference.SampleTracker.update.
 template <typename acc_t>
+DEQ_HD TrackOutcome track_sample_norms(const SampleState<acc_t>& s, int64_t b, acc_t residual, acc_t f_norm,
+                                       acc_t tol, bool rel_mode);
+
+template <typename acc_t>
 DEQ_HD TrackOutcome track_sample(const SampleState<acc_t>& s, int64_t b, acc_t residual_sq, acc_t f_norm_sq,
                                  acc_t tol, bool rel_mode) {
   // Written so that NaN passes through (a NaN compares false): it must mark the sample failed.
   const acc_t residual = sqrt_value(residual_sq < acc_t(0) ? acc_t(0) : residual_sq);
   const acc_t f_norm = sqrt_value(f_norm_sq < acc_t(0) ? acc_t(0) : f_norm_sq);
+  return track_sample_norms(s, b, residual, f_norm, tol, rel_mode);
+}
+
+// The same, given the norms ‖f(x) − x‖ and ‖f(x)‖ themselves (deqfast::broyden_fused_step takes them from
+// torch's sqrt, whose float32 result can differ from a correctly rounded one in the last bit, so that its
+// stats are those of deqfast.reference.SampleState.update bit for bit).
+template <typename acc_t>
+DEQ_HD TrackOutcome track_sample_norms(const SampleState<acc_t>& s, int64_t b, acc_t residual, acc_t f_norm,
+                                       acc_t tol, bool rel_mode) {
   const acc_t rel = residual / (f_norm > tiny_value<acc_t>() ? f_norm : tiny_value<acc_t>());
   const acc_t criterion = rel_mode ? rel : residual;
   const acc_t best = rel_mode ? s.best_rel[b] : s.best_residual[b];
@@ -90,6 +103,58 @@ DEQ_HD TrackOutcome track_sample(const SampleState<acc_t>& s, int64_t b, acc_t r
     out.done = true;
   }
   return out;
+}
+
+// Broyden (deqfast::broyden_fused_step): a sample whose ‖g‖² exceeds this factor times its least ‖g‖² so
+// far restarts from that point (deqfast.solvers.broyden: _RESTART², _RESTART = 1e3).
+constexpr double kBroydenRestartSq = 1e6;
+// The per-sample flags of one Broyden iteration.
+constexpr uint8_t kBroydenImproved = 1;  // best_x <- x_next
+constexpr uint8_t kBroydenDone = 2;      // converged or failed: the next iterate is best_x
+constexpr uint8_t kBroydenBetter = 4;    // the restart point <- (x_next, gx_next)
+constexpr uint8_t kBroydenBlown = 8;     // the new point is the restart point
+
+struct BroydenOutcome {
+  uint8_t flags;
+  bool accept;  // the update may be kept: not done, not restarted
+};
+
+// Sample b's decisions of one Broyden iteration after f, given ‖g‖², ‖g‖ and ‖f‖ at x_next: the record of the
+// evaluation (track_sample), the restart point's ‖g‖² and the pending flag, updated in place. The same
+// logic as deqfast.solvers.broyden._step.
+template <typename acc_t>
+DEQ_HD BroydenOutcome broyden_decide(const SampleState<acc_t>& s, int64_t b, acc_t g_sq, acc_t residual,
+                                     acc_t f_norm, acc_t* restart_sq, bool* pending, acc_t tol, bool rel_mode) {
+  const TrackOutcome t = track_sample_norms(s, b, residual, f_norm, tol, rel_mode);
+  const bool better = g_sq < restart_sq[b];  // NaN compares false
+  if (better) restart_sq[b] = g_sq;
+  const bool blown = !t.done && g_sq > static_cast<acc_t>(kBroydenRestartSq) * restart_sq[b];
+  if (blown) pending[b] = true;
+  const uint8_t flags = (t.improved ? kBroydenImproved : 0) | (t.done ? kBroydenDone : 0) |
+                        (better ? kBroydenBetter : 0) | (blown ? kBroydenBlown : 0);
+  return {flags, !t.done && !blown};
+}
+
+// Element k of one Broyden iteration, for a sample with `flags`: best_x, the restart point, the new
+// point (x, gx) and the steps Δx = x_new − x, Δg = gx_new − gx (rounded to scalar_t as the reference's
+// subtractions).
+template <typename scalar_t>
+DEQ_HD void broyden_advance_element(uint8_t flags, int64_t k, const scalar_t* x_next, const scalar_t* gx_next,
+                                    scalar_t* x, scalar_t* gx, scalar_t* restart_x, scalar_t* restart_g,
+                                    scalar_t* best_x, scalar_t* dx, scalar_t* dg) {
+  const scalar_t xn = x_next[k], gn = gx_next[k];
+  if (flags & kBroydenImproved) best_x[k] = xn;
+  if (flags & kBroydenBetter) {
+    restart_x[k] = xn;
+    restart_g[k] = gn;
+  }
+  const bool blown = (flags & kBroydenBlown) != 0;
+  const scalar_t cx = blown ? restart_x[k] : xn;
+  const scalar_t cg = blown ? restart_g[k] : gn;
+  dx[k] = static_cast<scalar_t>(cx - x[k]);
+  dg[k] = static_cast<scalar_t>(cg - gx[k]);
+  x[k] = cx;
+  gx[k] = cg;
 }
 
 // Type-II Anderson weights for one sample:

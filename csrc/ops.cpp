@@ -5,7 +5,15 @@
 #include <pybind11/pybind11.h>
 #endif
 #include <ATen/MemoryOverlap.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/ops/add.h>
+#include <ATen/ops/clamp_min.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/sqrt.h>
+#include <ATen/ops/stack.h>
+#include <ATen/ops/sub.h>
+#include <ATen/ops/sum.h>
 #include <torch/library.h>
 #include <torch/version.h>
 
@@ -177,6 +185,70 @@ void check_broyden_update_args(const char* op, const at::Tensor& dx, const at::T
   at::assert_no_overlap(U, V);
 }
 
+void check_broyden_fused_step_args(const char* op, const at::Tensor& x_next, const at::Tensor& fx_next,
+                                   const at::Tensor& x, const at::Tensor& gx, const at::Tensor& U, const at::Tensor& V,
+                                   const at::Tensor& restart_x, const at::Tensor& restart_g,
+                                   const at::Tensor& restart_sq, const at::Tensor& pending, const at::Tensor& best_x,
+                                   const at::Tensor& best_residual, const at::Tensor& best_rel,
+                                   const at::Tensor& nstep, const at::Tensor& converged, const at::Tensor& failed,
+                                   int64_t filled, int64_t slot) {
+  check_state_args(op, x_next, best_x, best_residual, best_rel, nstep, converged, failed);
+  check_same(op, "fx_next", fx_next, x_next);
+  check_same(op, "x", x, x_next);
+  check_same(op, "gx", gx, x_next);
+  check_same(op, "restart_x", restart_x, x_next);
+  check_same(op, "restart_g", restart_g, x_next);
+  const int64_t B = x_next.size(0);
+  auto check_vec = [&](const at::Tensor& t, const char* name, c10::ScalarType dtype) {
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == B && t.scalar_type() == dtype && t.device() == x_next.device() &&
+                    t.is_contiguous(),
+                op, ": ", name, " must be a contiguous (", B, ",) ", dtype, " tensor on ", x_next.device(), ", got ",
+                describe(t));
+  };
+  check_vec(restart_sq, "restart_sq", at::toOpMathType(x_next.scalar_type()));
+  check_vec(pending, "pending", at::kBool);
+  check_ring(op, "U", "x", U, x_next);
+  check_same(op, "V", V, U);
+  const int64_t m = U.size(1);
+  TORCH_CHECK(filled >= 0 && filled <= m, op, ": filled must be in [0, m] = [0, ", m, "], got ", filled);
+  TORCH_CHECK(slot >= 0 && slot < m && slot <= filled, op, ": slot must be in [0, min(filled, m - 1)] = [0, ",
+              std::min(filled, m - 1), "], got ", slot);
+  // Every written tensor is distinct from the inputs and from the other written (B, d) and (B, m, d) ones (the
+  // kernels use __restrict__ pointers). check_state_args covers the per-sample vectors among themselves.
+  const at::Tensor* written[] = {&x, &gx, &U, &V, &restart_x, &restart_g, &best_x, &restart_sq, &pending};
+  for (const at::Tensor* w : written) {
+    at::assert_no_overlap(*w, x_next);
+    at::assert_no_overlap(*w, fx_next);
+  }
+  for (size_t i = 0; i < 7; ++i)
+    for (size_t j = i + 1; j < 7; ++j) at::assert_no_overlap(*written[i], *written[j]);
+}
+
+namespace {
+// p.sum(-1, dtype=acc) per row, as deqfast.solvers.broyden._row_sum: beyond kRowChunk elements, in pieces
+// of kRowChunk first (torch's CPU sum would split a long single row between threads).
+constexpr int64_t kRowChunk = 16384;
+at::Tensor row_sum(const at::Tensor& p, c10::ScalarType acc) {
+  const int64_t d = p.size(-1);
+  if (d <= kRowChunk) return at::sum(p, {-1}, false, acc);
+  const int64_t main = d - d % kRowChunk;
+  at::Tensor s = at::sum(p.slice(-1, 0, main).unflatten(-1, {main / kRowChunk, kRowChunk}), {-1}, false, acc).sum(-1);
+  if (main < d) s = at::add(s, at::sum(p.slice(-1, main, d), {-1}, false, acc));
+  return s;
+}
+}  // namespace
+
+BroydenResidual broyden_residual(const at::Tensor& x, const at::Tensor& fx) {
+  // Inside a kernel: no autograd to record (the tensors need no grad), the backend kernels directly.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const auto acc = at::toOpMathType(x.scalar_type());
+  at::Tensor g = at::sub(fx, x);
+  at::Tensor g_sq = row_sum(at::mul(g, g), acc);
+  at::Tensor g_norm = at::sqrt(g_sq);
+  at::Tensor f_norm = at::sqrt(row_sum(at::mul(fx, fx), acc));
+  return {std::move(g), std::move(g_sq), std::move(g_norm), std::move(f_norm)};
+}
+
 }  // namespace deqfast
 
 TORCH_LIBRARY(deqfast, m) {
@@ -213,6 +285,19 @@ TORCH_LIBRARY(deqfast, m) {
   // v = H^T dx, u = (dx - H dg) / (v . dg); slot `slot` of U, V gets (u, v) where accept (B,) and
   // |v . dg| > tiny and u, v are finite; else it keeps its update (slot < filled) or is zeroed.
   m.def("broyden_update(Tensor dx, Tensor dg, Tensor(a!) U, Tensor(b!) V, Tensor accept, int filled, int slot) -> ()");
+  // One Broyden iteration after f (deqfast.solvers.broyden's _step) in one call. x_next: the iterate f was
+  // evaluated at, fx_next = f(x_next); gx_next = fx_next - x_next and its norms as the solver takes them in
+  // torch ops (broyden_residual). In place: records the evaluation in the per-sample state (best_x ... failed); restart point (restart_x,
+  // restart_g, restart_sq): x_next where g_sq < restart_sq; a sample not done with g_sq > 1e6 restart_sq
+  // blew up: it goes back to the restart point and is marked pending; (x, gx) <- the new point, and
+  // broyden_update(new x - x, new gx - gx, U, V, not done and not blown, filled, slot); with clear, the
+  // pending samples' slots [0, min(filled + 1, m)) are multiplied by 0 and pending is reset. Returns the
+  // next iterate x - H gx over min(filled + 1, m) slots, or best_x for a finished sample: a new tensor.
+  m.def(
+      "broyden_fused_step(Tensor x_next, Tensor fx_next, Tensor(a!) x, Tensor(b!) gx, "
+      "Tensor(c!) U, Tensor(d!) V, Tensor(e!) restart_x, Tensor(f!) restart_g, Tensor(g!) restart_sq, "
+      "Tensor(h!) pending, Tensor(i!) best_x, Tensor(j!) best_residual, Tensor(k!) best_rel, Tensor(l!) nstep, "
+      "Tensor(m!) converged, Tensor(n!) failed, int filled, int slot, bool clear, float tol, bool rel_mode) -> Tensor");
 }
 
 #ifndef DEQFAST_NO_PYTHON

@@ -44,6 +44,26 @@ void check_broyden_direction_args(const char* op, const at::Tensor& U, const at:
 void check_broyden_update_args(const char* op, const at::Tensor& dx, const at::Tensor& dg, const at::Tensor& U,
                                const at::Tensor& V, const at::Tensor& accept, int64_t filled, int64_t slot);
 
+// broyden_fused_step's checks (both backends): x_next, fx_next, x, gx, restart_x, restart_g, best_x (B, d) alike;
+// restart_sq, best_residual, best_rel (B,) in the accumulation dtype; U, V (B, m, d); filled, slot as
+// broyden_update's; no written tensor overlaps another tensor.
+void check_broyden_fused_step_args(const char* op, const at::Tensor& x_next, const at::Tensor& fx_next,
+                                   const at::Tensor& x, const at::Tensor& gx, const at::Tensor& U, const at::Tensor& V,
+                                   const at::Tensor& restart_x, const at::Tensor& restart_g,
+                                   const at::Tensor& restart_sq, const at::Tensor& pending, const at::Tensor& best_x,
+                                   const at::Tensor& best_residual, const at::Tensor& best_rel,
+                                   const at::Tensor& nstep, const at::Tensor& converged, const at::Tensor& failed,
+                                   int64_t filled, int64_t slot);
+
+// What deqfast.solvers.broyden computes in torch ops before its step, with the same ATen ops (so the same
+// bits on either device): g = fx − x, ‖g‖² (B,) and the norms ‖g‖, ‖fx‖ (B,) in the accumulation dtype,
+// each squared norm summed as its _row_sum does (chunks of 16384 elements beyond that length) and its
+// square root taken by torch's sqrt (SampleState.update's clamp_min(0) leaves a sum of squares as it is).
+struct BroydenResidual {
+  at::Tensor g, g_sq, g_norm, f_norm;
+};
+BroydenResidual broyden_residual(const at::Tensor& x, const at::Tensor& fx);
+
 // "" when the CUDA backend is not compiled in, else e.g. "CUDA 13.0, archs sm_80 sm_90".
 std::string cuda_build_info();
 // The architectures nvcc compiled the kernels for (__CUDA_ARCH_LIST__), e.g. {"sm_80", "sm_90"}; {} without CUDA.

@@ -32,3 +32,8 @@ def register() -> None:
     @torch.library.register_fake("deqfast::broyden_update")
     def _(dx, dg, U, V, accept, filled, slot):
         return None
+
+    @torch.library.register_fake("deqfast::broyden_fused_step")
+    def _(x_next, fx_next, x, gx, U, V, restart_x, restart_g, restart_sq, pending, best_x,
+          best_residual, best_rel, nstep, converged, failed, filled, slot, clear, tol, rel_mode):
+        return torch.empty_like(x_next)

@@ -118,3 +118,35 @@ def broyden_update(dx, dg, U, V, accept, filled: int, slot: int) -> None:
     fused path of deqfast.solvers.broyden's ``_update``, with the same keep rule (``accept`` (B,) bool:
     the samples whose update may be kept)."""
     torch.ops.deqfast.broyden_update.default(dx.contiguous(), dg.contiguous(), U, V, accept.contiguous(), filled, slot)
+
+
+class BroydenWorkspace:
+    """The running tensors of :func:`broyden_fused_step`, written in place by each call: the current
+    iterate x and its residual gx (B, d), the restart point restart_x, restart_g (B, d) and
+    restart_sq (B,) (each sample's iterate of least ‖g‖ so far, its g and ‖g‖²), and pending (B,)
+    bool (the samples whose history is cleared at the next host check). Built from the first
+    evaluation (x0, g(x0), ‖g(x0)‖²) as contiguous copies."""
+
+    __slots__ = ("x", "gx", "restart_x", "restart_g", "restart_sq", "pending")
+
+    def __init__(self, x: torch.Tensor, gx: torch.Tensor, g_sq: torch.Tensor):
+        copy = lambda t: t.detach().clone(memory_format=torch.contiguous_format)  # noqa: E731
+        self.x, self.gx = copy(x), copy(gx)
+        self.restart_x, self.restart_g, self.restart_sq = copy(x), copy(gx), copy(g_sq)
+        self.pending = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+
+
+@eager_under_compile(recursive=False)
+def broyden_fused_step(x_next, fx_next, work: BroydenWorkspace, U, V, state: SampleState, filled: int, slot: int,
+                       clear: bool) -> torch.Tensor:
+    """One Broyden iteration after f in one op call (deqfast::broyden_fused_step): record the evaluation
+    fx_next = f(x_next) in ``state``, restart the samples that blew up, the good Broyden update into
+    ``slot``, at a host check (``clear``) clear the histories of the samples that restarted, and return
+    the next iterate (a new tensor). ``work`` and U, V are updated in place. The same bits as
+    deqfast.solvers.broyden's ``_step`` over :func:`broyden_direction` and :func:`broyden_update` (its
+    residual and norms are computed by the same ATen ops)."""
+    return torch.ops.deqfast.broyden_fused_step.default(
+        x_next, fx_next.contiguous(), work.x, work.gx, U, V, work.restart_x, work.restart_g, work.restart_sq,
+        work.pending, state.best_x, state.residual, state.rel_residual, state.nstep, state.converged, state.failed,
+        filled, slot, bool(clear), float(state.tol), state.rel,
+    )

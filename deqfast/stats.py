@@ -26,7 +26,9 @@ class SolverStats:
     Attributes:
         nstep: (B,) int64, evaluations of f the sample consumed (it stops counting once frozen).
         residual: (B,) ‖f(z) − z‖₂ at the returned iterate z (inf if no finite iterate was seen).
-        rel_residual: (B,) ‖f(z) − z‖₂ / ‖f(z)‖₂ at the returned iterate.
+        rel_residual: (B,) ‖f(z) − z‖₂ / ‖f(z)‖₂ at the returned iterate; from a solver, NaN where
+            it could not be measured (an iterate shrunk so far that its squared norms underflow,
+            all |z| below 2·sqrt(tiny) of the dtype; such a sample is not converged).
         converged: (B,) bool, the sample met ``tol`` under ``stop_mode`` (where measured, see above).
         failed: (B,) bool, f produced NaN/Inf for the sample; it was frozen at its best finite iterate.
         backward: statistics of the adjoint solve, filled in when the backward pass runs

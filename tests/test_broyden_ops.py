@@ -194,22 +194,23 @@ def test_fused_solve_equals_reference_solve(device, dtype, m, monkeypatch):
     f, *_ = _cell(B, d, dtype, device)
     z0 = torch.zeros(B, d, dtype=dtype, device=device)
     tol = 1e-11 if dtype == F64 else 1e-5
-    calls = {"direction": 0, "update": 0}
-    real_direction, real_update = ops.broyden_direction, ops.broyden_update
+    calls = {"direction": 0, "step": 0}
+    real_direction, real_step = ops.broyden_direction, ops.broyden_fused_step
 
     def direction(*a):
         calls["direction"] += 1
         return real_direction(*a)
 
-    def update(*a):
-        calls["update"] += 1
-        return real_update(*a)
+    def step(*a):
+        calls["step"] += 1
+        return real_step(*a)
 
     with monkeypatch.context() as patch:
         patch.setattr(ops, "broyden_direction", direction)
-        patch.setattr(ops, "broyden_update", update)
+        patch.setattr(ops, "broyden_fused_step", step)
         z_f, s_f = _solve("fused", f, z0, monkeypatch, max_iter=40, tol=tol, m=m)
-    assert calls["direction"] > 0 and calls["update"] > 0, "the fused path was not taken"
+    # the first step's direction, then one fused step per iteration
+    assert calls["direction"] == 1 and calls["step"] > 0, "the fused path was not taken"
     z_r, s_r = _solve("reference", f, z0, monkeypatch, max_iter=40, tol=tol, m=m)
     assert s_f.converged.all() and s_r.converged.all()
     assert len(set(s_r.nstep.tolist())) > 1, "samples should finish at different steps (freezing exercised)"
@@ -317,3 +318,182 @@ def test_cpu_ops_give_the_same_bits_at_any_thread_count_and_batch():
     U2, V2 = U[2:3].clone(), V[2:3].clone()
     ops.broyden_update(dx[2:3], dg[2:3], U2, V2, accept[2:3], 3, 1)
     assert torch.equal(U2[0], results[0][1][2]) and torch.equal(V2[0], results[0][2][2])
+
+
+# ---------------------------------------------------------------------------------------------
+# deqfast::broyden_fused_step: one whole iteration after f in one op call.
+# ---------------------------------------------------------------------------------------------
+
+def _fused_step_inputs(B, d, m, filled, dtype, device, seed):
+    """An iteration's inputs with a sample in each situation: 0 active (improves its restart point),
+    1 done before (frozen), 2 failing now (NaN in f), 3 converging now (f(x) = x), 4 blowing up
+    (back to its restart point, pending), 5 restarted before (pending: cleared at a host check)."""
+    from deqfast.reference import SampleState
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *s: torch.randn(*s, generator=g, dtype=F64).to(dtype).to(device)  # noqa: E731
+    U, V = rand(B, m, d) / d ** 0.5, rand(B, m, d)
+    x, gx, x_next, fx_next = rand(B, d), rand(B, d), rand(B, d), rand(B, d)
+    acc = _acc(dtype)
+    state = SampleState(rand(B, d), 1e-3, "rel")
+    state.residual.fill_(10.0)
+    state.rel_residual.fill_(10.0)
+    state.nstep.fill_(3)
+    work = ops.BroydenWorkspace(x, gx, torch.full((B,), 1e30, dtype=acc, device=device))
+    work.restart_x.copy_(rand(B, d))
+    work.restart_g.copy_(rand(B, d))
+    if B > 1:
+        state.converged[1] = True
+    if B > 2:
+        fx_next[2, d // 2] = float("nan")
+    if B > 3:
+        fx_next[3] = x_next[3]
+    if B > 4:
+        work.restart_sq[4] = 1e-12
+    if B > 5:
+        work.pending[5] = True
+    return x_next, fx_next, work, U, V, state
+
+
+def _clone_work(work):
+    copy = object.__new__(ops.BroydenWorkspace)
+    for name in ops.BroydenWorkspace.__slots__:
+        setattr(copy, name, getattr(work, name).clone())
+    return copy
+
+
+def _step_tensors(out, work, U, V, state):
+    return {"out": out, "U": U, "V": V, **{n: getattr(work, n) for n in ops.BroydenWorkspace.__slots__},
+            **{n: getattr(state, n) for n in ("best_x", "residual", "rel_residual", "nstep", "converged", "failed")}}
+
+
+def _per_op_step(x_next, fx_next, work, U, V, state, filled, slot, clear):
+    """The solver's step over the two per-op fused ops (the path before deqfast::broyden_fused_step)."""
+    return broyden_module._step(x_next, fx_next, work, U, V, state, filled, slot, clear, _acc(x_next.dtype),
+                                h_times=ops.broyden_direction, update=ops.broyden_update)
+
+
+# (B, d, m, filled, slot): the first update, every situation with filled < m, several chunks with the ring
+# wrapping, the longest CUDA history, a row longer than the reference's sum chunk (16384 elements).
+STEP_CASES = [(1, 1, 1, 0, 0), (6, 7, 4, 2, 2), (6, 5000, 3, 3, 1), (6, 40, 32, 31, 31), (2, 20000, 2, 1, 1)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,d,m,filled,slot", STEP_CASES)
+@pytest.mark.parametrize("clear", [False, True])
+def test_fused_step_equals_the_per_op_step_bitwise_and_the_reference(device, dtype, B, d, m, filled, slot, clear):
+    if d > 10000 and dtype != torch.float32:
+        pytest.skip("the long row once, in float32")
+    inputs = _fused_step_inputs(B, d, m, filled, dtype, device, seed=B + d + m + filled)
+    x_next, fx_next, work, U, V, state = inputs
+    runs = {}
+    for path in ("fused", "per_op", "reference"):
+        w, U_, V_, s = _clone_work(work), U.clone(), V.clone(), state.clone()
+        if path == "fused":
+            out = ops.broyden_fused_step(x_next, fx_next, w, U_, V_, s, filled, slot, clear)
+        elif path == "per_op":
+            out = _per_op_step(x_next, fx_next, w, U_, V_, s, filled, slot, clear)
+        else:
+            out = broyden_module._step(x_next, fx_next, w, U_, V_, s, filled, slot, clear, _acc(dtype))
+        runs[path] = _step_tensors(out, w, U_, V_, s)
+    for name, got in runs["fused"].items():  # the same bits as the per-op path (NaN where f failed)
+        torch.testing.assert_close(got, runs["per_op"][name], rtol=0, atol=0, equal_nan=True, msg=name)
+    for name, got in runs["fused"].items():  # the reference: up to the order of the sums
+        want = runs["reference"][name]
+        if got.is_floating_point():
+            _close(torch.nan_to_num(got), torch.nan_to_num(want), dtype)
+        else:
+            assert torch.equal(got, want), name
+    got = runs["fused"]
+    assert got["out"].is_contiguous() and not got["out"].isnan().any()
+    if B > 5:  # the situations arose
+        assert got["converged"].tolist()[:4] == [False, True, False, True] and got["failed"].tolist()[:4] == [False, False, True, False]
+        assert got["pending"].tolist()[4:6] == [not clear, not clear]
+        assert torch.equal(got["x"][4], work.restart_x[4])  # back to its restart point
+        assert torch.equal(got["restart_x"][0], x_next[0])  # a new least ‖g‖
+        assert torch.equal(got["out"][1], state.best_x[1])  # frozen
+        n = min(filled + 1, m)
+        assert bool((got["U"][5, :n] == 0).all()) == clear
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_step_opcheck(device):
+    for clear in (False, True):
+        x_next, fx_next, work, U, V, state = _fused_step_inputs(6, 37, 4, 2, torch.float32, device, seed=5)
+        args = (x_next, fx_next, work.x, work.gx, U, V, work.restart_x, work.restart_g, work.restart_sq, work.pending,
+                state.best_x, state.residual, state.rel_residual, state.nstep, state.converged, state.failed, 2, 2, clear,
+                1e-3, True)
+        torch.library.opcheck(torch.ops.deqfast.broyden_fused_step.default, args)
+
+
+def test_fused_step_rejects_bad_input_with_clear_messages():
+    x_next, fx_next, work, U, V, state = _fused_step_inputs(3, 6, 3, 1, F64, "cpu", seed=0)
+    step = torch.ops.deqfast.broyden_fused_step.default
+
+    def call(**change):
+        a = dict(x_next=x_next, fx_next=fx_next, x=work.x, gx=work.gx, U=U, V=V, restart_x=work.restart_x,
+                 restart_g=work.restart_g, restart_sq=work.restart_sq, pending=work.pending, best_x=state.best_x,
+                 best_residual=state.residual, best_rel=state.rel_residual, nstep=state.nstep,
+                 converged=state.converged, failed=state.failed, filled=1, slot=1, clear=False, tol=1e-3, rel_mode=True)
+        a.update(change)
+        return step(*a.values())
+
+    with pytest.raises(RuntimeError, match="fx_next must be a contiguous tensor like x"):
+        call(fx_next=fx_next.float())
+    with pytest.raises(RuntimeError, match="restart_g must be a contiguous tensor like x"):
+        call(restart_g=work.restart_g[:, :5])
+    with pytest.raises(RuntimeError, match=r"restart_sq must be a contiguous \(3,\) Double"):
+        call(restart_sq=work.restart_sq.float())
+    with pytest.raises(RuntimeError, match=r"pending must be a contiguous \(3,\) Bool"):
+        call(pending=work.pending.long())
+    with pytest.raises(RuntimeError, match="U must be a contiguous"):
+        call(U=U[:, :2])
+    with pytest.raises(RuntimeError, match=r"slot must be in \[0, min\(filled, m - 1\)\] = \[0, 1\], got 2"):
+        call(slot=2)
+    with pytest.raises(RuntimeError, match="unsupported operation"):  # a written buffer aliasing an input
+        call(x=x_next)
+    with pytest.raises(RuntimeError, match="unsupported operation"):  # two written buffers that alias
+        call(restart_x=work.x)
+
+
+def _restart_problem():
+    g = torch.Generator().manual_seed(4)
+    B, d = 3, 20
+    A = torch.randn(d, d, generator=g, dtype=F64) * 0.9 / d ** 0.5
+    c = torch.randn(B, d, generator=g, dtype=F64)
+    return (lambda z: torch.sin(3 * z) @ A.T.to(z.dtype) + 0.9 * torch.tanh(z) ** 3 + c.to(z.dtype)), torch.zeros(B, d, dtype=F64)
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize("check_every", [1, 3])
+def test_fused_solve_equals_the_per_op_solve_bitwise(dtype, check_every, monkeypatch):
+    """Whole solves (restarts and their clearing included): the one-op path gives the same iterates,
+    result and stats, bit for bit, as the solver's step over the two per-op fused ops."""
+    problems = [_restart_problem(), (_cell(5, 48, dtype, "cpu")[0], torch.zeros(5, 48, dtype=F64))]
+    for f, z0 in problems:
+        z0 = z0.to(dtype)
+        runs = []
+        for path in ("fused", "per_op"):
+            trace = []
+
+            def traced(z):
+                trace.append(z.clone())
+                return f(z)
+
+            with monkeypatch.context() as patch:
+                if path == "per_op":
+                    patch.setattr(ops, "broyden_fused_step", _per_op_step)
+                z, stats = deqfast.solvers.broyden(traced, z0, max_iter=40, tol=1e-12, m=4, check_every=check_every)
+            runs.append((trace, z, stats))
+        (t_f, z_f, s_f), (t_p, z_p, s_p) = runs
+        assert len(t_f) == len(t_p) and all(torch.equal(a, b) for a, b in zip(t_f, t_p))
+        assert torch.equal(z_f, z_p)
+        for name in ("nstep", "residual", "rel_residual", "converged", "failed"):
+            assert torch.equal(getattr(s_f, name), getattr(s_p, name)), name
+    # the first problem restarts (the clearing is exercised): ‖g‖ beyond 1e3 × its least so far
+    f, z0 = problems[0]
+    norms = []
+    deqfast.solvers.broyden(lambda z: (lambda fz: (norms.append((fz - z).norm(dim=1)), fz)[1])(f(z)), z0.to(dtype),
+                            max_iter=40, tol=1e-12, m=4, check_every=check_every)
+    t = torch.stack(norms, dim=1)
+    assert (t > 1e3 * torch.cummin(t, dim=1).values).any()

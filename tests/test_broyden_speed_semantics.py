@@ -136,3 +136,32 @@ def test_recorded_history_gives_the_same_solve():
     assert z_rec.requires_grad
     torch.testing.assert_close(z_rec.detach(), z_buffer, rtol=1e-12, atol=1e-12)
     assert torch.equal(s_rec.nstep, s_buffer.nstep)
+
+
+def test_one_default_history_length_for_the_solver_and_fixed_point_and_DEQ():
+    """deqfast.solvers.broyden keeps m = 5 updates by default, the m that fixed_point and DEQ pass it:
+    the solver called alone and through fixed_point(solver="broyden") take the same iterates."""
+    import inspect
+
+    from deqfast.options import Options
+
+    assert inspect.signature(deqfast.solvers.broyden).parameters["m"].default == Options.m == 5
+    assert inspect.signature(deqfast.fixed_point).parameters["m"].default == 5
+    assert deqfast.DEQ(lambda z, x: z).options.m == 5
+    c, a, z0 = _elementwise_problem(4, 24, seed=3)
+    c, a, z0 = c.double(), a.double(), z0.double()
+    f = lambda z: a * torch.sin(0.6 * z.roll(1, dims=1) + 0.4 * z + c)  # noqa: E731
+    kw = dict(max_iter=40, tol=1e-10)
+    traces = {}
+    for name, solve in {"alone": lambda f_: deqfast.solvers.broyden(f_, z0, **kw),
+                        "m=5": lambda f_: deqfast.solvers.broyden(f_, z0, m=5, **kw),
+                        "m=30": lambda f_: deqfast.solvers.broyden(f_, z0, m=30, **kw),
+                        "fixed_point": lambda f_: deqfast.fixed_point(f_, z0, solver="broyden", **kw)}.items():
+        seen = []
+        solve(lambda z: (seen.append(z.detach().clone()), f(z))[1])
+        traces[name] = seen
+    same = lambda s, t: len(s) == len(t) and all(torch.equal(x, y) for x, y in zip(s, t))  # noqa: E731
+    assert same(traces["alone"], traces["m=5"])
+    # fixed_point evaluates f once more at the result (its stats and returned f(z*))
+    assert same(traces["alone"], traces["fixed_point"][:len(traces["alone"])])
+    assert not same(traces["alone"], traces["m=30"]), "the problem should tell m = 5 from m = 30"

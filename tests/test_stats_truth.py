@@ -157,3 +157,58 @@ def test_adjoint_nan_for_some_samples_is_warned(backward):
     with pytest.warns(RuntimeWarning, match="NaN/Inf"):
         (z * c).sum().backward()
     assert stats.backward.failed.tolist() == [False, False, True]
+
+
+# ---------------------------------------------------------------------------------------------
+# Iterates that shrink far below z0's range during the solve (toward a fixed point at 0).
+# ---------------------------------------------------------------------------------------------
+
+def _shrink_oracle(z, f):
+    """(‖f(z) − z‖ / ‖f(z)‖ per row in float64, exactly: rows scaled by a power of two first)."""
+    z64 = z.double().reshape(z.shape[0], -1)
+    f64 = f(z).double().reshape(z.shape[0], -1)
+    scale = torch.ldexp(torch.ones(z.shape[0], 1, dtype=torch.float64),
+                        -torch.frexp(f64.abs().amax(dim=1, keepdim=True)).exponent)
+    return torch.linalg.vector_norm((f64 - z64) * scale, dim=1) / torch.linalg.vector_norm(f64 * scale, dim=1)
+
+
+@pytest.mark.parametrize("solver", list(SOLVERS))
+@pytest.mark.parametrize("path", ["fused", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_underflowing_iterates_are_not_reported_converged(solver, path, dtype, monkeypatch):
+    """f(z) = 0.5 z from z0 = 1: the iterates shrink until their squares underflow (float32 ~1e-23,
+    float64 ~1e-162); the relative residual there is 1, never below tol. The solvers alone report it
+    not measured (NaN, not converged) instead of 0 and converged; an iterate that reaches exactly 0,
+    the fixed point, is an exact solve (Broyden's secant step finds it): rel 0, converged, as
+    fixed_point's own measurement says too. No sample is reported converged with a wrong rel."""
+    solve_path(path, solver, monkeypatch)
+    f = lambda z: 0.5 * z  # noqa: E731
+    z0 = torch.ones(3, 5, dtype=dtype)
+    z, stats = SOLVERS[solver](f, z0, max_iter=2000, tol=1e-4)
+    exact = (z == 0).all(dim=1)
+    truth = _shrink_oracle(z, f)
+    assert torch.equal(stats.converged, exact), (stats, z)
+    assert torch.equal(stats.rel_residual[exact], torch.zeros(int(exact.sum()), dtype=dtype))
+    assert stats.rel_residual[~exact].isnan().all()
+    assert (truth[~exact] == 1).all()
+    if solver != "broyden":
+        assert not exact.any()  # they shrink by halves: the squares underflow long before 0
+    # fixed_point measures again at the returned iterate: the same verdict
+    _, measured = deqfast.fixed_point(f, z0, solver=solver, max_iter=2000, tol=1e-4)
+    assert torch.equal(measured.converged, stats.converged)
+
+
+@pytest.mark.parametrize("solver", list(SOLVERS))
+def test_exact_and_zero_fixed_points_stay_converged(solver):
+    """rel 0 where it is measured: z0 = 0 with f(0) = 0 (an exact fixed point at 0, e.g. a zero input),
+    and an exact solve at a normal magnitude; the check costs nothing else."""
+    z, stats = SOLVERS[solver](lambda z: torch.tanh(z), torch.zeros(2, 4), max_iter=10, tol=1e-6)
+    assert stats.converged.all() and (stats.rel_residual == 0).all() and (stats.nstep == 1).all()
+    b = torch.tensor([[1.0, -2.0, 0.5]], dtype=torch.float64)
+    z, stats = SOLVERS[solver](lambda z: b + 0 * z, torch.zeros(1, 3, dtype=torch.float64), max_iter=10, tol=1e-6)
+    assert stats.converged.all() and (stats.rel_residual == 0).all() and torch.equal(z, b)
+
+
+def test_per_sample_false_underflow_is_reported_for_every_row():
+    z, stats = deqfast.solvers.anderson(lambda z: 0.5 * z, torch.ones(3, 4), max_iter=500, tol=1e-4, per_sample=False)
+    assert not stats.converged.any() and stats.rel_residual.isnan().all() and stats.rel_residual.shape == (3,)

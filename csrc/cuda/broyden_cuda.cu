@@ -5,12 +5,17 @@
 //   broyden_direction (2 launches): coefficients V_i · x, then (Σ U_i c_i) − x.
 //   broyden_update (4 launches): U_i · dx and V_i · dg; v = Hᵀ dx, dx − H dg and v · dg; u = (dx − H dg)
 //   / (v · dg); the slot write under the keep rule.
+//   broyden_fused_step (one iteration after f): the per-sample decisions; the new point, (Δx, Δg), best_x
+//   and the restart point; broyden_update's launches; the clearing of restarted samples' histories (at a
+//   host check); broyden_direction's launches; x − H gx (best_x where done).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
+
+#include <algorithm>
 
 #include "../ops.h"
 #include "common.cuh"
@@ -243,6 +248,126 @@ void broyden_update_cuda(const at::Tensor& dx, const at::Tensor& dg, at::Tensor&
   });
 }
 
+// Per sample (one thread each): broyden_decide, into flags[b] and accept[b].
+template <typename acc_t>
+__global__ void broyden_decide_kernel(SampleState<acc_t> state, const acc_t* __restrict__ g_sq,
+                                      const acc_t* __restrict__ g_norm, const acc_t* __restrict__ f_norm,
+                                      acc_t* __restrict__ restart_sq,
+                                      bool* __restrict__ pending, bool* __restrict__ accept,
+                                      uint8_t* __restrict__ flags, int64_t B, acc_t tol, bool rel_mode) {
+  const int64_t b = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (b >= B) return;
+  const BroydenOutcome o = broyden_decide(state, b, g_sq[b], g_norm[b], f_norm[b], restart_sq, pending, tol, rel_mode);
+  accept[b] = o.accept;
+  flags[b] = o.flags;
+}
+
+// Elementwise over (sample, chunk): best_x, the restart point, (Δx, Δg) and the new point (x, gx).
+template <typename scalar_t>
+__global__ void broyden_advance_kernel(const uint8_t* __restrict__ flags, const scalar_t* __restrict__ x_next,
+                                       const scalar_t* __restrict__ gx_next, scalar_t* __restrict__ x,
+                                       scalar_t* __restrict__ gx, scalar_t* __restrict__ restart_x,
+                                       scalar_t* __restrict__ restart_g, scalar_t* __restrict__ best_x,
+                                       scalar_t* __restrict__ dx, scalar_t* __restrict__ dg, int64_t d, int64_t C) {
+  const ChunkIndex ci = chunk_of_block(d, C);
+  const uint8_t fl = flags[ci.b];
+  for (int64_t e = ci.lo + threadIdx.x; e < ci.hi; e += kThreads)
+    broyden_advance_element(fl, ci.b * d + e, x_next, gx_next, x, gx, restart_x, restart_g, best_x, dx, dg);
+}
+
+// Slots [0, n) of a pending sample's U, V multiplied by 0 (the reference's `*= keep`), over (sample, chunk).
+template <typename scalar_t>
+__global__ void broyden_clear_kernel(const bool* __restrict__ pending, scalar_t* __restrict__ U,
+                                     scalar_t* __restrict__ V, int64_t d, int m, int n, int64_t C) {
+  const ChunkIndex ci = chunk_of_block(d, C);
+  if (!pending[ci.b]) return;
+  for (int i = 0; i < n; ++i) {
+    scalar_t* Ui = U + (ci.b * m + i) * d;
+    scalar_t* Vi = V + (ci.b * m + i) * d;
+    for (int64_t e = ci.lo + threadIdx.x; e < ci.hi; e += kThreads) {
+      Ui[e] = static_cast<scalar_t>(Ui[e] * scalar_t(0));
+      Vi[e] = static_cast<scalar_t>(Vi[e] * scalar_t(0));
+    }
+  }
+}
+
+// The next iterate in place of h = H gx: x − h, or best_x where done; with `clear`, pending reset (after
+// broyden_clear_kernel read it: an earlier launch).
+template <typename scalar_t>
+__global__ void broyden_next_kernel(const uint8_t* __restrict__ flags, const scalar_t* __restrict__ x,
+                                    const scalar_t* __restrict__ best_x, scalar_t* __restrict__ h,
+                                    bool* __restrict__ pending, bool clear, int64_t d, int64_t C) {
+  const ChunkIndex ci = chunk_of_block(d, C);
+  const bool done = (flags[ci.b] & kBroydenDone) != 0;
+  for (int64_t e = ci.lo + threadIdx.x; e < ci.hi; e += kThreads) {
+    const int64_t k = ci.b * d + e;
+    h[k] = done ? best_x[k] : static_cast<scalar_t>(x[k] - h[k]);
+  }
+  if (clear && ci.lo == 0 && threadIdx.x == 0) pending[ci.b] = false;
+}
+
+// pending reset for a state of no element (no (sample, chunk) blocks to do it).
+__global__ void broyden_reset_pending_kernel(bool* __restrict__ pending, int64_t B) {
+  const int64_t b = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (b < B) pending[b] = false;
+}
+
+at::Tensor broyden_fused_step_cuda(const at::Tensor& x_next, const at::Tensor& fx_next, at::Tensor& x, at::Tensor& gx, at::Tensor& U,
+                                   at::Tensor& V, at::Tensor& restart_x, at::Tensor& restart_g,
+                                   at::Tensor& restart_sq, at::Tensor& pending, at::Tensor& best_x,
+                                   at::Tensor& best_residual, at::Tensor& best_rel, at::Tensor& nstep,
+                                   at::Tensor& converged, at::Tensor& failed, int64_t filled, int64_t slot, bool clear,
+                                   double tol, bool rel_mode) {
+  constexpr const char* op = "deqfast::broyden_fused_step";
+  check_broyden_fused_step_args(op, x_next, fx_next, x, gx, U, V, restart_x, restart_g, restart_sq,
+                                pending, best_x, best_residual, best_rel, nstep, converged, failed, filled, slot);
+  check_broyden_history(op, U.size(1));
+  const DeviceGuard device_guard(x_next.device());
+  const int64_t B = x_next.size(0), d = x_next.size(1), m = U.size(1), C = num_chunks(d);
+  const int64_t filled_next = std::min(filled + 1, m);
+  if (B == 0) return at::empty_like(x_next);
+  const BroydenResidual r = broyden_residual(x_next, fx_next);  // g, ‖g‖², ‖g‖, ‖f‖
+  at::Tensor accept = at::empty({B}, x_next.options().dtype(at::kBool));
+  at::Tensor flags = at::empty({B}, x_next.options().dtype(at::kByte));
+  at::Tensor steps = at::empty({2, B, d}, x_next.options());  // Δx, Δg
+  const Stream stream = current_stream();
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_next.scalar_type(), "broyden_fused_step_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    SampleState<acc_t> state{best_residual.mutable_data_ptr<acc_t>(), best_rel.mutable_data_ptr<acc_t>(),
+                             nstep.mutable_data_ptr<int64_t>(), converged.mutable_data_ptr<bool>(),
+                             failed.mutable_data_ptr<bool>()};
+    const int threads = 128;
+    launch(broyden_decide_kernel<acc_t>, (B + threads - 1) / threads, threads, stream, state,
+           r.g_sq.const_data_ptr<acc_t>(), r.g_norm.const_data_ptr<acc_t>(), r.f_norm.const_data_ptr<acc_t>(),
+           restart_sq.mutable_data_ptr<acc_t>(),
+           pending.mutable_data_ptr<bool>(), accept.mutable_data_ptr<bool>(), flags.mutable_data_ptr<uint8_t>(), B,
+           static_cast<acc_t>(tol), rel_mode);
+    if (C > 0) {
+      scalar_t* dxp = steps.mutable_data_ptr<scalar_t>();
+      launch(broyden_advance_kernel<scalar_t>, B * C, kThreads, stream, flags.const_data_ptr<uint8_t>(),
+             x_next.const_data_ptr<scalar_t>(), r.g.const_data_ptr<scalar_t>(), x.mutable_data_ptr<scalar_t>(),
+             gx.mutable_data_ptr<scalar_t>(), restart_x.mutable_data_ptr<scalar_t>(),
+             restart_g.mutable_data_ptr<scalar_t>(), best_x.mutable_data_ptr<scalar_t>(), dxp, dxp + B * d, d, C);
+    }
+    broyden_update_cuda(steps[0], steps[1], U, V, accept, filled, slot);
+    if (clear && C > 0) {
+      launch(broyden_clear_kernel<scalar_t>, B * C, kThreads, stream, static_cast<const bool*>(pending.data_ptr<bool>()),
+             U.mutable_data_ptr<scalar_t>(), V.mutable_data_ptr<scalar_t>(), d, int(m), int(filled_next), C);
+    }
+    out = broyden_direction_cuda(U, V, gx, filled_next);
+    if (C > 0) {
+      launch(broyden_next_kernel<scalar_t>, B * C, kThreads, stream, flags.const_data_ptr<uint8_t>(),
+             x.const_data_ptr<scalar_t>(), best_x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+             pending.mutable_data_ptr<bool>(), clear, d, C);
+    } else if (clear) {
+      launch(broyden_reset_pending_kernel, (B + threads - 1) / threads, threads, stream,
+             pending.mutable_data_ptr<bool>(), B);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace cuda
 
@@ -250,6 +375,7 @@ void broyden_update_cuda(const at::Tensor& dx, const at::Tensor& dg, at::Tensor&
 TORCH_LIBRARY_IMPL(deqfast, CUDA, m) {
   m.impl("broyden_direction", &cuda::broyden_direction_cuda);
   m.impl("broyden_update", &cuda::broyden_update_cuda);
+  m.impl("broyden_fused_step", &cuda::broyden_fused_step_cuda);
 }
 #endif
 

@@ -118,6 +118,17 @@ inline c10::TypedOperatorHandle<BroydenUpdateFn>& broyden_update_op() {
   return op;
 }
 
+using BroydenFusedStepFn = at::Tensor(const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&,
+                                      at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&,
+                                      at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, int64_t, int64_t,
+                                      bool, double, bool);
+inline c10::TypedOperatorHandle<BroydenFusedStepFn>& broyden_fused_step_op() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("deqfast::broyden_fused_step", "")
+                       .typed<BroydenFusedStepFn>();
+  return op;
+}
+
 struct State {  // the per-sample state tensors of the ops
   at::Tensor best_x, best_residual, best_rel, nstep, converged, failed;
   State(const at::Tensor& x0) {

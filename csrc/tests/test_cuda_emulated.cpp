@@ -419,6 +419,101 @@ void test_broyden(at::ScalarType dtype, const BroydenCase& k) {
              "the kept update is not finite");
 }
 
+// One whole Broyden iteration after f (broyden_fused_step), emulated CUDA vs CPU, on samples in every
+// situation: active (its update kept), done before, failing now (NaN in f), converging now, improving the
+// restart point, blowing up (back to the restart point, pending), pending from before (cleared with `clear`).
+struct BroydenWork {
+  at::Tensor x, gx, restart_x, restart_g, restart_sq, pending, U, V;
+  State s;
+  BroydenWork clone() const {
+    return {x.clone(), gx.clone(), restart_x.clone(), restart_g.clone(), restart_sq.clone(), pending.clone(),
+            U.clone(), V.clone(), clone_state(s)};
+  }
+};
+
+void test_broyden_fused_step(at::ScalarType dtype, const BroydenCase& k, bool clear) {
+  std::ostringstream c;
+  c << "broyden_fused_step " << dtype << " B=" << k.B << " d=" << k.d << " m=" << k.m << " filled=" << k.filled
+    << " slot=" << k.slot << " clear=" << clear;
+  g_case = c.str();
+  const Tol tol = tol_for(dtype);
+  const auto opts = at::TensorOptions().dtype(dtype);
+  const auto acc = at::toOpMathType(dtype);
+  at::Tensor x = at::randn({k.B, k.d}, opts), gx = at::randn({k.B, k.d}, opts);
+  at::Tensor x_next = at::randn({k.B, k.d}, opts);
+  // A well-posed update (v · Δg ≈ |Δx|² > 0, H = −I + E with ‖E‖ <~ 0.3): Δg = −Δx + noise.
+  at::Tensor fx_next = (x_next + gx - (x_next - x) + 0.1 * at::randn({k.B, k.d}, opts)).to(dtype);
+  BroydenWork w{x, gx, at::randn({k.B, k.d}, opts), at::randn({k.B, k.d}, opts),
+                at::full({k.B}, 1e30, opts.dtype(acc)), at::zeros({k.B}, opts.dtype(at::kBool)),
+                (0.3 * at::randn({k.B, k.m, k.d}, opts) / (std::sqrt(double(k.d)) * double(k.m))).to(dtype),
+                at::randn({k.B, k.m, k.d}, opts), State(at::randn({k.B, k.d}, opts))};
+  // Slots past `filled` are garbage the op must not read; slot `filled` (fresh) it must write, kept or zeroed.
+  if (k.filled < k.m) {
+    w.U.slice(1, k.filled, k.m).fill_(std::numeric_limits<double>::quiet_NaN());
+    w.V.slice(1, k.filled, k.m).fill_(std::numeric_limits<double>::quiet_NaN());
+  }
+  w.s.best_rel.fill_(10.0);
+  w.s.best_residual.fill_(10.0);
+  w.s.nstep.fill_(3);
+  if (k.B >= 2) w.s.converged[1] = true;                                     // done before: frozen
+  if (k.B >= 3) fx_next[2][k.d / 2] = std::numeric_limits<double>::quiet_NaN();  // fails now
+  if (k.B >= 4) fx_next[3].copy_(x_next[3]);                                   // converges now (g = 0)
+  if (k.B >= 5) w.restart_sq[4] = 1e-12;                                       // blows up now
+  if (k.B >= 6) w.pending[5] = true;                                           // restarted before
+  BroydenWork cpu = w.clone(), emu = w.clone();
+  const double conv_tol = 1e-3;
+  const at::Tensor want = broyden_fused_step_op().call(
+      x_next, fx_next, cpu.x, cpu.gx, cpu.U, cpu.V, cpu.restart_x, cpu.restart_g, cpu.restart_sq, cpu.pending,
+      cpu.s.best_x, cpu.s.best_residual, cpu.s.best_rel, cpu.s.nstep, cpu.s.converged, cpu.s.failed, k.filled, k.slot,
+      clear, conv_tol, true);
+  const int64_t before = emu::launches;
+  const at::Tensor got = deqfast::cuda::broyden_fused_step_cuda(
+      x_next, fx_next, emu.x, emu.gx, emu.U, emu.V, emu.restart_x, emu.restart_g, emu.restart_sq, emu.pending,
+      emu.s.best_x, emu.s.best_residual, emu.s.best_rel, emu.s.nstep, emu.s.converged, emu.s.failed, k.filled,
+      k.slot, clear, conv_tol, true);
+  check_no_emulation_errors("broyden_fused_step");
+  const int64_t filled_next = std::min(k.filled + 1, k.m);
+  // decide, advance, broyden_update's (3 or 4), the clear, broyden_direction's (1 or 2), the next iterate
+  const int64_t launches = 2 + (k.filled > 0 ? 4 : 3) + (clear ? 1 : 0) + (filled_next > 0 ? 2 : 1) + 1;
+  EXPECT_MSG(emu::launches - before == launches,
+             "broyden_fused_step: " << emu::launches - before << " launches, expected " << launches);
+  auto atol = [&](const at::Tensor& t) {
+    return std::max(tol.value, tol.reduce * at::nan_to_num(t.to(at::kDouble), 0.0, 0.0, 0.0).abs().max().item<double>());
+  };
+  // The norms come from the same ATen ops on either side, the decisions from the same code: exact.
+  check_state_equal(emu.s, cpu.s, 0.0);
+  check_equal(emu.x, cpu.x, "x");
+  check_close(emu.gx, cpu.gx, 0.0, 0.0, "gx");  // NaN where f failed
+  check_equal(emu.restart_x, cpu.restart_x, "restart_x");
+  check_equal(emu.restart_g, cpu.restart_g, "restart_g");
+  check_equal(emu.restart_sq, cpu.restart_sq, "restart_sq");
+  check_equal(emu.pending, cpu.pending, "pending");
+  // the update's and the direction's sums run in another order than the CPU's
+  check_close(emu.U, cpu.U, tol.value, atol(cpu.U), "U");
+  check_close(emu.V, cpu.V, tol.value, atol(cpu.V), "V");
+  // The next iterate: x − H gx over the op's own new state (its update and clear), best_x where done,
+  // exactly; against the CPU op up to the sums' order, amplified by the subtraction's cancellation.
+  const at::Tensor h = deqfast::cuda::broyden_direction_cuda(emu.U, emu.V, emu.gx, filled_next);
+  const at::Tensor done = at::logical_or(emu.s.converged, emu.s.failed).unsqueeze(1);
+  check_close(got, at::where(done, emu.s.best_x, at::sub(emu.x, h)), 0.0, 0.0, "next iterate from the op's state");
+  const double scale = at::nan_to_num(at::cat({emu.x, h}).to(at::kDouble), 0.0, 0.0, 0.0).abs().max().item<double>();
+  check_close(got, want, tol.value, std::max(atol(want), 4 * tol.value * scale), "next iterate");
+  EXPECT_MSG(!got.isnan().any().item<bool>(), "the next iterate has NaN (an unwritten element, or a stale slot read)");
+  // the situations really arose
+  if (k.B >= 6) {
+    const auto conv = cpu.s.converged.to(at::kLong), failed = cpu.s.failed.to(at::kLong);
+    EXPECT_MSG(conv[1].item<int64_t>() == 1 && conv[3].item<int64_t>() == 1 && failed[2].item<int64_t>() == 1,
+               "converged " << cpu.s.converged << " failed " << cpu.s.failed);
+    EXPECT_MSG(cpu.pending[4].item<bool>() != clear, "pending " << cpu.pending);  // blown: pending unless cleared
+    EXPECT_MSG(!cpu.pending[5].item<bool>() || !clear, "pending " << cpu.pending);
+    check_equal(cpu.x[4], w.restart_x[4], "a blown sample goes back to its restart point");
+    if (clear) {
+      EXPECT_MSG(cpu.U[5].slice(0, 0, filled_next).abs().sum().item<double>() == 0.0, "a pending history not cleared");
+    }
+    check_equal(got[1], w.s.best_x[1], "a frozen sample's next iterate is its best");
+  }
+}
+
 // Empty batches and empty states: nothing to launch, outputs of the right shape.
 void test_empty() {
   g_case = "empty shapes";
@@ -520,6 +615,17 @@ int main(int argc, char** argv) {
     };
     for (auto dtype : dtypes) {
       for (const auto& k : broyden_cases) test_broyden(dtype, k);
+    }
+    const std::vector<BroydenCase> fused_cases = {
+        {1, 1, 1, 0, 0},     // the first update, B = d = m = 1
+        {6, 7, 4, 2, 2},     // every situation, filled < m, odd d
+        {6, 8193, 3, 3, 1},  // three chunks (the last of one element), the ring wrapping
+        {6, 300, 32, 31, 31},
+    };
+    for (auto dtype : dtypes) {
+      for (const auto& k : fused_cases) {
+        for (bool clear : {false, true}) test_broyden_fused_step(dtype, k, clear);
+      }
     }
     if (!races_only) {
       test_fixed_point_solve(at::kDouble, 3, 5000, 1.0);

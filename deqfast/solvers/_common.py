@@ -246,18 +246,46 @@ def finish(problem: FlatProblem, state: SampleState, solver: str, warn: bool = T
     residual = state.residual
     if problem.scale is not None:
         residual = residual / problem.scale.squeeze(1).to(residual.dtype)
+    rel_residual, converged = state.rel_residual, state.converged
+    # One host sync: the failed samples (warned about) and the zero relative residuals (checked below).
+    n_failed, n_zero = (int(n) for n in torch.stack((state.failed.sum(), (rel_residual == 0).sum())).tolist())
+    if n_zero:  # rare: an exact solve, or squared norms that underflowed
+        rel_residual, converged = _unmeasured_rel(state, solver)
     stats = SolverStats(
         nstep=state.nstep,
         residual=residual,
-        rel_residual=state.rel_residual,
-        converged=state.converged,
+        rel_residual=rel_residual,
+        converged=converged,
         failed=state.failed,
     )
     if not problem.per_sample:
         stats = broadcast_stats(stats, problem.batch)
-    if warn:
+    if warn and n_failed:
         warn_failed(problem.caller, solver, stats)
     return problem.unflatten(state.best_x), stats
+
+
+def _unmeasured_rel(state: SampleState, solver: str):
+    """(rel_residual, converged) with the relative residuals that were not measured marked NaN (and
+    under stop_mode "rel" not converged).
+
+    The trackers measure ‖f(x) − x‖ / ‖f(x)‖ from sums of squares. An iterate whose every element lies
+    below 2·sqrt(tiny) in magnitude (float32 ~2.2e-19, float64 ~3e-154: a state shrinking toward a
+    fixed point at 0, f(z) = 0.5 z, far below the range z0 was in) has squares that are not normal
+    numbers: both sums can underflow to 0, and the ratio, read as 0/tiny = 0, would claim an exact
+    solve whatever the truth (1 for f(z) = 0.5 z). A zero relative residual at such an iterate is not
+    a measurement: NaN, not converged. An iterate that is exactly 0 keeps its 0 (a fixed point at 0
+    with f(0) = 0, as :func:`measure_at` reports it). ``tiny`` is that of the dtype the solver squares
+    in: the accumulation dtype, the state's for Broyden (its squares of half states are half).
+    """
+    x = state.best_x.detach()
+    squares = x.dtype if solver == "broyden" else accumulation_dtype(x.dtype)
+    limit = 2.0 * math.sqrt(torch.finfo(squares).tiny)
+    amax = x.abs().amax(dim=1).to(accumulation_dtype(x.dtype)) if x.shape[1] else x.new_zeros(x.shape[0])
+    unmeasured = (state.rel_residual == 0) & (amax > 0) & (amax < limit)
+    rel = torch.where(unmeasured, float("nan"), state.rel_residual)
+    converged = state.converged & ~unmeasured if state.rel else state.converged
+    return rel, converged
 
 
 def broadcast_stats(stats: SolverStats, batch: int) -> SolverStats:
@@ -267,7 +295,7 @@ def broadcast_stats(stats: SolverStats, batch: int) -> SolverStats:
 
 
 def warn_failed(caller: str, solver: str, stats: SolverStats) -> None:
-    n_failed = int(stats.failed.sum())
+    n_failed = int(stats.failed.sum())  # a second sync, only when some sample failed
     if n_failed:
         _checks.warn(
             f"{caller} ({solver}): {n_failed} of {stats.batch_size} samples produced NaN/Inf and were "

@@ -21,7 +21,7 @@ def broyden(
     max_iter: int = 50,
     tol: float = 1e-4,
     stop_mode: str = "rel",
-    m: int = 30,
+    m: int = 5,
     check_every: Optional[int] = None,
     per_sample: bool = True,
 ):
@@ -38,7 +38,11 @@ def broyden(
 
     Args:
         f, z0, max_iter, tol, stop_mode, check_every, per_sample: as :func:`fixed_point_iteration`.
-        m: rank-1 updates kept (>= 1).
+        m: rank-1 updates kept (>= 1); default 5, the ``m`` of :func:`deqfast.fixed_point` and
+            :class:`deqfast.DEQ` (one default for both ways in). The history takes 2m states of memory.
+            torchdeq's ``broyden_solver`` keeps every update (``LBFGS_thres=None``): ``m=max_iter``
+            does the same. A longer memory can save evaluations: on benchmarks/cells.py's cells
+            (CPU, quick sizes, tol 1e-4 to 1e-6) m = 30 took 0-30% fewer than m = 5.
 
     Returns:
         (z, stats): each sample's best iterate (shape of z0) and its :class:`SolverStats`.
@@ -58,9 +62,6 @@ def broyden(
     gx = fx - x
     g_sq, f_sq = _squared_norms(gx, fx, acc)
     state.update(x, g_sq, f_sq)
-    # Restart point: each sample's iterate of least ‖g‖ and its g (see the restart below).
-    restart_x, restart_g, restart_sq = x, gx, g_sq
-    pending = torch.zeros(B, dtype=torch.bool, device=x.device)  # history to clear at the next check
     # While autograd records through the solve (backward="bptt") the history is a list of the
     # updates' own tensors: a (B, m, d) buffer would have to be copied at every step.
     recording = torch.is_grad_enabled() and (fx.requires_grad or x.requires_grad)
@@ -78,60 +79,101 @@ def broyden(
                                    f"{tuple(seed[1].shape)} for a ({B}, {d}) state")
             U[:, :base] = seed[0]
             V[:, :base] = seed[1]
-    # The fused ops (deqfast::broyden_direction, deqfast::broyden_update) where ops.use_fused takes the
-    # state, decided once per solve; the reference below (_h_times, _update) otherwise and while recording.
+    # The fused ops where ops.use_fused takes the state, decided once per solve: the first step's
+    # deqfast::broyden_direction, then one deqfast::broyden_fused_step per iteration (the whole
+    # bookkeeping after f: record, restart, update, clear, the next step). The reference below
+    # (_step: _h_times, _update) otherwise and while recording.
     fused = not recording and ops.use_fused(x, U, m=base + memory)
     filled = base  # slots 0 .. filled − 1 hold updates (the seed's, then the ring's)
+    if fused:
+        work = ops.BroydenWorkspace(x, gx, g_sq)
+    else:
+        # Restart point: each sample's iterate of least ‖g‖ and its g (see _step); pending: history to
+        # clear (see ``clear`` below).
+        work = _Work(x, gx, g_sq, torch.zeros(B, dtype=torch.bool, device=x.device))
     on_cpu = x.device.type == "cpu"
-    for k in range(1, max_iter):
-        if _common.should_stop(state, k - 1, check_every, max_iter):
-            break
+    if max_iter > 1 and not _common.should_stop(state, 0, check_every, max_iter):
         # Step: −H g = g − Σ u_i (v_i · g)
-        h_g = ops.broyden_direction(U, V, gx, filled) if fused else _h_times(U, V, gx, filled, acc)
-        x_next = state.freeze(x - h_g)
-        fx_next = problem(x_next)
-        gx_next = fx_next - x_next
-        g_sq, f_sq = _squared_norms(gx_next, fx_next, acc)
-        state.update(x_next, g_sq, f_sq)
-        if k + 1 == max_iter:
-            break
-        # Restart: with a bounded ring of rank-1 updates (the oldest overwritten, as torchdeq's
-        # LBFGS_thres) H can lose the secant structure and walk a sample away from a point it had
-        # nearly solved (seen: rel residual 7.7e-11, then 1e25). A sample whose ‖g‖ grows past
-        # _RESTART × its least ‖g‖ goes back to that point, and its history is cleared at the end of
-        # this step on the CPU, at the next host check on an accelerator (until then its H is still
-        # used, but no update from the jump enters it). Nothing changes for a sample that never blows up.
-        better = g_sq < restart_sq
-        restart_x = torch.where(better.unsqueeze(1), x_next, restart_x)
-        restart_g = torch.where(better.unsqueeze(1), gx_next, restart_g)
-        restart_sq = torch.where(better, g_sq, restart_sq)
-        blown = ~state.done & (g_sq > (_RESTART * _RESTART) * restart_sq)
-        pending = pending | blown
-        x_next = torch.where(blown.unsqueeze(1), restart_x, x_next)
-        gx_next = torch.where(blown.unsqueeze(1), restart_g, gx_next)
-        # Good Broyden update of H: u = (Δx − H Δg) / (vᵀ Δg), vᵀ = Δxᵀ H.
-        accept = ~state.done & ~blown
-        slot = base + (k - 1) % memory
-        if fused:
-            ops.broyden_update(x_next - x, gx_next - gx, U, V, accept, filled, slot)
-        else:
-            _update(x_next - x, gx_next - gx, U, V, accept, filled, slot, acc)
-        filled = min(filled + 1, base + memory)
-        x, gx = x_next, gx_next
-        # At a host check; on the CPU at every step, whatever check_every (reading pending there is
-        # no device synchronisation): a clear deferred to the next check made the later iterates
-        # depend on check_every (a sample converging at 71 evaluations with check_every=1 ran to
-        # max_iter=100 with 4).
-        if (k % check_every == 0 or on_cpu) and bool(pending.any()):
-            _clear(U, V, pending, filled)
-            pending = torch.zeros_like(pending)
+        h_g = ops.broyden_direction(U, V, work.gx, filled) if fused else _h_times(U, V, work.gx, filled, acc)
+        x_next = state.freeze(work.x - h_g)
+        for k in range(1, max_iter):
+            fx_next = problem(x_next)
+            if k + 1 == max_iter:
+                state.update(x_next, *_squared_norms(fx_next - x_next, fx_next, acc))
+                break
+            slot = base + (k - 1) % memory
+            # The histories of restarted samples are cleared at the end of their step by the fused op
+            # (masked on the device: no synchronisation) and on the CPU; the pure-PyTorch path on an
+            # accelerator clears at a host check (reading pending there is a synchronisation). A clear
+            # deferred made the later iterates depend on check_every (a sample converging at 71
+            # evaluations with check_every=1 ran to max_iter=100 with 4).
+            clear = fused or on_cpu or k % check_every == 0
+            if fused:
+                x_next = ops.broyden_fused_step(x_next, fx_next, work, U, V, state, filled, slot, clear)
+            else:
+                x_next = _step(x_next, fx_next, work, U, V, state, filled, slot, clear, acc)
+            filled = min(filled + 1, base + memory)
+            if _common.should_stop(state, k, check_every, max_iter):
+                break
     if not recording:
         # H's update pairs (H ≈ (J − I)⁻¹ near z*), for backward_warm_start; kept only when asked.
         _history.offer("broyden", U=U[:, :filled], V=V[:, :filled])
     return _common.finish(problem, state, "broyden")
 
 
-# A sample whose ‖g‖ exceeds this factor times its least ‖g‖ so far restarts from that point.
+class _Work:
+    """The reference path's running tensors (rebound, not written in place: autograd may record
+    them): the current iterate x and its g, the restart point (restart_x, restart_g, restart_sq) and
+    the samples whose history is cleared at the next host check (pending)."""
+
+    def __init__(self, x, gx, g_sq, pending):
+        self.x, self.gx = x, gx
+        self.restart_x, self.restart_g, self.restart_sq = x, gx, g_sq
+        self.pending = pending
+
+
+@eager_under_compile  # its Python-int filled, slot, clear: dynamo would recompile it at every iteration
+def _step(x_next, fx_next, work, U, V, state: SampleState, filled: int, slot: int, clear: bool,
+          acc: torch.dtype, h_times=None, update=None) -> torch.Tensor:
+    """Everything an iteration does after f (the reference of deqfast::broyden_fused_step): record
+    the evaluation fx_next = f(x_next) in ``state``, restart a sample that blew up, Broyden's update of H into
+    ``slot``, at a host check (``clear``) clear the histories of the samples that restarted, and
+    return the next iterate x − H g (a finished sample's best iterate). ``work`` (a _Work) moves to
+    the new point. ``h_times``/``update``: _h_times/_update by default (the tests pass the per-op
+    fused path's)."""
+    h_times = h_times or (lambda U_, V_, v, n: _h_times(U_, V_, v, n, acc))
+    update = update or (lambda *a: _update(*a, acc))
+    gx_next = fx_next - x_next
+    g_sq, f_sq = _squared_norms(gx_next, fx_next, acc)
+    state.update(x_next, g_sq, f_sq)
+    # Restart: with a bounded ring of rank-1 updates (the oldest overwritten, as torchdeq's
+    # LBFGS_thres) H can lose the secant structure and walk a sample away from a point it had
+    # nearly solved (seen: rel residual 7.7e-11, then 1e25). A sample whose ‖g‖ grows past
+    # _RESTART × its least ‖g‖ goes back to that point, and its history is cleared (``clear``) at the
+    # end of this step, or on the pure-PyTorch path on an accelerator at the next host check (until
+    # then its H is still used, but no update from the jump enters it). Nothing changes for a sample that never blows up.
+    better = g_sq < work.restart_sq
+    work.restart_x = torch.where(better.unsqueeze(1), x_next, work.restart_x)
+    work.restart_g = torch.where(better.unsqueeze(1), gx_next, work.restart_g)
+    work.restart_sq = torch.where(better, g_sq, work.restart_sq)
+    blown = ~state.done & (g_sq > (_RESTART * _RESTART) * work.restart_sq)
+    work.pending = work.pending | blown
+    x_next = torch.where(blown.unsqueeze(1), work.restart_x, x_next)
+    gx_next = torch.where(blown.unsqueeze(1), work.restart_g, gx_next)
+    # Good Broyden update of H: u = (Δx − H Δg) / (vᵀ Δg), vᵀ = Δxᵀ H.
+    accept = ~state.done & ~blown
+    update(x_next - work.x, gx_next - work.gx, U, V, accept, filled, slot)
+    filled = min(filled + 1, len(U.items) if isinstance(U, _ListHistory) else U.shape[1])
+    work.x, work.gx = x_next, gx_next
+    if clear and bool(work.pending.any()):
+        _clear(U, V, work.pending, filled)
+        work.pending = torch.zeros_like(work.pending)
+    # Step: −H g = g − Σ u_i (v_i · g)
+    return state.freeze(work.x - h_times(U, V, work.gx, filled))
+
+
+# A sample whose ‖g‖ exceeds this factor times its least ‖g‖ so far restarts from that point
+# (deqfast::broyden_fused_step: kBroydenRestartSq = _RESTART², csrc/deqfast_numerics.h).
 _RESTART = 1e3
 
 
