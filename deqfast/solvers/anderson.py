@@ -125,8 +125,10 @@ def anderson(
                     else:
                         # One op call per step; its scratch buffers are allocated once per solve.
                         workspace = ops.AndersonWorkspace(x, m)
-                        if x.device.type == "cpu":  # flags (B, 2): improved, then done, as bytes
-                            host_done = _common.HostDone(workspace.flags.view(-1)[B:])
+                        flags = workspace.flags.view(-1)[B:]  # flags (B, 2): improved, then done, as bytes
+                        # (not under torch.func.jvp: its wrapped tensors have no storage to read)
+                        if x.device.type == "cpu" and not _checks.in_func_transform(flags):
+                            host_done = _common.HostDone(flags)
         else:
             fx = problem(x)
         slot = k % m
