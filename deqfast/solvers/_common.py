@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import ctypes
-import functools
 import math
 from typing import Callable, Optional
 
@@ -143,7 +142,6 @@ class FlatProblem:
         return self.unscale(x).reshape(self.shape)
 
 
-@functools.lru_cache(maxsize=256)
 def _safe_exponents(acc: torch.dtype, d: int):
     """(lo, hi): rows whose largest |value| lies in [2^lo, 2^hi) are solved unscaled.
 
