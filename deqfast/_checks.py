@@ -6,6 +6,7 @@ import math
 import numbers
 import os
 import sys
+import types
 import warnings
 from typing import Iterable
 
@@ -274,6 +275,9 @@ def check_arguments(caller: str, name: str, f, expected: str, nargs: int, fix: s
     target = f
     if isinstance(f, torch.nn.Module) and type(f).__call__ is torch.nn.Module.__call__:
         target = f.forward  # Module.__call__ is (*args, **kwargs); forward says what it takes
+    key = _arguments_key(target, nargs)
+    if key is not None and key in _ARGUMENTS_OK:
+        return
     try:
         signature = inspect.signature(target)
     except (TypeError, ValueError):  # no signature to read (a builtin, some C callables)
@@ -286,6 +290,29 @@ def check_arguments(caller: str, name: str, f, expected: str, nargs: int, fix: s
         else:
             what = f"{getattr(f, '__name__', type(f).__name__)}, which takes {signature}"
         raise TypeError(f"{caller}: {name} must be {expected}, got {what}; {fix}") from None
+    if key is not None:
+        if len(_ARGUMENTS_OK) >= 1024:
+            _ARGUMENTS_OK.clear()
+        _ARGUMENTS_OK.add(key)
+
+
+# check_arguments' accepted signatures, so that a solve called in a loop (often with a lambda made
+# anew at each call) does not read its f's signature each time (inspect.signature: ~10-20 µs).
+_ARGUMENTS_OK: set = set()
+
+
+def _arguments_key(target, nargs: int):
+    """What decides whether ``target`` binds ``nargs`` positional arguments, for a plain Python
+    function or a method of one: its code (parameters, *args), whether it is bound (self taken), how
+    many trailing positional parameters have defaults and which keyword-only ones do. None where
+    the signature may come from elsewhere (``__signature__``, ``__wrapped__`` and other attributes
+    in the function's __dict__; builtins, partials, callable objects): those are read each time."""
+    bound = isinstance(target, types.MethodType)
+    fn = target.__func__ if bound else target
+    if type(fn) is not types.FunctionType or fn.__dict__:
+        return None
+    kwdefaults = fn.__kwdefaults__
+    return (fn.__code__, bound, len(fn.__defaults__ or ()), tuple(sorted(kwdefaults)) if kwdefaults else (), nargs)
 
 
 _INTERNAL_DIRS = (os.path.dirname(os.path.abspath(__file__)) + os.sep,

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from . import _checks
-from .dropout import VariationalDropout, record_users, reset_dropout
+from .dropout import VariationalDropout, record_users
 from .solvers import _active, _graph
 from .backward import ExplicitF
 from .functional import solve
@@ -111,15 +111,20 @@ class DEQ(nn.Module):
         return self._forward(x, z0)
 
     def _forward(self, x, z0):
+        # the cell's modules, walked once for both uses below (nothing between them changes the tree)
+        mods = list(self.cell.modules()) if isinstance(self.cell, nn.Module) and (
+            self.training or self.options.backward != "bptt") else None
         if self.training:  # one variational-dropout mask per forward, fixed during the solve
-            if isinstance(self.cell, nn.Module):
-                reset_dropout(self.cell)
+            if mods is not None:  # reset_dropout(self.cell), on the modules already listed
+                for mod in mods:
+                    if isinstance(mod, VariationalDropout):
+                        mod.reset()
                 if not getattr(self, "_warned_plain_dropout", False):  # (absent in a DEQ pickled before)
                     self._warn_plain_dropout()
             for mod in getattr(self, "_dropout_users", {}).values():  # those a plain-callable cell used last time
                 mod.reset()
         self._dropout_users = {}
-        norms = _RunningStats(self.cell) if self.options.backward != "bptt" else None
+        norms = _RunningStats(self.cell, mods) if self.options.backward != "bptt" else None
         with record_users(self._dropout_users), (norms or contextlib.nullcontext()):
             if self.compact and self.options.backward != "bptt":
                 return self._compact_forward(x, z0, norms)
@@ -300,8 +305,11 @@ class _RunningStats:
     cell holds no such layer (a cell that is not a module: none found). A lazy batch norm is left
     alone at its first forward, which creates its running statistics."""
 
-    def __init__(self, cell):
-        self.modules = [mod for mod in cell.modules() if isinstance(mod, nn.modules.batchnorm._BatchNorm)
+    def __init__(self, cell, modules=None):
+        """``modules``: ``list(cell.modules())`` if the caller has it already."""
+        if modules is None and isinstance(cell, nn.Module):
+            modules = cell.modules()
+        self.modules = [mod for mod in modules if isinstance(mod, nn.modules.batchnorm._BatchNorm)
                         and mod.training and mod.track_running_stats and not _uninitialized(mod)] \
             if isinstance(cell, nn.Module) else []
 

@@ -33,13 +33,22 @@ class Options:
 
     @classmethod
     def build(cls, caller: str, **kwargs) -> "Options":
+        key = _build_key(cls, caller, kwargs)
+        built = _BUILT.get(key) if key is not None else None
+        if built is not None:  # these keywords, of these exact types and values, validated before
+            return built
         names = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(kwargs) - set(names))
         if unknown:
             raise TypeError(
                 f"{caller}: unknown keyword(s) {', '.join(map(repr, unknown))}; valid keywords are {', '.join(names)}"
             )
-        return cls(**kwargs).validate(caller)
+        options = cls(**kwargs).validate(caller)
+        if key is not None:
+            if len(_BUILT) >= 256:
+                _BUILT.clear()
+            _BUILT[key] = options
+        return options
 
     def validate(self, caller: str) -> "Options":
         """These options checked, as a copy whose numbers and flags are Python int/float/bool
@@ -98,3 +107,22 @@ class Options:
         elif solver == "broyden":
             common.update(m=self.m)
         return common
+
+
+# Options.build's results (frozen, so shared) by their keywords: deqfast.fixed_point builds its
+# options at every call, and validating them is ~15 µs of a small solve's host time.
+_BUILT: dict = {}
+_PLAIN_TYPES = (int, float, str, bool, type(None))
+
+
+def _build_key(cls, caller: str, kwargs: dict):
+    """A key that equals another only for the same keywords with values of the same exact types
+    (True is not 1, numpy's scalars are not cached) and the same values (floats by their hex
+    form: -0.0 is not 0.0); None where a value is of another type (read and validated each time)."""
+    items = []
+    for name, value in kwargs.items():
+        kind = type(value)
+        if kind not in _PLAIN_TYPES:
+            return None
+        items.append((name, kind, value.hex() if kind is float else value))
+    return cls, caller, tuple(items)

@@ -553,3 +553,26 @@ def test_large_finite_values_are_not_a_failure(solver):
     assert not stats.failed.any()
     assert stats.converged.all()
     torch.testing.assert_close(z, torch.full_like(z0, 2e20), rtol=1e-4, atol=0)
+
+
+def test_options_cache_keeps_types_apart():
+    """Options.build caches validated keywords: a value equal to a cached one but of another type
+    is validated anew (True is not 1, an OverRelaxation tau is not a float tau)."""
+    from deqfast._checks import OverRelaxation
+    from deqfast.options import Options
+
+    f, z0 = (lambda z: 0.5 * z), torch.zeros(2, 3)
+    for _ in range(2):
+        assert deqfast.fixed_point(f, z0, max_iter=1, tol=1)[1] is not None
+        with pytest.raises(TypeError, match=r"deqfast\.fixed_point: tol must be a real number >= 0\.0, got True"):
+            deqfast.fixed_point(f, z0, max_iter=1, tol=True)
+        with pytest.raises(TypeError, match=r"max_iter must be an int >= 1, got float 2\.0"):
+            deqfast.fixed_point(f, z0, max_iter=2.0)
+        assert deqfast.fixed_point(f, z0, max_iter=2)[1] is not None
+    assert Options.build("c", tau=1.0) is Options.build("c", tau=1.0)  # cached
+    with pytest.raises(ValueError, match=r"tau must be in \(0, 1\], got 1\.5"):
+        Options.build("c", tau=1.5)
+    assert Options.build("c", tau=OverRelaxation(1.5)).tau == 1.5
+    with pytest.raises(ValueError, match=r"tau must be in \(0, 1\], got 1\.5"):
+        Options.build("c", tau=1.5)
+    assert str(Options.build("c", tol=-0.0).tol) == "-0.0" and str(Options.build("c", tol=0.0).tol) == "0.0"

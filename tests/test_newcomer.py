@@ -63,6 +63,45 @@ def test_callables_that_take_the_arguments_still_run():
     assert torch.allclose(z, torch.full((3, 4), 2.0), atol=1e-5)
 
 
+def test_the_signature_check_remembers_only_what_decides_it():
+    """check_arguments caches accepted signatures (by code, defaults' count, keyword-only defaults):
+    a function changed after an accepted call, a lambda made anew with fewer defaults, or a module
+    whose instance forward is replaced, is judged again."""
+    z0 = torch.zeros(2, 4)
+
+    def f(z, x=1.0):
+        return 0.5 * z
+
+    assert deqfast.fixed_point(f, z0, max_iter=2)[0].shape == (2, 4)
+    f.__defaults__ = None  # now f(z, x): one argument no longer binds
+    with pytest.raises(TypeError, match=r"f must be a callable z -> f\(z\) of one argument, got f, which takes"):
+        deqfast.fixed_point(f, z0, max_iter=2)
+
+    def g(z, *, k=1):
+        return 0.5 * z
+
+    assert deqfast.fixed_point(g, z0, max_iter=2)[0].shape == (2, 4)
+    g.__kwdefaults__ = None  # k keyword-only without a default
+    with pytest.raises(TypeError, match=r"got g, which takes \(z, \*, k\)"):
+        deqfast.fixed_point(g, z0, max_iter=2)
+
+    def make(defaults):
+        return lambda z, x=1.0: 0.5 * z if defaults else None
+
+    for _ in range(2):  # the same code made anew: accepted from the cache, same answer
+        assert deqfast.fixed_point(make(True), z0, max_iter=2)[0].shape == (2, 4)
+    late = make(True)
+    late.__defaults__ = None
+    with pytest.raises(TypeError, match=r"of one argument, got <lambda>, which takes \(z, x\)"):
+        deqfast.fixed_point(late, z0, max_iter=2)
+
+    cell = CellZ()
+    assert deqfast.fixed_point(cell, z0, max_iter=2)[0].shape == (2, 4)
+    cell.forward = lambda z, x: z  # an instance attribute: not the class's forward
+    with pytest.raises(TypeError, match=r"of one argument, got CellZ, whose forward takes \(z, x\)"):
+        deqfast.fixed_point(cell, z0, max_iter=2)
+
+
 class DropCell(torch.nn.Module):
     def __init__(self, drop):
         super().__init__()

@@ -107,11 +107,15 @@ class FlatProblem:
         acc = accumulation_dtype(x0.dtype)
         lo, hi = _safe_exponents(acc, x0.shape[1])
         with torch.no_grad():
-            amax = torch.maximum(x0.detach().abs().amax(dim=1), fx0.detach().abs().amax(dim=1)).to(acc)
-            exponent = torch.frexp(amax).exponent.to(acc)  # amax in [2^(e-1), 2^e)
-            outside = torch.isfinite(amax) & (amax > 0) & ((exponent <= lo) | (exponent > hi))
+            # max(|z0|, |f(z0)|) of each row, exactly (the upcast to acc is exact), in few ops: this
+            # runs once per solve, where a small problem's time is mostly the ops' host cost.
+            amax = torch.linalg.vector_norm(torch.cat((x0, fx0), 1), math.inf, dim=1, dtype=acc)
+            # frexp's exponent e (amax in [2^(e-1), 2^e)) is <= lo iff amax < 2^lo, and > hi iff
+            # amax >= 2^hi; NaN compares False, inf and 0 are kept out: a finite positive amax outside.
+            outside = ((amax < 2.0 ** lo) & (amax > 0)) | ((amax >= 2.0 ** hi) & (amax < math.inf))
             if not bool(outside.any()):  # the one host sync of the decision
                 return
+            exponent = torch.frexp(amax).exponent.to(acc)
             # The state's dtype must hold s exactly: exponents within its normal range.
             limit = float(math.floor(math.log2(torch.finfo(x0.dtype).max)) - 1)
             if stop_mode == "abs":  # one s for the batch: tol·s is one number
