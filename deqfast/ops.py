@@ -124,7 +124,7 @@ class BroydenWorkspace:
     """The running tensors of :func:`broyden_fused_step`, written in place by each call: the current
     iterate x and its residual gx (B, d), the restart point restart_x, restart_g (B, d) and
     restart_sq (B,) (each sample's iterate of least ‖g‖ so far, its g and ‖g‖²), and pending (B,)
-    bool (the samples whose history is cleared at the next host check). Built from the first
+    bool (the restarted samples whose history the next call with ``clear`` zeroes). Built from the first
     evaluation (x0, g(x0), ‖g(x0)‖²) as contiguous copies."""
 
     __slots__ = ("x", "gx", "restart_x", "restart_g", "restart_sq", "pending")
@@ -141,7 +141,7 @@ def broyden_fused_step(x_next, fx_next, work: BroydenWorkspace, U, V, state: Sam
                        clear: bool) -> torch.Tensor:
     """One Broyden iteration after f in one op call (deqfast::broyden_fused_step): record the evaluation
     fx_next = f(x_next) in ``state``, restart the samples that blew up, the good Broyden update into
-    ``slot``, at a host check (``clear``) clear the histories of the samples that restarted, and return
+    ``slot``, with ``clear`` clear the histories of the samples that restarted, and return
     the next iterate (a new tensor). ``work`` and U, V are updated in place. The same bits as
     deqfast.solvers.broyden's ``_step`` over :func:`broyden_direction` and :func:`broyden_update` (its
     residual and norms are computed by the same ATen ops)."""

@@ -6,8 +6,8 @@
 //   broyden_update (4 launches): U_i · dx and V_i · dg; v = Hᵀ dx, dx − H dg and v · dg; u = (dx − H dg)
 //   / (v · dg); the slot write under the keep rule.
 //   broyden_fused_step (one iteration after f): the per-sample decisions; the new point, (Δx, Δg), best_x
-//   and the restart point; broyden_update's launches; the clearing of restarted samples' histories (at a
-//   host check); broyden_direction's launches; x − H gx (best_x where done).
+//   and the restart point; broyden_update's launches; the clearing of restarted samples' histories (with
+//   `clear`: every step from solvers.broyden, masked per sample); broyden_direction's launches; x − H gx (best_x where done).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>

@@ -124,7 +124,7 @@ def broyden(
 class _Work:
     """The reference path's running tensors (rebound, not written in place: autograd may record
     them): the current iterate x and its g, the restart point (restart_x, restart_g, restart_sq) and
-    the samples whose history is cleared at the next host check (pending)."""
+    the restarted samples whose history the next step with ``clear`` zeroes (pending)."""
 
     def __init__(self, x, gx, g_sq, pending):
         self.x, self.gx = x, gx
@@ -137,7 +137,7 @@ def _step(x_next, fx_next, work, U, V, state: SampleState, filled: int, slot: in
           acc: torch.dtype, h_times=None, update=None) -> torch.Tensor:
     """Everything an iteration does after f (the reference of deqfast::broyden_fused_step): record
     the evaluation fx_next = f(x_next) in ``state``, restart a sample that blew up, Broyden's update of H into
-    ``slot``, at a host check (``clear``) clear the histories of the samples that restarted, and
+    ``slot``, with ``clear`` clear the histories of the samples that restarted, and
     return the next iterate x − H g (a finished sample's best iterate). ``work`` (a _Work) moves to
     the new point. ``h_times``/``update``: _h_times/_update by default (the tests pass the per-op
     fused path's)."""
